@@ -1,0 +1,34 @@
+//! Real `nats-server` processes for tests: single servers and 3-node
+//! clusters on loopback, each with a fresh temporary store, that a test can
+//! kill (SIGKILL), stop (SIGTERM), pause (SIGSTOP), resume (SIGCONT) and
+//! restart on the same port and store.
+//!
+//! Enabled by the `testing` feature. Everything started here is killed and
+//! its directory removed on drop, also when a test panics.
+//!
+//! The binary is `IDEM_NATS_SERVER` if set, else the first `nats-server` on
+//! `PATH`. When there is none, starting fails with an error that says how to
+//! get one: tests never skip silently.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use idem::testing::NatsServer;
+//!
+//! let server = NatsServer::start().await?;
+//! let js = async_nats::jetstream::new(server.connect().await?);
+//! # Ok(()) }
+//! ```
+
+mod binary;
+mod cluster;
+mod error;
+mod local;
+mod ports;
+mod ready;
+mod server;
+
+pub use binary::NatsBinary;
+pub use cluster::Cluster;
+pub use error::HarnessError;
+pub use local::{DEFAULT_URL, LocalNats};
+pub use server::NatsServer;
