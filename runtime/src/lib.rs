@@ -18,3 +18,9 @@ pub use idem_macros::idempotent;
 
 #[cfg(feature = "testing")]
 pub mod testing;
+
+pub mod claim;
+pub mod clock;
+pub mod fingerprint;
+pub mod key;
+pub mod store;

@@ -103,6 +103,9 @@ pub enum HarnessError {
         /// The client's error.
         source: async_nats::ConnectError,
     },
+    /// A dedup store could not be opened on a server the harness started.
+    #[error("could not open the dedup store for the test: {0}")]
+    Store(#[from] crate::store::StoreError),
     /// A cluster node index out of range.
     #[error("the cluster has no node {index}: it has {len} nodes (0..{len})")]
     NoSuchNode {

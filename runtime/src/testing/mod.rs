@@ -21,6 +21,7 @@
 
 mod binary;
 mod cluster;
+pub mod conformance;
 mod error;
 mod local;
 mod ports;

@@ -1,0 +1,323 @@
+//! The claim state machine over any revisioned key-value map.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::{DedupStore, StoreError};
+use crate::claim::{
+    Claim, ClaimOutcome, ClaimRecord, ClaimState, Decision, Owner, Snapshot, Transition, decide,
+};
+use crate::clock::{Clock, SystemClock, UnixMillis};
+use crate::fingerprint::Fingerprint;
+use crate::key::RecordKey;
+
+/// How many create/read/CAS rounds a claim makes before it reports the key
+/// as contended ([`ClaimOutcome::InFlight`]).
+const CLAIM_ROUNDS: usize = 4;
+/// The delay suggested when a claim lost every round to other claimers.
+const CONTENDED_RETRY: Duration = Duration::from_millis(100);
+
+/// The answer of a conditional write.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Write {
+    /// Written at this revision.
+    Written(u64),
+    /// The condition failed: the key exists (create) or has another revision
+    /// (update).
+    Conflict,
+}
+
+/// A key-value map with per-key revisions and compare-and-set: all a
+/// [`CasStore`] needs from its storage.
+///
+/// A record older than [`retention`](Self::retention) since its last write
+/// is gone (reads return `None`, creates succeed).
+pub trait RevisionedMap: Clone + Send + Sync + 'static {
+    /// Writes `value` if `key` is absent.
+    fn create(
+        &self,
+        key: &str,
+        value: Bytes,
+    ) -> impl Future<Output = Result<Write, StoreError>> + Send;
+    /// Reads the value and its revision.
+    fn read(
+        &self,
+        key: &str,
+    ) -> impl Future<Output = Result<Option<(Bytes, u64)>, StoreError>> + Send;
+    /// Writes `value` if `key` is at `revision`.
+    fn update(
+        &self,
+        key: &str,
+        value: Bytes,
+        revision: u64,
+    ) -> impl Future<Output = Result<Write, StoreError>> + Send;
+    /// Removes `key`.
+    fn delete(&self, key: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// How long a record lives after its last write.
+    fn retention(&self) -> Duration;
+}
+
+/// A [`DedupStore`] over a [`RevisionedMap`]: claims are creates, every
+/// later transition is a compare-and-set on the revision the claim holds.
+///
+/// Cloning is cheap and keeps the owner; [`as_owner`](Self::as_owner) makes
+/// a handle that writes as another worker (tests use it to play several
+/// workers against one storage).
+#[derive(Clone, Debug)]
+pub struct CasStore<M> {
+    map: M,
+    owner: Owner,
+    clock: Arc<dyn Clock>,
+}
+
+impl<M: RevisionedMap> CasStore<M> {
+    /// A store over `map` writing as a fresh [`Owner`], on the system clock.
+    pub fn over(map: M) -> Self {
+        Self {
+            map,
+            owner: Owner::random(),
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    /// The same storage, written as `owner`.
+    pub fn as_owner(&self, owner: Owner) -> Self {
+        Self {
+            owner,
+            ..self.clone()
+        }
+    }
+
+    /// The same storage and owner, with lease deadlines on `clock`.
+    pub fn using_clock(self, clock: impl Clock) -> Self {
+        Self {
+            clock: Arc::new(clock),
+            ..self
+        }
+    }
+
+    /// The storage underneath.
+    pub fn map(&self) -> &M {
+        &self.map
+    }
+
+    async fn snapshot(&self, key: &RecordKey) -> Result<Option<Snapshot>, StoreError> {
+        let Some((bytes, revision)) = self.map.read(key.as_str()).await? else {
+            return Ok(None);
+        };
+        let record = ClaimRecord::decode(&bytes).map_err(|source| StoreError::Corrupt {
+            key: key.clone(),
+            source,
+        })?;
+        Ok(Some(Snapshot { record, revision }))
+    }
+
+    fn pending(
+        &self,
+        now: UnixMillis,
+        lease: Duration,
+        base: Option<&ClaimRecord>,
+        fp: Option<Fingerprint>,
+    ) -> ClaimRecord {
+        ClaimRecord {
+            state: ClaimState::Pending {
+                lease_until: now + lease,
+            },
+            owner: self.owner,
+            attempt: base.map_or(1, |r| r.attempt.saturating_add(1)),
+            fingerprint: fp,
+            result: None,
+            created_at: base.map_or(now, |r| r.created_at),
+            updated_at: now,
+        }
+    }
+
+    fn granted(key: &RecordKey, record: &ClaimRecord, revision: u64, lease: Duration) -> Claim {
+        let lease_until = match record.state {
+            ClaimState::Pending { lease_until } => lease_until,
+            _ => record.updated_at + lease,
+        };
+        Claim {
+            key: key.clone(),
+            owner: record.owner,
+            revision,
+            lease,
+            lease_until,
+            attempt: record.attempt,
+            fingerprint: record.fingerprint,
+            created_at: record.created_at,
+        }
+    }
+
+    /// Writes `next` over the claim's revision. When the CAS fails, the
+    /// record is read: if it still carries this claim's owner and attempt,
+    /// the revision moved by a write of this very claim whose answer was
+    /// lost (a timeout), so the transition is retried or found done; any
+    /// other record means the lease was lost.
+    async fn transition(
+        &self,
+        claim: &Claim,
+        next: &ClaimRecord,
+    ) -> Result<(Transition, Option<Snapshot>), StoreError> {
+        let mut revision = claim.revision;
+        for _ in 0..CLAIM_ROUNDS {
+            if let Write::Written(revision) = self
+                .map
+                .update(claim.key.as_str(), next.encode(), revision)
+                .await?
+            {
+                let snapshot = Snapshot {
+                    record: next.clone(),
+                    revision,
+                };
+                return Ok((Transition::Applied, Some(snapshot)));
+            }
+            let current = match self.snapshot(&claim.key).await? {
+                Some(s) if s.record.owner == claim.owner && s.record.attempt == claim.attempt => s,
+                other => {
+                    let current_owner = other.map(|s| s.record.owner);
+                    return Ok((Transition::LeaseLost { current_owner }, None));
+                }
+            };
+            if same_state(&current.record.state, &next.state) {
+                return Ok((Transition::Applied, Some(current)));
+            }
+            if !matches!(current.record.state, ClaimState::Pending { .. }) {
+                return Ok((
+                    Transition::LeaseLost {
+                        current_owner: Some(current.record.owner),
+                    },
+                    None,
+                ));
+            }
+            revision = current.revision;
+        }
+        Ok((
+            Transition::LeaseLost {
+                current_owner: None,
+            },
+            None,
+        ))
+    }
+
+    async fn finish(
+        &self,
+        claim: &Claim,
+        state: ClaimState,
+        result: Option<Bytes>,
+    ) -> Result<Transition, StoreError> {
+        let next = claim.record(state, result, self.clock.now());
+        Ok(self.transition(claim, &next).await?.0)
+    }
+}
+
+/// Whether two states are the same kind (a renewal's deadline may differ).
+fn same_state(a: &ClaimState, b: &ClaimState) -> bool {
+    std::mem::discriminant(a) == std::mem::discriminant(b)
+}
+
+impl<M: RevisionedMap> DedupStore for CasStore<M> {
+    fn owner(&self) -> Owner {
+        self.owner
+    }
+
+    async fn claim(
+        &self,
+        key: &RecordKey,
+        fingerprint: Option<Fingerprint>,
+        lease: Duration,
+    ) -> Result<ClaimOutcome, StoreError> {
+        let retention = self.map.retention();
+        if lease >= retention {
+            return Err(StoreError::LeaseTooLong { lease, retention });
+        }
+        for _ in 0..CLAIM_ROUNDS {
+            let now = self.clock.now();
+            let fresh = self.pending(now, lease, None, fingerprint);
+            if let Write::Written(revision) = self.map.create(key.as_str(), fresh.encode()).await? {
+                return Ok(ClaimOutcome::Claimed(Self::granted(
+                    key, &fresh, revision, lease,
+                )));
+            }
+            // The key exists; decide on what it holds. (If it vanished in
+            // between — expired or forgotten — the next round creates it.)
+            let Some(found) = self.snapshot(key).await? else {
+                continue;
+            };
+            let from = match decide(&found.record, now, fingerprint.as_ref()) {
+                Decision::Duplicate => {
+                    return Ok(ClaimOutcome::Duplicate {
+                        result: found.record.result,
+                    });
+                }
+                Decision::Conflict { stored } => return Ok(ClaimOutcome::KeyConflict { stored }),
+                Decision::InFlight { owner, retry_after } => {
+                    return Ok(ClaimOutcome::InFlight {
+                        owner: Some(owner),
+                        retry_after,
+                    });
+                }
+                Decision::Dead => return Ok(ClaimOutcome::Dead),
+                Decision::Claim => None,
+                Decision::Reclaim { from } => Some(from),
+            };
+            let next = self.pending(now, lease, Some(&found.record), fingerprint);
+            // Lost the CAS: somebody else moved the record; look again.
+            if let Write::Written(revision) = self
+                .map
+                .update(key.as_str(), next.encode(), found.revision)
+                .await?
+            {
+                let claim = Self::granted(key, &next, revision, lease);
+                return Ok(match from {
+                    None => ClaimOutcome::Claimed(claim),
+                    Some(from) => ClaimOutcome::Reclaimed { claim, from },
+                });
+            }
+        }
+        Ok(ClaimOutcome::InFlight {
+            owner: None,
+            retry_after: CONTENDED_RETRY,
+        })
+    }
+
+    async fn complete(
+        &self,
+        claim: &Claim,
+        result: Option<Bytes>,
+    ) -> Result<Transition, StoreError> {
+        self.finish(claim, ClaimState::Done, result).await
+    }
+
+    async fn release(&self, claim: &Claim) -> Result<Transition, StoreError> {
+        self.finish(claim, ClaimState::Released, None).await
+    }
+
+    async fn mark_dead(&self, claim: &Claim) -> Result<Transition, StoreError> {
+        self.finish(claim, ClaimState::Dead, None).await
+    }
+
+    async fn renew(&self, claim: &mut Claim) -> Result<Transition, StoreError> {
+        let now = self.clock.now();
+        let state = ClaimState::Pending {
+            lease_until: now + claim.lease,
+        };
+        let next = claim.record(state, None, now);
+        let (transition, written) = self.transition(claim, &next).await?;
+        if let Some(written) = written {
+            *claim = Self::granted(&claim.key, &written.record, written.revision, claim.lease);
+        }
+        Ok(transition)
+    }
+
+    async fn inspect(&self, key: &RecordKey) -> Result<Option<Snapshot>, StoreError> {
+        self.snapshot(key).await
+    }
+
+    async fn forget(&self, key: &RecordKey) -> Result<(), StoreError> {
+        self.map.delete(key.as_str()).await
+    }
+}

@@ -1,0 +1,253 @@
+//! The dedup store on JetStream Key-Value: the default.
+
+use std::error::Error as StdError;
+use std::future::Future;
+use std::time::Duration;
+
+use async_nats::jetstream::ErrorCode;
+use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKind};
+use async_nats::jetstream::stream::StorageType;
+use async_nats::jetstream::{self};
+use bytes::Bytes;
+
+use super::{CasStore, RevisionedMap, StoreError, StoreOp, Write, kv_bucket};
+
+/// The shortest retention a bucket may have.
+pub const MIN_RETENTION: Duration = Duration::from_secs(1);
+
+/// Where and how claims are kept in JetStream KV. Defaults are safe: bucket
+/// `idem_claims`, 7 days' retention, one replica, file storage, 5 s per store
+/// call.
+///
+/// ```
+/// use std::time::Duration;
+/// use idem::store::KvStoreConfig;
+///
+/// let config = KvStoreConfig::default()
+///     .bucket("payments_claims")
+///     .retention(Duration::from_secs(30 * 24 * 3600))
+///     .replicas(3);
+/// assert_eq!(config.replica_count(), 3);
+/// ```
+#[derive(Clone, Debug)]
+pub struct KvStoreConfig {
+    bucket: String,
+    retention: Duration,
+    replicas: usize,
+    storage: StorageType,
+    op_timeout: Duration,
+}
+
+impl Default for KvStoreConfig {
+    fn default() -> Self {
+        Self {
+            bucket: "idem_claims".into(),
+            retention: Duration::from_secs(7 * 24 * 3600),
+            replicas: 1,
+            storage: StorageType::File,
+            op_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl KvStoreConfig {
+    /// The bucket name (letters, digits, `-`, `_`).
+    pub fn bucket(mut self, name: impl Into<String>) -> Self {
+        self.bucket = name.into();
+        self
+    }
+
+    /// How long a record lives after its last write: duplicates are caught
+    /// for this long after completion. The bucket's `max_age`.
+    pub fn retention(mut self, retention: Duration) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// Replicas of the bucket (1, 3 or 5 in a cluster).
+    pub fn replicas(mut self, replicas: usize) -> Self {
+        self.replicas = replicas.max(1);
+        self
+    }
+
+    /// File (default: survives server restarts) or memory storage.
+    pub fn storage(mut self, storage: StorageType) -> Self {
+        self.storage = storage;
+        self
+    }
+
+    /// How long one store call may take before it fails as unavailable.
+    pub fn op_timeout(mut self, timeout: Duration) -> Self {
+        self.op_timeout = timeout;
+        self
+    }
+
+    /// The bucket name.
+    pub fn bucket_name(&self) -> &str {
+        &self.bucket
+    }
+
+    /// The retention.
+    pub fn retention_period(&self) -> Duration {
+        self.retention
+    }
+
+    /// The replica count.
+    pub fn replica_count(&self) -> usize {
+        self.replicas
+    }
+
+    /// The storage type.
+    pub fn storage_type(&self) -> StorageType {
+        self.storage
+    }
+}
+
+/// The JetStream KV [`RevisionedMap`]: `create` and `update` with an expected
+/// revision, reads through `entry`, every call bounded by the configured
+/// timeout.
+#[derive(Clone, Debug)]
+pub struct KvBucket {
+    store: kv::Store,
+    retention: Duration,
+    op_timeout: Duration,
+}
+
+/// The dedup store on JetStream Key-Value.
+///
+/// ```no_run
+/// # async fn demo(client: async_nats::Client) -> Result<(), idem::store::StoreError> {
+/// use idem::store::{KvStore, KvStoreConfig};
+///
+/// let js = async_nats::jetstream::new(client);
+/// let store = KvStore::open(&js, KvStoreConfig::default()).await?;
+/// # Ok(()) }
+/// ```
+pub type KvStore = CasStore<KvBucket>;
+
+impl KvStore {
+    /// Opens the bucket, creating it when absent and refusing one whose
+    /// settings differ from `config` ([`StoreError::IncompatibleBucket`]).
+    /// Works on nats-server 2.9 and newer.
+    pub async fn open(js: &jetstream::Context, config: KvStoreConfig) -> Result<Self, StoreError> {
+        if config.retention < MIN_RETENTION {
+            return Err(StoreError::RetentionTooShort {
+                retention: config.retention,
+                minimum: MIN_RETENTION,
+            });
+        }
+        let store = kv_bucket::open(js, &config).await?;
+        Ok(CasStore::over(KvBucket {
+            store,
+            retention: config.retention,
+            op_timeout: config.op_timeout,
+        }))
+    }
+}
+
+impl KvBucket {
+    async fn bounded<T, E>(
+        &self,
+        op: StoreOp,
+        call: impl Future<Output = Result<T, E>>,
+    ) -> Result<Result<T, E>, StoreError> {
+        tokio::time::timeout(self.op_timeout, call)
+            .await
+            .map_err(|elapsed| StoreError::unavailable(op, elapsed))
+    }
+}
+
+/// Whether a write failed because the expected revision did not match: the
+/// kind the client assigns, or the server's codes for it anywhere in the
+/// error's sources (10071 on publish, 10164 on newer servers' KV paths,
+/// which the client files under "other").
+fn is_cas_conflict(error: &(dyn StdError + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if let Some(js) = e.downcast_ref::<jetstream::Error>() {
+            let code = js.error_code();
+            if code == ErrorCode::STREAM_WRONG_LAST_SEQUENCE
+                || code == ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT
+            {
+                return true;
+            }
+        }
+        next = e.source();
+    }
+    false
+}
+
+impl RevisionedMap for KvBucket {
+    async fn create(&self, key: &str, value: Bytes) -> Result<Write, StoreError> {
+        match self
+            .bounded(StoreOp::Create, self.store.create(key, value))
+            .await?
+        {
+            Ok(revision) => Ok(Write::Written(revision)),
+            Err(e) if e.kind() == CreateErrorKind::AlreadyExists || is_cas_conflict(&e) => {
+                Ok(Write::Conflict)
+            }
+            Err(e) => Err(StoreError::unavailable(StoreOp::Create, e)),
+        }
+    }
+
+    async fn read(&self, key: &str) -> Result<Option<(Bytes, u64)>, StoreError> {
+        let entry = self
+            .bounded(StoreOp::Read, self.store.entry(key))
+            .await?
+            .map_err(|e| StoreError::unavailable(StoreOp::Read, e))?;
+        Ok(entry
+            .filter(|e| e.operation == Operation::Put)
+            .map(|e| (e.value, e.revision)))
+    }
+
+    async fn update(&self, key: &str, value: Bytes, revision: u64) -> Result<Write, StoreError> {
+        match self
+            .bounded(StoreOp::Update, self.store.update(key, value, revision))
+            .await?
+        {
+            Ok(revision) => Ok(Write::Written(revision)),
+            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision || is_cas_conflict(&e) => {
+                Ok(Write::Conflict)
+            }
+            Err(e) => Err(StoreError::unavailable(StoreOp::Update, e)),
+        }
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.bounded(StoreOp::Delete, self.store.delete(key))
+            .await?
+            .map_err(|e| StoreError::unavailable(StoreOp::Delete, e))
+    }
+
+    fn retention(&self) -> Duration {
+        self.retention
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+
+    fn server_error(code: u64) -> jetstream::Error {
+        let json =
+            format!(r#"{{"code":400,"err_code":{code},"description":"wrong last sequence: 7"}}"#);
+        serde_json::from_str(&json).expect("a JetStream API error")
+    }
+
+    #[test]
+    fn both_wrong_last_sequence_codes_mean_cas_lost_wherever_the_client_files_them() {
+        for code in [10071, 10164] {
+            // The client files 10071 as WrongLastRevision and 10164 as Other.
+            let publish = PublishError::with_source(PublishErrorKind::Other, server_error(code));
+            let update = kv::UpdateError::from(publish);
+            assert!(is_cas_conflict(&update), "code {code}");
+        }
+        let unrelated = PublishError::with_source(PublishErrorKind::Other, server_error(10077));
+        assert!(!is_cas_conflict(&kv::UpdateError::from(unrelated)));
+        assert!(!is_cas_conflict(&kv::UpdateError::new(
+            UpdateErrorKind::TimedOut
+        )));
+    }
+}

@@ -1,0 +1,134 @@
+//! Creating the claim bucket, or checking that an existing one fits.
+//!
+//! The bucket's backing stream is created directly (`KV_<bucket>`, subjects
+//! `$KV.<bucket>.>`, the same settings a KV client would use) rather than
+//! through `create_key_value`, which first asks for account info that
+//! nats-server 2.9 answers in a form async-nats cannot parse.
+
+use std::time::Duration;
+
+use async_nats::jetstream::ErrorCode;
+use async_nats::jetstream::context::{CreateStreamErrorKind, GetStreamErrorKind};
+use async_nats::jetstream::stream::{self, DiscardPolicy, StorageType};
+use async_nats::jetstream::{self, kv};
+
+use super::{KvStoreConfig, StoreError, StoreOp};
+
+/// JetStream's default duplicate window; a bucket's may not exceed its max age.
+const DEFAULT_DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+/// Opens the bucket `config` names, creating it when absent.
+pub(super) async fn open(
+    js: &jetstream::Context,
+    config: &KvStoreConfig,
+) -> Result<kv::Store, StoreError> {
+    let bucket = config.bucket_name();
+    let valid = !bucket.is_empty()
+        && bucket
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if !valid {
+        return Err(StoreError::InvalidBucketName {
+            name: bucket.to_owned(),
+        });
+    }
+    let wanted = stream_config(config);
+    match js.get_stream(&wanted.name).await {
+        Ok(existing) => check(config, &existing.cached_info().config)?,
+        Err(e) if matches!(e.kind(), GetStreamErrorKind::JetStream(ref j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND) =>
+        {
+            match js.create_stream(wanted.clone()).await {
+                Ok(_) => {}
+                // Another worker created it first: check theirs.
+                Err(e) if matches!(e.kind(), CreateStreamErrorKind::JetStream(ref j) if j.error_code() == ErrorCode::STREAM_NAME_EXIST) =>
+                {
+                    let existing = js
+                        .get_stream(&wanted.name)
+                        .await
+                        .map_err(|e| StoreError::unavailable(StoreOp::Provision, e))?;
+                    check(config, &existing.cached_info().config)?;
+                }
+                Err(e) => return Err(StoreError::unavailable(StoreOp::Provision, e)),
+            }
+        }
+        Err(e) => return Err(StoreError::unavailable(StoreOp::Provision, e)),
+    }
+    js.get_key_value(bucket)
+        .await
+        .map_err(|e| StoreError::unavailable(StoreOp::Provision, e))
+}
+
+fn stream_config(config: &KvStoreConfig) -> stream::Config {
+    let bucket = config.bucket_name();
+    stream::Config {
+        name: format!("KV_{bucket}"),
+        description: Some("idem claim records (dedup store)".into()),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        max_age: config.retention_period(),
+        storage: config.storage_type(),
+        num_replicas: config.replica_count(),
+        duplicate_window: DEFAULT_DUPLICATE_WINDOW.min(config.retention_period()),
+        allow_rollup: true,
+        deny_delete: true,
+        deny_purge: false,
+        allow_direct: true,
+        discard: DiscardPolicy::New,
+        ..Default::default()
+    }
+}
+
+/// Refuses a bucket whose settings would break the store's guarantees.
+fn check(config: &KvStoreConfig, found: &stream::Config) -> Result<(), StoreError> {
+    let bucket = config.bucket_name();
+    let mismatch = |setting, found: String, expected: String| StoreError::IncompatibleBucket {
+        bucket: bucket.to_owned(),
+        setting,
+        found,
+        expected,
+    };
+    let subject = format!("$KV.{bucket}.>");
+    if !found.subjects.contains(&subject) {
+        return Err(mismatch(
+            "subjects",
+            format!("{:?}", found.subjects),
+            format!("[{subject:?}]"),
+        ));
+    }
+    if found.max_messages_per_subject != 1 {
+        return Err(mismatch(
+            "history",
+            found.max_messages_per_subject.to_string(),
+            "1".into(),
+        ));
+    }
+    if found.max_age != config.retention_period() {
+        return Err(mismatch(
+            "max_age (retention)",
+            format!("{:?}", found.max_age),
+            format!("{:?}", config.retention_period()),
+        ));
+    }
+    if found.num_replicas.max(1) != config.replica_count() {
+        return Err(mismatch(
+            "replicas",
+            found.num_replicas.to_string(),
+            config.replica_count().to_string(),
+        ));
+    }
+    if found.storage != config.storage_type() {
+        return Err(mismatch(
+            "storage",
+            storage_name(found.storage),
+            storage_name(config.storage_type()),
+        ));
+    }
+    Ok(())
+}
+
+fn storage_name(storage: StorageType) -> String {
+    match storage {
+        StorageType::File => "file".into(),
+        StorageType::Memory => "memory".into(),
+    }
+}

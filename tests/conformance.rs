@@ -1,0 +1,16 @@
+//! The dedup-store conformance suite (`idem::testing::conformance`) against
+//! every store: in memory, and on JetStream KV on a real server (the suite
+//! script runs this file on nats-server 2.9 and on the current release). The
+//! R3 cluster run is in `kv_store.rs`.
+
+mod memory {
+    idem::conformance_tests!(async { idem::testing::conformance::MemoryFixture::new() });
+}
+
+mod kv {
+    idem::conformance_tests!(async {
+        idem::testing::conformance::KvFixture::start()
+            .await
+            .expect("a nats-server with a KV bucket")
+    });
+}
