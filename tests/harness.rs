@@ -132,14 +132,14 @@ async fn paused_server_does_not_answer_until_resumed() {
     let js = jetstream::new(client.clone());
     file_stream(&js, "FROZEN", 1).await;
 
-    server.pause().expect("SIGSTOP");
+    server.pause().await.expect("SIGSTOP");
     let frozen = timeout(Duration::from_millis(500), js.get_stream("FROZEN")).await;
     assert!(
         frozen.is_err() || frozen.is_ok_and(|r| r.is_err()),
         "a paused server must not answer"
     );
 
-    server.resume().expect("SIGCONT");
+    server.resume().await.expect("SIGCONT");
     let stream = timeout(CLIENT_NOTICE, js.get_stream("FROZEN"))
         .await
         .expect("answers within bound after resume")
@@ -163,7 +163,7 @@ async fn stop_is_graceful_and_signals_on_a_stopped_server_are_errors() {
         server.log_tail()
     );
     assert!(matches!(
-        server.pause(),
+        server.pause().await,
         Err(HarnessError::NotRunning { .. })
     ));
     assert!(matches!(
@@ -188,7 +188,7 @@ async fn drop_kills_the_process_and_removes_the_store_even_on_panic() {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let task = tokio::spawn(async move {
         let server = NatsServer::start().await.expect("nats-server");
-        server.pause().expect("SIGSTOP");
+        server.pause().await.expect("SIGSTOP");
         let _ = tx.send((server.pid().expect("running"), server.dir().to_owned()));
         panic!("a test failing while it owns a paused server");
     });

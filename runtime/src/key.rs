@@ -60,13 +60,13 @@ pub enum KeyError {
 pub struct IdempotencyKey(Bytes);
 
 impl IdempotencyKey {
-    /// A key from bytes; fails on empty input.
-    pub fn new(bytes: impl Into<Bytes>) -> Result<Self, KeyError> {
-        let bytes = bytes.into();
+    /// A key from bytes (copied); fails on empty input.
+    pub fn new(bytes: impl AsRef<[u8]>) -> Result<Self, KeyError> {
+        let bytes = bytes.as_ref();
         if bytes.is_empty() {
             Err(KeyError::Empty)
         } else {
-            Ok(Self(bytes))
+            Ok(Self(Bytes::copy_from_slice(bytes)))
         }
     }
 
@@ -329,6 +329,10 @@ mod tests {
     #[test]
     fn empty_keys_and_bad_handler_names_are_rejected() {
         assert_eq!(IdempotencyKey::new(Vec::new()), Err(KeyError::Empty));
+        assert_eq!(
+            IdempotencyKey::new(String::from("owned")).map(|k| k.as_bytes().len()),
+            Ok(5)
+        );
         for bad in ["", "a.b", "a b", "*", "ü", &"x".repeat(MAX_HANDLER_LEN + 1)] {
             assert!(HandlerName::new(bad).is_err(), "{bad:?}");
         }

@@ -76,6 +76,15 @@ pub enum StoreError {
         /// What the configuration asks for.
         expected: String,
     },
+    /// The server release has a known compare-and-set defect for this
+    /// configuration: claims could be won twice.
+    #[error("nats-server {version} cannot be trusted with claims: {reason}")]
+    UnsupportedServer {
+        /// The version the server reported.
+        version: String,
+        /// The defect, where it was reported, and the way out.
+        reason: &'static str,
+    },
     /// The bucket name cannot be used.
     #[error("invalid KV bucket name {name:?}: use letters, digits, '-' and '_'")]
     InvalidBucketName {

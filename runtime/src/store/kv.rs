@@ -10,7 +10,7 @@ use async_nats::jetstream::stream::StorageType;
 use async_nats::jetstream::{self};
 use bytes::Bytes;
 
-use super::{CasStore, RevisionedMap, StoreError, StoreOp, Write, kv_bucket};
+use super::{CasStore, RevisionedMap, StoreError, StoreOp, Write, kv_bucket, kv_server};
 
 /// The shortest retention a bucket may have.
 pub const MIN_RETENTION: Duration = Duration::from_secs(1);
@@ -128,7 +128,12 @@ pub type KvStore = CasStore<KvBucket>;
 impl KvStore {
     /// Opens the bucket, creating it when absent and refusing one whose
     /// settings differ from `config` ([`StoreError::IncompatibleBucket`]).
-    /// Works on nats-server 2.9 and newer.
+    ///
+    /// Works on nats-server 2.9 and newer, except releases with a known
+    /// compare-and-set defect for the configured replicas
+    /// ([`StoreError::UnsupportedServer`]: replicated buckets need 2.9.21 or
+    /// newer; 2.10.19 is refused). The check reads the version of the server
+    /// the client is connected to; keep a cluster's nodes on one release.
     pub async fn open(js: &jetstream::Context, config: KvStoreConfig) -> Result<Self, StoreError> {
         if config.retention < MIN_RETENTION {
             return Err(StoreError::RetentionTooShort {
@@ -136,6 +141,7 @@ impl KvStore {
                 minimum: MIN_RETENTION,
             });
         }
+        kv_server::check(&js.client().server_info().version, config.replicas)?;
         let store = kv_bucket::open(js, &config).await?;
         Ok(CasStore::over(KvBucket {
             store,

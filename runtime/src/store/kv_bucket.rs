@@ -4,6 +4,11 @@
 //! `$KV.<bucket>.>`, the same settings a KV client would use) rather than
 //! through `create_key_value`, which first asks for account info that
 //! nats-server 2.9 answers in a form async-nats cannot parse.
+//!
+//! Direct get is off: reads go to the stream leader, never to a follower
+//! that may lag. Fencing does not depend on it (a stale read can only make a
+//! CAS fail), but without it a claimer could see a forgotten or expired
+//! record as still done, or loop on a record a follower has not seen yet.
 
 use std::time::Duration;
 
@@ -72,7 +77,7 @@ fn stream_config(config: &KvStoreConfig) -> stream::Config {
         allow_rollup: true,
         deny_delete: true,
         deny_purge: false,
-        allow_direct: true,
+        allow_direct: false,
         discard: DiscardPolicy::New,
         ..Default::default()
     }
@@ -114,6 +119,13 @@ fn check(config: &KvStoreConfig, found: &stream::Config) -> Result<(), StoreErro
             "replicas",
             found.num_replicas.to_string(),
             config.replica_count().to_string(),
+        ));
+    }
+    if found.allow_direct {
+        return Err(mismatch(
+            "allow_direct (reads from followers)",
+            "true".into(),
+            "false".into(),
         ));
     }
     if found.storage != config.storage_type() {

@@ -13,6 +13,7 @@ mod cas;
 mod error;
 mod kv;
 mod kv_bucket;
+mod kv_server;
 mod memory;
 
 use std::future::Future;

@@ -16,6 +16,8 @@ use super::{HarnessError, NatsBinary};
 
 /// How long [`NatsServer::stop`] waits for a graceful exit before it kills.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a signalled process may take to stop or continue.
+const SIGNAL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a start is retried when another process took the port first.
 const START_ATTEMPTS: usize = 3;
 /// How much of the log an error shows.
@@ -264,14 +266,49 @@ impl NatsServer {
     }
 
     /// SIGSTOP: the process freezes with its connections open; clients see
-    /// neither a disconnect nor answers.
-    pub fn pause(&self) -> Result<(), HarnessError> {
-        self.signal(Signal::SIGSTOP)
+    /// neither a disconnect nor answers. Returns once the kernel reports the
+    /// process stopped, so nothing sent afterwards can be answered.
+    pub async fn pause(&self) -> Result<(), HarnessError> {
+        self.signal(Signal::SIGSTOP)?;
+        self.until_stopped(true).await
     }
 
-    /// SIGCONT: a paused process carries on.
-    pub fn resume(&self) -> Result<(), HarnessError> {
-        self.signal(Signal::SIGCONT)
+    /// SIGCONT: a paused process carries on. Returns once it runs again.
+    pub async fn resume(&self) -> Result<(), HarnessError> {
+        self.signal(Signal::SIGCONT)?;
+        self.until_stopped(false).await
+    }
+
+    /// Polls `/proc/<pid>/stat` until the process is (or is no longer) in
+    /// the stopped state. Signals are delivered asynchronously: a request
+    /// sent right after SIGSTOP could otherwise still be answered.
+    async fn until_stopped(&self, stopped: bool) -> Result<(), HarnessError> {
+        let Some(pid) = self.pid() else {
+            return Err(self.not_running());
+        };
+        let stat = PathBuf::from(format!("/proc/{pid}/stat"));
+        let reached = ready::poll_until(SIGNAL_TIMEOUT, || {
+            // The state is the field after the parenthesised command name.
+            let state = std::fs::read_to_string(&stat).ok().and_then(|s| {
+                s.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().next().map(str::to_owned))
+            });
+            match state.as_deref() {
+                Some(state) => (state == "T") == stopped,
+                None => true, // no procfs here: the signal was sent, that is all we can know
+            }
+        })
+        .await;
+        if reached {
+            Ok(())
+        } else {
+            let action = if stopped {
+                "see stopped after SIGSTOP"
+            } else {
+                "see running after SIGCONT"
+            };
+            Err(self.process_error(action, std::io::Error::from(std::io::ErrorKind::TimedOut)))
+        }
     }
 
     /// Starts the server again on the same port with the same store
