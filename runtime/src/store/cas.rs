@@ -20,14 +20,24 @@ const CLAIM_ROUNDS: usize = 4;
 /// The delay suggested when a claim lost every round to other claimers.
 const CONTENDED_RETRY: Duration = Duration::from_millis(100);
 
-/// The answer of a conditional write.
+/// The answer of a compare-and-set update.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum Write {
     /// Written at this revision.
     Written(u64),
-    /// The condition failed: the key exists (create) or has another revision
-    /// (update).
+    /// The key is not at the expected revision (or is gone).
     Conflict,
+}
+
+/// The answer of a create.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Create {
+    /// Written at this revision.
+    Created(u64),
+    /// The key holds a value: here it is with its revision, read in the same
+    /// call so that a claimer needs no second round trip to decide. `None`
+    /// when it vanished before it could be read (the caller tries again).
+    Exists(Option<(Bytes, u64)>),
 }
 
 /// A key-value map with per-key revisions and compare-and-set: all a
@@ -36,12 +46,12 @@ pub enum Write {
 /// A record older than [`retention`](Self::retention) since its last write
 /// is gone (reads return `None`, creates succeed).
 pub trait RevisionedMap: Clone + Send + Sync + 'static {
-    /// Writes `value` if `key` is absent.
+    /// Writes `value` if `key` is absent; otherwise returns what it holds.
     fn create(
         &self,
         key: &str,
         value: Bytes,
-    ) -> impl Future<Output = Result<Write, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Create, StoreError>> + Send;
     /// Reads the value and its revision.
     fn read(
         &self,
@@ -105,7 +115,15 @@ impl<M: RevisionedMap> CasStore<M> {
     }
 
     async fn snapshot(&self, key: &RecordKey) -> Result<Option<Snapshot>, StoreError> {
-        let Some((bytes, revision)) = self.map.read(key.as_str()).await? else {
+        let stored = self.map.read(key.as_str()).await?;
+        Self::decoded(key, stored)
+    }
+
+    fn decoded(
+        key: &RecordKey,
+        stored: Option<(Bytes, u64)>,
+    ) -> Result<Option<Snapshot>, StoreError> {
+        let Some((bytes, revision)) = stored else {
             return Ok(None);
         };
         let record = ClaimRecord::decode(&bytes).map_err(|source| StoreError::Corrupt {
@@ -237,14 +255,17 @@ impl<M: RevisionedMap> DedupStore for CasStore<M> {
         for _ in 0..CLAIM_ROUNDS {
             let now = self.clock.now();
             let fresh = self.pending(now, lease, None, fingerprint);
-            if let Write::Written(revision) = self.map.create(key.as_str(), fresh.encode()).await? {
-                return Ok(ClaimOutcome::Claimed(Self::granted(
-                    key, &fresh, revision, lease,
-                )));
-            }
+            let found = match self.map.create(key.as_str(), fresh.encode()).await? {
+                Create::Created(revision) => {
+                    return Ok(ClaimOutcome::Claimed(Self::granted(
+                        key, &fresh, revision, lease,
+                    )));
+                }
+                Create::Exists(stored) => Self::decoded(key, stored)?,
+            };
             // The key exists; decide on what it holds. (If it vanished in
             // between — expired or forgotten — the next round creates it.)
-            let Some(found) = self.snapshot(key).await? else {
+            let Some(found) = found else {
                 continue;
             };
             let from = match decide(&found.record, now, fingerprint.as_ref()) {

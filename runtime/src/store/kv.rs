@@ -5,12 +5,12 @@ use std::future::Future;
 use std::time::Duration;
 
 use async_nats::jetstream::ErrorCode;
-use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKind};
+use async_nats::jetstream::kv::{self, Operation, UpdateErrorKind};
 use async_nats::jetstream::stream::StorageType;
 use async_nats::jetstream::{self};
 use bytes::Bytes;
 
-use super::{CasStore, RevisionedMap, StoreError, StoreOp, Write, kv_bucket, kv_server};
+use super::{CasStore, Create, RevisionedMap, StoreError, StoreOp, Write, kv_bucket, kv_server};
 
 /// The shortest retention a bucket may have.
 pub const MIN_RETENTION: Duration = Duration::from_secs(1);
@@ -183,41 +183,68 @@ fn is_cas_conflict(error: &(dyn StdError + 'static)) -> bool {
     false
 }
 
-impl RevisionedMap for KvBucket {
-    async fn create(&self, key: &str, value: Bytes) -> Result<Write, StoreError> {
+impl KvBucket {
+    /// A write conditional on the key's revision; 0 means "absent".
+    async fn write(
+        &self,
+        op: StoreOp,
+        key: &str,
+        value: Bytes,
+        revision: u64,
+    ) -> Result<Write, StoreError> {
         match self
-            .bounded(StoreOp::Create, self.store.create(key, value))
-            .await?
-        {
-            Ok(revision) => Ok(Write::Written(revision)),
-            Err(e) if e.kind() == CreateErrorKind::AlreadyExists || is_cas_conflict(&e) => {
-                Ok(Write::Conflict)
-            }
-            Err(e) => Err(StoreError::unavailable(StoreOp::Create, e)),
-        }
-    }
-
-    async fn read(&self, key: &str) -> Result<Option<(Bytes, u64)>, StoreError> {
-        let entry = self
-            .bounded(StoreOp::Read, self.store.entry(key))
-            .await?
-            .map_err(|e| StoreError::unavailable(StoreOp::Read, e))?;
-        Ok(entry
-            .filter(|e| e.operation == Operation::Put)
-            .map(|e| (e.value, e.revision)))
-    }
-
-    async fn update(&self, key: &str, value: Bytes, revision: u64) -> Result<Write, StoreError> {
-        match self
-            .bounded(StoreOp::Update, self.store.update(key, value, revision))
+            .bounded(op, self.store.update(key, value, revision))
             .await?
         {
             Ok(revision) => Ok(Write::Written(revision)),
             Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision || is_cas_conflict(&e) => {
                 Ok(Write::Conflict)
             }
-            Err(e) => Err(StoreError::unavailable(StoreOp::Update, e)),
+            Err(e) => Err(StoreError::unavailable(op, e)),
         }
+    }
+
+    async fn entry(&self, key: &str) -> Result<Option<kv::Entry>, StoreError> {
+        self.bounded(StoreOp::Read, self.store.entry(key))
+            .await?
+            .map_err(|e| StoreError::unavailable(StoreOp::Read, e))
+    }
+}
+
+impl RevisionedMap for KvBucket {
+    /// A write expecting revision 0; when that fails, one read tells a live
+    /// record (returned) from a delete marker left by `forget`, which is
+    /// then written over with a CAS on the marker's revision (never a plain
+    /// put: two claimers could both win, nats.rs#1301).
+    async fn create(&self, key: &str, value: Bytes) -> Result<Create, StoreError> {
+        if let Write::Written(revision) = self.write(StoreOp::Create, key, value.clone(), 0).await?
+        {
+            return Ok(Create::Created(revision));
+        }
+        match self.entry(key).await? {
+            Some(entry) if entry.operation == Operation::Put => {
+                Ok(Create::Exists(Some((entry.value, entry.revision))))
+            }
+            Some(marker) => match self
+                .write(StoreOp::Create, key, value, marker.revision)
+                .await?
+            {
+                Write::Written(revision) => Ok(Create::Created(revision)),
+                Write::Conflict => Ok(Create::Exists(None)),
+            },
+            None => Ok(Create::Exists(None)),
+        }
+    }
+
+    async fn read(&self, key: &str) -> Result<Option<(Bytes, u64)>, StoreError> {
+        let entry = self.entry(key).await?;
+        Ok(entry
+            .filter(|e| e.operation == Operation::Put)
+            .map(|e| (e.value, e.revision)))
+    }
+
+    async fn update(&self, key: &str, value: Bytes, revision: u64) -> Result<Write, StoreError> {
+        self.write(StoreOp::Update, key, value, revision).await
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {

@@ -5,10 +5,12 @@
 //! through `create_key_value`, which first asks for account info that
 //! nats-server 2.9 answers in a form async-nats cannot parse.
 //!
-//! Direct get is off: reads go to the stream leader, never to a follower
-//! that may lag. Fencing does not depend on it (a stale read can only make a
-//! CAS fail), but without it a claimer could see a forgotten or expired
-//! record as still done, or loop on a record a follower has not seen yet.
+//! Direct get is on only for a single replica, where the one server that
+//! answers it is the one that writes. On a replicated bucket reads go to
+//! the stream leader, never to a follower that may lag: fencing does not
+//! depend on it (a stale read can only make a CAS fail), but a follower's
+//! stale copy could show a forgotten or expired record as still done, or
+//! hide a record it has not received yet.
 
 use std::time::Duration;
 
@@ -77,7 +79,7 @@ fn stream_config(config: &KvStoreConfig) -> stream::Config {
         allow_rollup: true,
         deny_delete: true,
         deny_purge: false,
-        allow_direct: false,
+        allow_direct: config.replica_count() == 1,
         discard: DiscardPolicy::New,
         ..Default::default()
     }
@@ -121,7 +123,7 @@ fn check(config: &KvStoreConfig, found: &stream::Config) -> Result<(), StoreErro
             config.replica_count().to_string(),
         ));
     }
-    if found.allow_direct {
+    if found.allow_direct && config.replica_count() > 1 {
         return Err(mismatch(
             "allow_direct (reads from followers)",
             "true".into(),
@@ -142,5 +144,48 @@ fn storage_name(storage: StorageType) -> String {
     match storage {
         StorageType::File => "file".into(),
         StorageType::Memory => "memory".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setting_refused(config: &KvStoreConfig, found: &stream::Config) -> Option<&'static str> {
+        match check(config, found) {
+            Ok(()) => None,
+            Err(StoreError::IncompatibleBucket { setting, .. }) => Some(setting),
+            Err(other) => panic!("unexpected {other}"),
+        }
+    }
+
+    #[test]
+    fn the_bucket_idem_creates_passes_its_own_check() {
+        for replicas in [1, 3] {
+            let config = KvStoreConfig::default().replicas(replicas);
+            assert_eq!(setting_refused(&config, &stream_config(&config)), None);
+        }
+    }
+
+    #[test]
+    fn each_unsafe_setting_is_named() {
+        let r3 = KvStoreConfig::default().replicas(3);
+        let cases: [(&str, fn(&mut stream::Config)); 6] = [
+            ("subjects", |c| c.subjects = vec!["orders.>".into()]),
+            ("history", |c| c.max_messages_per_subject = 5),
+            ("max_age (retention)", |c| {
+                c.max_age = Duration::from_secs(60)
+            }),
+            ("replicas", |c| c.num_replicas = 1),
+            ("allow_direct (reads from followers)", |c| {
+                c.allow_direct = true
+            }),
+            ("storage", |c| c.storage = StorageType::Memory),
+        ];
+        for (setting, spoil) in cases {
+            let mut found = stream_config(&r3);
+            spoil(&mut found);
+            assert_eq!(setting_refused(&r3, &found), Some(setting));
+        }
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::{CasStore, RevisionedMap, StoreError, Write};
+use super::{CasStore, Create, RevisionedMap, StoreError, Write};
 use crate::clock::{Clock, SystemClock, UnixMillis};
 
 /// The in-process [`RevisionedMap`]: a map behind a mutex, with revisions
@@ -92,7 +92,7 @@ impl MemoryMap {
 }
 
 impl Entries {
-    fn write(&mut self, key: &str, value: Bytes, now: UnixMillis) -> Write {
+    fn write(&mut self, key: &str, value: Bytes, now: UnixMillis) -> u64 {
         self.last_revision += 1;
         self.writes_since_sweep += 1;
         let slot = Slot {
@@ -101,17 +101,17 @@ impl Entries {
             written_at: now,
         };
         self.slots.insert(key.to_owned(), slot);
-        Write::Written(self.last_revision)
+        self.last_revision
     }
 }
 
 impl RevisionedMap for MemoryMap {
-    async fn create(&self, key: &str, value: Bytes) -> Result<Write, StoreError> {
+    async fn create(&self, key: &str, value: Bytes) -> Result<Create, StoreError> {
         Ok(self.with_entries(|entries, now| {
-            if self.live(entries, key, now).is_some() {
-                Write::Conflict
+            if let Some(slot) = self.live(entries, key, now) {
+                Create::Exists(Some((slot.value.clone(), slot.revision)))
             } else {
-                entries.write(key, value, now)
+                Create::Created(entries.write(key, value, now))
             }
         }))
     }
@@ -126,7 +126,9 @@ impl RevisionedMap for MemoryMap {
     async fn update(&self, key: &str, value: Bytes, revision: u64) -> Result<Write, StoreError> {
         Ok(
             self.with_entries(|entries, now| match self.live(entries, key, now) {
-                Some(slot) if slot.revision == revision => entries.write(key, value, now),
+                Some(slot) if slot.revision == revision => {
+                    Write::Written(entries.write(key, value, now))
+                }
                 _ => Write::Conflict,
             }),
         )

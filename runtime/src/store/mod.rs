@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-pub use cas::{CasStore, RevisionedMap, Write};
+pub use cas::{CasStore, Create, RevisionedMap, Write};
 pub use error::{StoreError, StoreOp};
 pub use kv::{KvBucket, KvStore, KvStoreConfig, MIN_RETENTION};
 pub use memory::{MemoryMap, MemoryStore};
