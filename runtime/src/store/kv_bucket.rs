@@ -167,10 +167,13 @@ mod tests {
         }
     }
 
+    /// A change to a bucket's configuration.
+    type Spoil = fn(&mut stream::Config);
+
     #[test]
     fn each_unsafe_setting_is_named() {
         let r3 = KvStoreConfig::default().replicas(3);
-        let cases: [(&str, fn(&mut stream::Config)); 6] = [
+        let cases: [(&str, Spoil); 6] = [
             ("subjects", |c| c.subjects = vec!["orders.>".into()]),
             ("history", |c| c.max_messages_per_subject = 5),
             ("max_age (retention)", |c| {
