@@ -6,21 +6,115 @@
 //! confirms, and the consumer claims an idempotency key in a dedup store
 //! before it runs the handler and records completion after it.
 //!
-//! The guarantees and the claim state machine are fixed in the project's
-//! design notes; this crate grows into them issue by issue.
+//! ```
+//! use idem::{idempotent, HandlerError, Json, Retry, State};
+//!
+//! #[derive(serde::Deserialize)]
+//! struct PaymentSucceeded { payment_id: uuid::Uuid, user_id: u64 }
+//!
+//! #[derive(Clone)]
+//! struct Cards;
+//!
+//! #[idempotent(
+//!     stream = "PAYMENTS",
+//!     subject = "payments.succeeded",
+//!     key = payment.payment_id,
+//!     retry = Retry::exponential("200ms", "30s").attempts(8).jitter(),
+//!     dead_letter = "payments.dead",
+//! )]
+//! async fn issue_membership_card(
+//!     Json(payment): Json<PaymentSucceeded>,
+//!     State(cards): State<Cards>,
+//! ) -> Result<(), HandlerError> {
+//!     let _ = (payment.user_id, cards);
+//!     Ok(())
+//! }
+//! ```
+//!
+//! ## Modules
+//!
+//! * [`handler`] — what the attribute generates ([`Handler`]) and the steps
+//!   before a claim; [`extract`] — the argument extractors.
+//! * [`claim`], [`store`] — the claim state machine and the dedup stores.
+//! * [`retry`] — retry policies; [`key`], [`fingerprint`] — keys and
+//!   payload fingerprints.
 //!
 //! ## Features
 //!
 //! * `testing` — [`testing`]: real `nats-server` processes and 3-node
-//!   clusters for tests, which can be killed, paused and restarted.
+//!   clusters for tests, which can be killed, paused and restarted; the
+//!   dedup-store conformance suite.
 
 pub use idem_macros::idempotent;
+
+pub mod claim;
+pub mod clock;
+mod delivery;
+pub mod duration;
+mod error;
+pub mod extract;
+pub mod fingerprint;
+pub mod handler;
+pub mod key;
+pub mod retry;
+pub mod store;
+pub mod subject;
 
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub mod claim;
-pub mod clock;
-pub mod fingerprint;
-pub mod key;
-pub mod store;
+pub use delivery::{Delivery, MSG_ID_HEADER};
+pub use error::{BoxError, ErrorKind, HandlerError, ResultExt};
+pub use extract::{Json, State};
+pub use handler::Handler;
+pub use retry::Retry;
+
+/// What `#[idempotent]` expansions refer to. Not a public API: paths here
+/// change without notice.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::Delivery;
+    pub use crate::fingerprint::Fingerprint;
+    pub use crate::handler::{Dedup, FingerprintSource, Handler, HandlerConfig, OnMissingKey};
+    pub use crate::key::{IdempotencyKey, KeyError, ToKey, from_header, from_message_id, to_key};
+    pub use crate::{HandlerError, Retry};
+    pub use bytes::Bytes;
+    pub use serde_json::Error as SerdeJsonError;
+    pub use std::time::Duration;
+
+    /// The key of a `dedup = off` handler without one, for logs: the
+    /// producer's message id, else the stream position.
+    pub fn delivery_key(delivery: &Delivery) -> Result<IdempotencyKey, KeyError> {
+        match delivery.message_id() {
+            Some(id) => IdempotencyKey::new(id),
+            None => IdempotencyKey::new(format!(
+                "{}:{}",
+                delivery.stream(),
+                delivery.stream_sequence()
+            )),
+        }
+    }
+
+    /// The fingerprint of a custom `fingerprint = <expr>`.
+    pub fn fingerprint_of<K: ToKey + ?Sized>(value: &K) -> Result<Option<Fingerprint>, KeyError> {
+        let key = to_key(value)?;
+        Ok(Some(Fingerprint::of(key.as_bytes())))
+    }
+
+    /// The stored form of a handler's `Ok` value (`store_result`).
+    pub fn encode_result<T: serde::Serialize>(
+        value: &T,
+    ) -> Result<Option<Bytes>, serde_json::Error> {
+        serde_json::to_vec(value).map(|v| Some(Bytes::from(v)))
+    }
+
+    /// Fails to compile, at the `Ok` type, when it cannot be stored.
+    pub const fn assert_storable<T: serde::Serialize + serde::de::DeserializeOwned>() {}
+
+    /// Converts the body's error into a `HandlerError`.
+    pub fn into_handler_result<T, E: Into<HandlerError>>(
+        result: Result<T, E>,
+    ) -> Result<T, HandlerError> {
+        result.map_err(Into::into)
+    }
+}

@@ -9,10 +9,14 @@
 //! key is stored as `<handler>.h.<SHA-256 of the key, hex>` instead: the `k`
 //! and `h` tokens keep the two forms apart, and nothing is ever truncated.
 
+mod to_key;
+
 use std::fmt;
 
 use bytes::Bytes;
+
 use sha2::{Digest, Sha256};
+pub use to_key::{ToKey, from_header, from_message_id, to_key};
 
 /// The longest escaped key stored as itself; longer keys are hashed.
 pub const MAX_ESCAPED_LEN: usize = 240;
@@ -36,6 +40,20 @@ pub enum KeyError {
         /// The name given.
         name: String,
     },
+    /// The key expression gave `None`.
+    #[error("no idempotency key: the key expression gave None")]
+    NoneValue,
+    /// The header the key is taken from is absent.
+    #[error("no idempotency key: the message has no `{name}` header")]
+    MissingHeader {
+        /// The header.
+        name: &'static str,
+    },
+    /// The key is the broker message id, and the producer sent none.
+    #[error(
+        "no idempotency key: the message has no Nats-Msg-Id header (publish it with a message id)"
+    )]
+    MissingMessageId,
     /// A string read back from the store is not a record key idem wrote.
     #[error(
         "{key:?} is not a record key written by idem (<handler>.k.<escaped> or <handler>.h.<sha256>)"

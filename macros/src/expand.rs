@@ -1,0 +1,208 @@
+//! The expansion: a unit struct named after the function, implementing
+//! `idem::handler::Handler` by calls into typed runtime functions. The
+//! function itself stays callable as `name::run(...)`.
+
+use proc_macro2::TokenStream;
+use quote::{format_ident, quote, quote_spanned};
+use syn::ItemFn;
+use syn::spanned::Spanned;
+
+use crate::options::{DedupMode, Fingerprint, MissingKey, Options};
+use crate::signature::{Signature, by_reference};
+use crate::validate::Key;
+
+pub fn expand(item: ItemFn, options: &Options, sig: &Signature, key: Option<Key>) -> TokenStream {
+    let vis = &item.vis;
+    let name = &item.sig.ident;
+    let docs: Vec<_> = item
+        .attrs
+        .iter()
+        .filter(|a| a.path().is_ident("doc"))
+        .collect();
+    let other_attrs: Vec<_> = item
+        .attrs
+        .iter()
+        .filter(|a| !a.path().is_ident("doc"))
+        .collect();
+    let inputs = &item.sig.inputs;
+    let output = &item.sig.output;
+    let body = &item.block;
+
+    let arg_types: Vec<_> = sig.args.iter().map(|a| &a.ty).collect();
+    let key_pats: Vec<_> = sig.args.iter().map(|a| by_reference(&a.pat)).collect();
+    let arg_vars: Vec<_> = (0..sig.args.len())
+        .map(|i| format_ident!("__idem_arg{i}"))
+        .collect();
+    let ok_type = sig
+        .ok_type
+        .as_ref()
+        .map_or_else(|| quote!(()), |t| quote!(#t));
+
+    let config = config(name, options);
+    let key_fn = key_fn(&key, &key_pats);
+    let fingerprint_fn = fingerprint_fn(options, &key_pats);
+    let encode_result_fn = encode_result_fn(options, sig);
+
+    quote! {
+        #(#docs)*
+        #[allow(non_camel_case_types)]
+        #[derive(Clone, Copy, Debug, Default)]
+        #vis struct #name;
+
+        impl #name {
+            /// The handler's body, callable directly (e.g. in unit tests).
+            #(#other_attrs)*
+            #vis async fn run(#inputs) #output #body
+        }
+
+        impl ::idem::__private::Handler for #name {
+            type Args = (#(#arg_types,)*);
+            type Output = #ok_type;
+
+            fn config(&self) -> ::idem::__private::HandlerConfig {
+                #config
+            }
+
+            #key_fn
+            #fingerprint_fn
+            #encode_result_fn
+
+            async fn call(&self, args: Self::Args) -> ::core::result::Result<Self::Output, ::idem::__private::HandlerError> {
+                let (#(#arg_vars,)*) = args;
+                ::idem::__private::into_handler_result(Self::run(#(#arg_vars),*).await)
+            }
+        }
+    }
+}
+
+fn config(name: &syn::Ident, options: &Options) -> TokenStream {
+    let handler = name.to_string();
+    let stream = options.stream.as_ref().map(|s| &s.value);
+    let mut calls = TokenStream::new();
+    if let Some(consumer) = &options.consumer {
+        let consumer = &consumer.value;
+        calls.extend(quote!(.consumer(#consumer)));
+    }
+    if let Some(subject) = &options.subject {
+        let subject = &subject.value;
+        calls.extend(quote!(.subject(#subject)));
+    }
+    if let Some(dedup) = &options.dedup {
+        let mode = match dedup.value {
+            DedupMode::Off => quote!(Off),
+            DedupMode::Kv => quote!(Kv),
+            DedupMode::Transactional => quote!(Transactional),
+        };
+        calls.extend(quote!(.dedup(::idem::__private::Dedup::#mode)));
+    }
+    for (option, given) in [("retention", &options.retention), ("lease", &options.lease)] {
+        if let Some(given) = given {
+            let method = format_ident!("{option}");
+            let millis = u64::try_from(given.value.as_millis()).unwrap_or(u64::MAX);
+            calls.extend(quote!(.#method(::idem::__private::Duration::from_millis(#millis))));
+        }
+    }
+    if let Some(retry) = &options.retry {
+        let retry = &retry.value;
+        calls.extend(quote_spanned!(retry.span()=> .retry(#retry)));
+    }
+    if let Some(dead) = &options.dead_letter {
+        let dead = &dead.value;
+        calls.extend(quote!(.dead_letter(#dead)));
+    }
+    if let Some(concurrency) = &options.concurrency {
+        let concurrency = &concurrency.value;
+        calls.extend(quote!(.concurrency(#concurrency)));
+    }
+    if let Some(missing) = &options.on_missing_key {
+        let policy = match missing.value {
+            MissingKey::DeadLetter => quote!(DeadLetter),
+            MissingKey::Reject => quote!(Reject),
+        };
+        calls.extend(quote!(.on_missing_key(::idem::__private::OnMissingKey::#policy)));
+    }
+    if let Some(fingerprint) = &options.fingerprint {
+        let source = match fingerprint.value {
+            Fingerprint::Payload => quote!(Payload),
+            Fingerprint::None => quote!(None),
+            Fingerprint::Expr(_) => quote!(Custom),
+        };
+        calls.extend(quote!(.fingerprint(::idem::__private::FingerprintSource::#source)));
+    }
+    if let Some(store) = &options.store_result {
+        let store = store.value;
+        calls.extend(quote!(.store_result(#store)));
+    }
+    quote!(::idem::__private::HandlerConfig::new(#handler, #stream) #calls)
+}
+
+fn key_fn(key: &Option<Key>, pats: &[syn::Pat]) -> TokenStream {
+    let body = match key {
+        Some(Key::Expr(expr)) => {
+            let value = quote_spanned!(expr.span()=> ::idem::__private::to_key(&(#expr)));
+            quote! {
+                let (#(#pats,)*) = args;
+                #value
+            }
+        }
+        Some(Key::Header(name)) => quote!(::idem::__private::from_header(delivery, #name)),
+        Some(Key::MessageId) => quote!(::idem::__private::from_message_id(delivery)),
+        Some(Key::Function(path)) => {
+            quote_spanned!(path.span()=> ::idem::__private::to_key(&#path(delivery)))
+        }
+        // `dedup = off` without a key: the message itself, for logs.
+        None => quote!(::idem::__private::delivery_key(delivery)),
+    };
+    quote! {
+        #[allow(unused_variables, clippy::needless_borrow)]
+        fn key(
+            &self,
+            args: &Self::Args,
+            delivery: &::idem::__private::Delivery,
+        ) -> ::core::result::Result<::idem::__private::IdempotencyKey, ::idem::__private::KeyError> {
+            #body
+        }
+    }
+}
+
+fn fingerprint_fn(options: &Options, pats: &[syn::Pat]) -> TokenStream {
+    let body = match options.fingerprint.as_ref().map(|f| &f.value) {
+        None | Some(Fingerprint::Payload) => return TokenStream::new(),
+        Some(Fingerprint::None) => quote!(::core::result::Result::Ok(::core::option::Option::None)),
+        Some(Fingerprint::Expr(expr)) => {
+            let value = quote_spanned!(expr.span()=> ::idem::__private::fingerprint_of(&(#expr)));
+            quote! {
+                let (#(#pats,)*) = args;
+                #value
+            }
+        }
+    };
+    quote! {
+        #[allow(unused_variables, clippy::needless_borrow)]
+        fn fingerprint(
+            &self,
+            args: &Self::Args,
+            delivery: &::idem::__private::Delivery,
+        ) -> ::core::result::Result<::core::option::Option<::idem::__private::Fingerprint>, ::idem::__private::KeyError> {
+            #body
+        }
+    }
+}
+
+fn encode_result_fn(options: &Options, sig: &Signature) -> TokenStream {
+    let stores = options.store_result.as_ref().is_some_and(|s| s.value);
+    let Some(ok_type) = sig.ok_type.as_ref().filter(|_| stores) else {
+        return TokenStream::new();
+    };
+    let assertion =
+        quote_spanned!(ok_type.span()=> ::idem::__private::assert_storable::<#ok_type>());
+    quote! {
+        fn encode_result(
+            &self,
+            output: &Self::Output,
+        ) -> ::core::result::Result<::core::option::Option<::idem::__private::Bytes>, ::idem::__private::SerdeJsonError> {
+            const _: () = #assertion;
+            ::idem::__private::encode_result(output)
+        }
+    }
+}

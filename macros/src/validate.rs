@@ -1,0 +1,162 @@
+//! Checks across options and the function, after each was parsed on its own.
+
+use std::collections::BTreeSet;
+
+use proc_macro2::Span;
+use syn::visit::Visit;
+use syn::{Expr, LitStr, Path};
+
+use crate::errors::Errors;
+use crate::options::{DedupMode, Fingerprint, KeySource, Options};
+use crate::signature::{Signature, TRANSACTION_EXTRACTOR};
+
+/// Where the key comes from, resolved against the function's arguments.
+pub enum Key {
+    /// An expression over the arguments.
+    Expr(Expr),
+    /// A header's value.
+    Header(LitStr),
+    /// The broker message id.
+    MessageId,
+    /// A function `fn(&Delivery) -> impl ToKey`.
+    Function(Path),
+}
+
+/// Runs every cross-check; returns the resolved key source.
+pub fn validate(options: &Options, sig: &Signature, errors: &mut Errors) -> Option<Key> {
+    if options.stream.is_none() {
+        errors.push(
+            Span::call_site(),
+            "missing `stream = \"…\"`: the JetStream stream this handler consumes",
+        );
+    }
+    let dedup = options.dedup.as_ref().map_or(DedupMode::Kv, |d| d.value);
+    if dedup == DedupMode::Off {
+        for option in ["retention", "lease", "fingerprint", "store_result"] {
+            if let Some(span) = options.span_of(option) {
+                errors.push(
+                    span,
+                    format!("`{option}` has no effect with `dedup = off` (nothing is stored): remove it or turn dedup on"),
+                );
+            }
+        }
+    }
+    if let (Some(dedup), false) = (&options.dedup, sig.has_transaction)
+        && dedup.value == DedupMode::Transactional
+    {
+        errors.push(
+            dedup.name.span(),
+            format!(
+                "`dedup = transactional` runs the handler inside a database transaction: \
+                     take it as an argument, e.g. `tx: {TRANSACTION_EXTRACTOR}`"
+            ),
+        );
+    }
+    if let (Some(subject), Some(dead)) = (&options.subject, &options.dead_letter)
+        && subject.value.value() == dead.value.value()
+    {
+        errors.push(
+                dead.value.span(),
+                "`dead_letter` is the handler's own subject: dead letters would be consumed and dead-lettered again",
+            );
+    }
+    if let Some(fingerprint) = &options.fingerprint
+        && let Fingerprint::Expr(expr) = &fingerprint.value
+    {
+        check_names(expr, &sig.bound, "fingerprint", errors);
+    }
+    let Some(key) = &options.key else {
+        if dedup != DedupMode::Off {
+            errors.push(
+                Span::call_site(),
+                "missing `key = …`: what identifies the business operation (e.g. `key = order.id`, \
+                 `key = header(\"Idempotency-Key\")`, `key = msg_id`), or `dedup = off`",
+            );
+        }
+        return None;
+    };
+    Some(match &key.value {
+        KeySource::Header(name) => Key::Header(name.clone()),
+        KeySource::MessageId => Key::MessageId,
+        // A bare path that is not an argument names a key function.
+        KeySource::Expr(Expr::Path(path))
+            if path.qself.is_none() && !binds(&sig.bound, &path.path) =>
+        {
+            Key::Function(path.path.clone())
+        }
+        KeySource::Expr(expr) => {
+            check_names(expr, &sig.bound, "key", errors);
+            Key::Expr(expr.clone())
+        }
+    })
+}
+
+fn binds(bound: &BTreeSet<String>, path: &Path) -> bool {
+    path.get_ident()
+        .is_some_and(|ident| bound.contains(&ident.to_string()))
+}
+
+/// Reports local-looking names (lower-case, used as the base of a field
+/// access, method call or index) that no argument binds.
+fn check_names(expr: &Expr, bound: &BTreeSet<String>, option: &str, errors: &mut Errors) {
+    let mut bases = Bases::default();
+    bases.visit_expr(expr);
+    for ident in bases.0 {
+        let name = ident.to_string();
+        let local = name.starts_with(|c: char| c.is_lowercase() || c == '_');
+        if local && !bound.contains(&name) {
+            let known: Vec<&str> = bound.iter().map(String::as_str).collect();
+            let hint = if known.is_empty() {
+                "the handler has no named arguments".to_owned()
+            } else {
+                format!("its arguments bind: {}", known.join(", "))
+            };
+            errors.push(
+                ident.span(),
+                format!("`{name}` in `{option}` is not an argument of this handler; {hint}"),
+            );
+        }
+    }
+}
+
+/// The single identifiers expressions are built on: `x` in `x.a`, `x.f()`,
+/// `x[0]`.
+#[derive(Default)]
+struct Bases(Vec<syn::Ident>);
+
+impl Bases {
+    fn base(&mut self, expr: &Expr) {
+        if let Expr::Path(path) = expr
+            && let (None, Some(ident)) = (&path.qself, path.path.get_ident())
+        {
+            self.0.push(ident.clone());
+        }
+    }
+}
+
+impl<'ast> Visit<'ast> for Bases {
+    fn visit_expr_field(&mut self, e: &'ast syn::ExprField) {
+        self.base(&e.base);
+        syn::visit::visit_expr_field(self, e);
+    }
+
+    fn visit_expr_method_call(&mut self, e: &'ast syn::ExprMethodCall) {
+        self.base(&e.receiver);
+        syn::visit::visit_expr_method_call(self, e);
+    }
+
+    fn visit_expr_index(&mut self, e: &'ast syn::ExprIndex) {
+        self.base(&e.expr);
+        syn::visit::visit_expr_index(self, e);
+    }
+
+    fn visit_expr_tuple(&mut self, e: &'ast syn::ExprTuple) {
+        e.elems.iter().for_each(|elem| self.base(elem));
+        syn::visit::visit_expr_tuple(self, e);
+    }
+
+    fn visit_expr_reference(&mut self, e: &'ast syn::ExprReference) {
+        self.base(&e.expr);
+        syn::visit::visit_expr_reference(self, e);
+    }
+}

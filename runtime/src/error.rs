@@ -1,0 +1,119 @@
+//! The error a handler returns: retryable (the default) or permanent.
+
+use std::fmt;
+
+/// A boxed error from user code.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Whether a failure is worth retrying.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Transient (a timeout, a lock, a 503): NAK with backoff and retry, up
+    /// to the policy's attempts, then dead-letter.
+    Retryable,
+    /// Retrying cannot help (a validation failure, an unknown account):
+    /// dead-letter at once.
+    Permanent,
+}
+
+/// The error type of handlers.
+///
+/// `?` converts any error into a *retryable* `HandlerError`; mark the ones
+/// retrying cannot fix with [`HandlerError::permanent`] or
+/// [`ResultExt::permanent`].
+///
+/// ```
+/// use idem::{HandlerError, ResultExt};
+///
+/// fn parse_amount(text: &str) -> Result<i64, HandlerError> {
+///     let amount: i64 = text.parse().permanent()?; // bad input: no retry
+///     if amount <= 0 {
+///         return Err(HandlerError::permanent("amount must be positive"));
+///     }
+///     Ok(amount)
+/// }
+///
+/// assert!(parse_amount("x").unwrap_err().is_permanent());
+/// assert_eq!(parse_amount("12").ok(), Some(12));
+/// ```
+pub struct HandlerError {
+    kind: ErrorKind,
+    source: BoxError,
+}
+
+impl HandlerError {
+    /// A failure worth retrying.
+    pub fn retryable(error: impl Into<BoxError>) -> Self {
+        Self {
+            kind: ErrorKind::Retryable,
+            source: error.into(),
+        }
+    }
+
+    /// A failure retrying cannot fix: the message is dead-lettered at once.
+    pub fn permanent(error: impl Into<BoxError>) -> Self {
+        Self {
+            kind: ErrorKind::Permanent,
+            source: error.into(),
+        }
+    }
+
+    /// Retryable or permanent.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// Whether it is permanent.
+    pub fn is_permanent(&self) -> bool {
+        self.kind == ErrorKind::Permanent
+    }
+
+    /// The underlying error.
+    pub fn error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &*self.source
+    }
+}
+
+/// `?` on any error makes a retryable `HandlerError`.
+impl<E: Into<BoxError>> From<E> for HandlerError {
+    fn from(error: E) -> Self {
+        Self::retryable(error)
+    }
+}
+
+impl fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.kind {
+            ErrorKind::Retryable => "retryable",
+            ErrorKind::Permanent => "permanent",
+        };
+        write!(f, "{kind}: {}", self.source)
+    }
+}
+
+impl fmt::Debug for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HandlerError")
+            .field("kind", &self.kind)
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
+/// Marks the error of a `Result` as permanent or retryable.
+pub trait ResultExt<T> {
+    /// Fails permanently on `Err`.
+    fn permanent(self) -> Result<T, HandlerError>;
+    /// Fails retryably on `Err` (what `?` does anyway; for clarity).
+    fn retryable(self) -> Result<T, HandlerError>;
+}
+
+impl<T, E: Into<BoxError>> ResultExt<T> for Result<T, E> {
+    fn permanent(self) -> Result<T, HandlerError> {
+        self.map_err(HandlerError::permanent)
+    }
+
+    fn retryable(self) -> Result<T, HandlerError> {
+        self.map_err(HandlerError::retryable)
+    }
+}

@@ -1,0 +1,329 @@
+//! A handler's static configuration: what `#[idempotent(...)]` writes, with
+//! the defaults in one place.
+
+use std::time::Duration;
+
+use crate::key::{HandlerName, KeyError};
+use crate::retry::{Retry, RetryError};
+use crate::subject::{SubjectError, validate_filter, validate_publish};
+
+/// Where a handler's claims are kept, and so what it guarantees.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub enum Dedup {
+    /// No dedup store: at-least-once, still with retries, backoff and dead
+    /// letters. For effects that are harmless twice.
+    Off,
+    /// JetStream KV (the default): exactly once, but for a crash between the
+    /// effect and the completion write.
+    #[default]
+    Kv,
+    /// The user's PostgreSQL database, in the handler's transaction.
+    Transactional,
+}
+
+/// What happens to a message whose key cannot be extracted.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub enum OnMissingKey {
+    /// Dead-letter it with reason `missing_key` (the default).
+    #[default]
+    DeadLetter,
+    /// Acknowledge and drop it, counted as `rejected` — for streams where
+    /// keyless messages are expected noise.
+    Reject,
+}
+
+/// What tells a duplicate from a reused key.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub enum FingerprintSource {
+    /// The whole payload (the default).
+    #[default]
+    Payload,
+    /// No fingerprint: any payload under a completed key is a duplicate.
+    None,
+    /// An expression over the handler's arguments.
+    Custom,
+}
+
+/// Why a handler configuration cannot run.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The handler name is not a valid key token.
+    #[error("handler `{handler}`: {source}")]
+    Name {
+        /// The handler.
+        handler: String,
+        /// The problem.
+        source: KeyError,
+    },
+    /// No stream.
+    #[error("handler `{handler}`: no stream given")]
+    NoStream {
+        /// The handler.
+        handler: String,
+    },
+    /// A bad subject.
+    #[error("handler `{handler}`: {option}: {source}")]
+    Subject {
+        /// The handler.
+        handler: String,
+        /// `subject` or `dead_letter`.
+        option: &'static str,
+        /// The problem.
+        source: SubjectError,
+    },
+    /// Dead letters would be consumed by the handler that produced them.
+    #[error(
+        "handler `{handler}`: dead_letter {subject:?} is the handler's own subject; dead letters would loop"
+    )]
+    DeadLetterLoop {
+        /// The handler.
+        handler: String,
+        /// The subject.
+        subject: String,
+    },
+    /// `concurrency = 0`.
+    #[error("handler `{handler}`: concurrency must be at least 1")]
+    ZeroConcurrency {
+        /// The handler.
+        handler: String,
+    },
+    /// An invalid retry policy.
+    #[error("handler `{handler}`: {source}")]
+    Retry {
+        /// The handler.
+        handler: String,
+        /// The problem.
+        source: RetryError,
+    },
+    /// A lease the retention would outlive.
+    #[error(
+        "handler `{handler}`: the lease ({lease:?}) must be shorter than the retention ({retention:?})"
+    )]
+    LeaseNotShorterThanRetention {
+        /// The handler.
+        handler: String,
+        /// The lease.
+        lease: Duration,
+        /// The retention.
+        retention: Duration,
+    },
+}
+
+/// The static configuration of one handler.
+///
+/// ```
+/// use std::time::Duration;
+/// use idem::handler::{Dedup, HandlerConfig};
+/// use idem::Retry;
+///
+/// let config = HandlerConfig::new("issue_card", "PAYMENTS")
+///     .subject("payments.succeeded")
+///     .retry(Retry::fixed("1s").attempts(3))
+///     .lease(Duration::from_secs(60));
+/// assert_eq!(config.validate(), Ok(()));
+/// assert_eq!(config.consumer, "issue_card");
+/// assert_eq!(config.dead_letter, "idem.dead.issue_card");
+/// assert_eq!(config.dedup, Dedup::Kv);
+/// ```
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct HandlerConfig {
+    /// The handler's name: the function's name; namespaces its claims.
+    pub name: String,
+    /// The stream it consumes.
+    pub stream: String,
+    /// The durable consumer's name (default: the handler's name).
+    pub consumer: String,
+    /// The filter subject (default: all of the stream's subjects).
+    pub subject: Option<String>,
+    /// The dedup store (default: KV).
+    pub dedup: Dedup,
+    /// How long completed keys are remembered (default: 7 days).
+    pub retention: Duration,
+    /// How long a claim holds before another worker may take over (default:
+    /// 30 s; renewed while the handler runs).
+    pub lease: Duration,
+    /// The retry policy (default: [`Retry::default`]).
+    pub retry: Retry,
+    /// Where dead letters go (default: `idem.dead.<handler>`).
+    pub dead_letter: String,
+    /// Messages handled at once (default: 16).
+    pub concurrency: usize,
+    /// What happens when no key can be extracted.
+    pub on_missing_key: OnMissingKey,
+    /// What the payload fingerprint covers.
+    pub fingerprint: FingerprintSource,
+    /// Whether the `Ok` value is stored for duplicates.
+    pub store_result: bool,
+}
+
+impl HandlerConfig {
+    /// The defaults for a handler `name` on `stream`.
+    pub fn new(name: &str, stream: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            stream: stream.to_owned(),
+            consumer: name.to_owned(),
+            subject: None,
+            dedup: Dedup::default(),
+            retention: Duration::from_secs(7 * 24 * 3600),
+            lease: Duration::from_secs(30),
+            retry: Retry::default(),
+            dead_letter: format!("idem.dead.{name}"),
+            concurrency: 16,
+            on_missing_key: OnMissingKey::default(),
+            fingerprint: FingerprintSource::default(),
+            store_result: false,
+        }
+    }
+
+    /// Sets the durable consumer name.
+    pub fn consumer(mut self, consumer: &str) -> Self {
+        self.consumer = consumer.to_owned();
+        self
+    }
+
+    /// Sets the filter subject.
+    pub fn subject(mut self, subject: &str) -> Self {
+        self.subject = Some(subject.to_owned());
+        self
+    }
+
+    /// Sets the dedup store.
+    pub fn dedup(mut self, dedup: Dedup) -> Self {
+        self.dedup = dedup;
+        self
+    }
+
+    /// Sets the retention of completed keys.
+    pub fn retention(mut self, retention: Duration) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// Sets the lease.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// Sets the retry policy.
+    pub fn retry(mut self, retry: Retry) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Sets the dead-letter subject.
+    pub fn dead_letter(mut self, subject: &str) -> Self {
+        self.dead_letter = subject.to_owned();
+        self
+    }
+
+    /// Sets how many messages are handled at once.
+    pub fn concurrency(mut self, concurrency: usize) -> Self {
+        self.concurrency = concurrency;
+        self
+    }
+
+    /// Sets what happens without a key.
+    pub fn on_missing_key(mut self, policy: OnMissingKey) -> Self {
+        self.on_missing_key = policy;
+        self
+    }
+
+    /// Sets what the fingerprint covers.
+    pub fn fingerprint(mut self, source: FingerprintSource) -> Self {
+        self.fingerprint = source;
+        self
+    }
+
+    /// Stores the handler's `Ok` value for duplicates.
+    pub fn store_result(mut self, store: bool) -> Self {
+        self.store_result = store;
+        self
+    }
+
+    /// Checks the configuration; the runtime refuses to start a handler whose
+    /// configuration is invalid. (`#[idempotent]` checks literals at compile
+    /// time already; this catches values computed at run time.)
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let handler = || self.name.clone();
+        HandlerName::new(&self.name).map_err(|source| ConfigError::Name {
+            handler: handler(),
+            source,
+        })?;
+        if self.stream.is_empty() {
+            return Err(ConfigError::NoStream { handler: handler() });
+        }
+        let subject_error = |option, source| ConfigError::Subject {
+            handler: handler(),
+            option,
+            source,
+        };
+        if let Some(subject) = &self.subject {
+            validate_filter(subject).map_err(|e| subject_error("subject", e))?;
+            if *subject == self.dead_letter {
+                return Err(ConfigError::DeadLetterLoop {
+                    handler: handler(),
+                    subject: subject.clone(),
+                });
+            }
+        }
+        validate_publish(&self.dead_letter).map_err(|e| subject_error("dead_letter", e))?;
+        if self.concurrency == 0 {
+            return Err(ConfigError::ZeroConcurrency { handler: handler() });
+        }
+        self.retry.validate().map_err(|source| ConfigError::Retry {
+            handler: handler(),
+            source,
+        })?;
+        if self.dedup != Dedup::Off && self.lease >= self.retention {
+            return Err(ConfigError::LeaseNotShorterThanRetention {
+                handler: handler(),
+                lease: self.lease,
+                retention: self.retention,
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_invalid_setting_is_named() {
+        let base = || HandlerConfig::new("h", "S").subject("orders.created");
+        assert_eq!(base().validate(), Ok(()));
+        let cases = [
+            (HandlerConfig::new("h.x", "S"), "Name"),
+            (HandlerConfig::new("h", ""), "NoStream"),
+            (base().subject("orders..x"), "Subject"),
+            (base().dead_letter("dead.*"), "Subject"),
+            (base().dead_letter("orders.created"), "DeadLetterLoop"),
+            (base().concurrency(0), "ZeroConcurrency"),
+            (base().retry(Retry::fixed("1s").attempts(0)), "Retry"),
+            (
+                base()
+                    .lease(Duration::from_secs(3600))
+                    .retention(Duration::from_secs(60)),
+                "LeaseNotShorterThanRetention",
+            ),
+        ];
+        for (config, variant) in cases {
+            let err = config.validate().expect_err(variant);
+            assert!(
+                format!("{err:?}").starts_with(variant),
+                "{variant}: {err:?}"
+            );
+        }
+        // Without dedup, the lease and retention do not matter.
+        let off = base()
+            .dedup(Dedup::Off)
+            .lease(Duration::from_secs(3600))
+            .retention(Duration::from_secs(60));
+        assert_eq!(off.validate(), Ok(()));
+    }
+}
