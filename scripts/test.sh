@@ -57,7 +57,7 @@ server_29() {
 
 if cargo nextest --version >/dev/null 2>&1; then
   run_tests() { cargo nextest run --workspace --all-features --no-fail-fast "$@"; }
-  integration_only=(-E 'kind(test)')
+  integration_only=(-E 'kind(test) & !binary(macro_ui) & !binary(macro_handlers)')
 else
   run_tests() { cargo test --workspace --all-features --no-fail-fast "$@"; }
   integration_only=(--test '*')

@@ -139,7 +139,8 @@ fn config(name: &syn::Ident, options: &Options) -> TokenStream {
 fn key_fn(key: &Option<Key>, pats: &[syn::Pat]) -> TokenStream {
     let body = match key {
         Some(Key::Expr(expr)) => {
-            let value = quote_spanned!(expr.span()=> ::idem::__private::to_key(&(#expr)));
+            let borrowed = borrowed(expr);
+            let value = quote_spanned!(expr.span()=> ::idem::__private::to_key(&#borrowed));
             quote! {
                 let (#(#pats,)*) = args;
                 #value
@@ -170,7 +171,8 @@ fn fingerprint_fn(options: &Options, pats: &[syn::Pat]) -> TokenStream {
         None | Some(Fingerprint::Payload) => return TokenStream::new(),
         Some(Fingerprint::None) => quote!(::core::result::Result::Ok(::core::option::Option::None)),
         Some(Fingerprint::Expr(expr)) => {
-            let value = quote_spanned!(expr.span()=> ::idem::__private::fingerprint_of(&(#expr)));
+            let borrowed = borrowed(expr);
+            let value = quote_spanned!(expr.span()=> ::idem::__private::fingerprint_of(&#borrowed));
             quote! {
                 let (#(#pats,)*) = args;
                 #value
@@ -194,15 +196,31 @@ fn encode_result_fn(options: &Options, sig: &Signature) -> TokenStream {
     let Some(ok_type) = sig.ok_type.as_ref().filter(|_| stores) else {
         return TokenStream::new();
     };
-    let assertion =
-        quote_spanned!(ok_type.span()=> ::idem::__private::assert_storable::<#ok_type>());
+    // Spanned at the `Ok` type: a type that cannot be stored is reported there.
+    let encode =
+        quote_spanned!(ok_type.span()=> ::idem::__private::encode_result::<#ok_type>(output));
     quote! {
         fn encode_result(
             &self,
             output: &Self::Output,
         ) -> ::core::result::Result<::core::option::Option<::idem::__private::Bytes>, ::idem::__private::SerdeJsonError> {
-            const _: () = #assertion;
-            ::idem::__private::encode_result(output)
+            #encode
         }
+    }
+}
+
+/// The key expression with tuple parts borrowed: the arguments are bound by
+/// reference, and `(order.id, order.name)` must not move out of them.
+fn borrowed(expr: &syn::Expr) -> TokenStream {
+    match expr {
+        syn::Expr::Tuple(tuple) => {
+            let parts = tuple.elems.iter().map(|part| {
+                let inner = borrowed(part);
+                quote_spanned!(part.span()=> &#inner)
+            });
+            quote!((#(#parts,)*))
+        }
+        syn::Expr::Paren(paren) => borrowed(&paren.expr),
+        other => quote_spanned!(other.span()=> (#other)),
     }
 }

@@ -67,10 +67,15 @@ pub fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
     match generate(args.into(), item_tokens.clone()) {
         Ok(expansion) => expansion.into(),
         Err(errors) => {
-            // Keep the function so that its own code still type-checks and no
-            // "cannot find" errors pile up at its call sites.
             let mut out = errors.into_compile_errors();
-            out.extend(quote::quote!(#[allow(dead_code)] #item_tokens));
+            // Keep a free function so that its own code still type-checks
+            // and no "cannot find" errors pile up at its call sites; a
+            // function with `self` would only add rustc's error to ours.
+            let free = syn::parse2::<ItemFn>(item_tokens.clone())
+                .is_ok_and(|f| f.sig.receiver().is_none());
+            if free {
+                out.extend(quote::quote!(#[allow(dead_code)] #item_tokens));
+            }
             out.into()
         }
     }

@@ -108,11 +108,13 @@ fn last_segment(ty: &Type) -> Option<String> {
     }
 }
 
-/// `Result<T, E>` or an alias `Result<T>` → `T`.
+/// `Result<T, E>`, or an alias such as `io::Result<T>` or `IoResult<T>`
+/// (a name ending in `Result`) → `T`. Whether the error converts into a
+/// `HandlerError` is left to the type checker.
 fn result_ok_type(ty: &Type) -> Option<Type> {
     let Type::Path(path) = ty else { return None };
     let last = path.path.segments.last()?;
-    if last.ident != "Result" {
+    if !last.ident.to_string().ends_with("Result") {
         return None;
     }
     let PathArguments::AngleBracketed(generics) = &last.arguments else {

@@ -100,6 +100,20 @@ pub trait FromDelivery: Sized + Send + 'static {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Json<T>(pub T);
 
+impl<T> std::ops::Deref for Json<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T> std::ops::DerefMut for Json<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.0
+    }
+}
+
 impl<T: DeserializeOwned + Send + 'static> FromDelivery for Json<T> {
     const READS_PAYLOAD: bool = true;
 
@@ -144,6 +158,14 @@ impl FromDelivery for Delivery {
 /// ```
 #[derive(Clone, Debug)]
 pub struct State<T>(pub T);
+
+impl<T> std::ops::Deref for State<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
 
 impl<T: Clone + Send + Sync + 'static> FromDelivery for State<T> {
     fn from_delivery(_: &Delivery, state: &StateMap) -> Result<Self, Rejection> {

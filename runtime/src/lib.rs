@@ -101,15 +101,13 @@ pub mod __private {
         Ok(Some(Fingerprint::of(key.as_bytes())))
     }
 
-    /// The stored form of a handler's `Ok` value (`store_result`).
-    pub fn encode_result<T: serde::Serialize>(
+    /// The stored form of a handler's `Ok` value (`store_result`): it must
+    /// serialize now and deserialize when a duplicate asks for it.
+    pub fn encode_result<T: serde::Serialize + serde::de::DeserializeOwned>(
         value: &T,
     ) -> Result<Option<Bytes>, serde_json::Error> {
         serde_json::to_vec(value).map(|v| Some(Bytes::from(v)))
     }
-
-    /// Fails to compile, at the `Ok` type, when it cannot be stored.
-    pub const fn assert_storable<T: serde::Serialize + serde::de::DeserializeOwned>() {}
 
     /// Converts the body's error into a `HandlerError`.
     pub fn into_handler_result<T, E: Into<HandlerError>>(

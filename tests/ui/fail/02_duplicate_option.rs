@@ -1,0 +1,9 @@
+use idem::{HandlerError, Json, idempotent};
+
+#[idempotent(stream = "ORDERS", key = id, stream = "PAYMENTS")]
+async fn handler(Json(id): Json<u64>) -> Result<(), HandlerError> {
+    let _ = id;
+    Ok(())
+}
+
+fn main() {}
