@@ -42,6 +42,28 @@ impl Delivery {
         }
     }
 
+    /// The delivery of a JetStream message as the runtime received it.
+    pub(crate) fn from_jetstream(message: &async_nats::jetstream::Message) -> Self {
+        let (stream, stream_sequence, delivered) = message
+            .info()
+            .map(|info| {
+                (
+                    info.stream.to_owned(),
+                    info.stream_sequence,
+                    u64::try_from(info.delivered).unwrap_or(1),
+                )
+            })
+            .unwrap_or_default();
+        Self {
+            subject: message.subject.to_string(),
+            payload: message.payload.clone(),
+            headers: message.headers.clone().unwrap_or_default(),
+            stream,
+            stream_sequence,
+            delivered: delivered.max(1),
+        }
+    }
+
     /// Adds a header.
     pub fn with_header(mut self, name: &str, value: &str) -> Self {
         self.headers.insert(name, value);

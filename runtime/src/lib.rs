@@ -57,6 +57,7 @@ pub mod fingerprint;
 pub mod handler;
 pub mod key;
 pub mod retry;
+pub mod runtime;
 pub mod store;
 pub mod subject;
 
@@ -68,6 +69,7 @@ pub use error::{BoxError, ErrorKind, HandlerError, ResultExt};
 pub use extract::{Json, State};
 pub use handler::Handler;
 pub use retry::Retry;
+pub use runtime::Runtime;
 
 /// What `#[idempotent]` expansions refer to. Not a public API: paths here
 /// change without notice.

@@ -6,8 +6,7 @@ use std::time::Duration;
 use crate::claim::RecordError;
 use crate::key::RecordKey;
 
-/// A boxed error from the client library underneath.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+use crate::BoxError;
 
 /// The store operation that failed.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]

@@ -1,0 +1,107 @@
+//! Dead letters: the original message, stored on the handler's dead-letter
+//! subject with the reason, before the original is terminated.
+
+use async_nats::HeaderMap;
+use async_nats::jetstream;
+
+use crate::BoxError;
+use crate::Delivery;
+use crate::handler::HandlerConfig;
+
+/// Headers every dead letter carries.
+pub mod headers {
+    /// The handler that gave up.
+    pub const HANDLER: &str = "Idem-Handler";
+    /// Why: `handler_error`, `retries_exhausted`, `decode`, `missing_key`,
+    /// `key_conflict`, `missing_state`.
+    pub const REASON: &str = "Idem-Reason";
+    /// The error's text (one line).
+    pub const ERROR: &str = "Idem-Error";
+    /// How many deliveries were made.
+    pub const ATTEMPTS: &str = "Idem-Attempts";
+    /// The original subject.
+    pub const SUBJECT: &str = "Idem-Original-Subject";
+    /// The original stream.
+    pub const STREAM: &str = "Idem-Original-Stream";
+    /// The original stream sequence.
+    pub const SEQUENCE: &str = "Idem-Original-Sequence";
+    /// The original `Nats-Msg-Id`, if any.
+    pub const MESSAGE_ID: &str = "Idem-Original-Msg-Id";
+}
+
+/// Why a message is dead-lettered.
+pub struct Reason<'a> {
+    /// The `Idem-Reason` value.
+    pub code: &'static str,
+    /// The error, for `Idem-Error`.
+    pub error: &'a (dyn std::fmt::Display + Sync),
+}
+
+/// Stores the dead letter and waits for the broker's acknowledgement. Its
+/// message id is derived from the original's stream position, so a retry
+/// after a lost PubAck is dropped by the duplicate window.
+pub(crate) async fn publish(
+    js: &jetstream::Context,
+    config: &HandlerConfig,
+    delivery: &Delivery,
+    reason: Reason<'_>,
+) -> Result<(), BoxError> {
+    let mut out = HeaderMap::new();
+    for (name, values) in delivery.headers().iter() {
+        if AsRef::<str>::as_ref(name) == crate::MSG_ID_HEADER {
+            continue;
+        }
+        for value in values {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    if let Some(id) = delivery.message_id() {
+        out.insert(headers::MESSAGE_ID, id);
+    }
+    out.insert(headers::HANDLER, config.name.as_str());
+    out.insert(headers::REASON, reason.code);
+    out.insert(headers::ERROR, one_line(&reason.error.to_string()).as_str());
+    out.insert(headers::ATTEMPTS, delivery.delivered().to_string().as_str());
+    out.insert(headers::SUBJECT, delivery.subject());
+    out.insert(headers::STREAM, delivery.stream());
+    out.insert(
+        headers::SEQUENCE,
+        delivery.stream_sequence().to_string().as_str(),
+    );
+    let id = format!(
+        "idem-dead-{}-{}-{}",
+        config.name,
+        delivery.stream(),
+        delivery.stream_sequence()
+    );
+    out.insert(crate::MSG_ID_HEADER, id.as_str());
+    js.publish_with_headers(config.dead_letter.clone(), out, delivery.payload().clone())
+        .await?
+        .await?;
+    Ok(())
+}
+
+/// Header values are one line: control characters become spaces, and very
+/// long texts are cut (the payload is kept whole).
+fn one_line(text: &str) -> String {
+    const MAX: usize = 1024;
+    let line: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    match line.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{}…", &line[..cut]),
+        None => line,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[test]
+    fn error_texts_become_one_bounded_line() {
+        assert_eq!(one_line("a\nb\r\tc"), "a b  c");
+        assert_eq!(one_line(&"x".repeat(2000)).chars().count(), 1025);
+    }
+}

@@ -1,0 +1,102 @@
+//! Why the runtime could not start (or had to stop).
+
+use crate::BoxError;
+use crate::handler::ConfigError;
+use crate::store::StoreError;
+
+/// A start-up failure, naming the handler and what to do.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RuntimeError {
+    /// A handler's configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Two handlers share a durable consumer.
+    #[error(
+        "handlers `{first}` and `{second}` both use consumer `{consumer}` on stream `{stream}`: give one a `consumer = \"…\"`"
+    )]
+    DuplicateConsumer {
+        /// The stream.
+        stream: String,
+        /// The consumer.
+        consumer: String,
+        /// One handler.
+        first: String,
+        /// The other.
+        second: String,
+    },
+    /// The stream does not exist and the runtime may not create it.
+    #[error(
+        "stream `{stream}` (handler `{handler}`) does not exist: create it, or let the runtime do so with \
+         `Runtime::builder(client).create_missing_streams()`"
+    )]
+    StreamMissing {
+        /// The stream.
+        stream: String,
+        /// The handler.
+        handler: String,
+    },
+    /// An existing durable consumer was made with other settings.
+    #[error(
+        "consumer `{consumer}` on stream `{stream}` exists with {setting} = {found}, but handler `{handler}` needs \
+         {expected}: delete the consumer or name another with `consumer = \"…\"`"
+    )]
+    ConsumerConflict {
+        /// The stream.
+        stream: String,
+        /// The consumer.
+        consumer: String,
+        /// The handler.
+        handler: String,
+        /// The setting.
+        setting: &'static str,
+        /// What the consumer has.
+        found: String,
+        /// What the handler needs.
+        expected: String,
+    },
+    /// No stream stores the dead-letter subject: dead letters could not be
+    /// kept, so messages could not be given up safely.
+    #[error(
+        "no stream captures dead-letter subject `{subject}` (handler `{handler}`): add it to a stream, \
+         or use a subject under `idem.dead.>` which the runtime provisions"
+    )]
+    DeadLetterUncovered {
+        /// The subject.
+        subject: String,
+        /// The handler.
+        handler: String,
+    },
+    /// `dedup = transactional` needs the PostgreSQL store, which this
+    /// version does not have yet.
+    #[error(
+        "handler `{handler}` uses `dedup = transactional`, which this version of idem does not support yet"
+    )]
+    TransactionalUnsupported {
+        /// The handler.
+        handler: String,
+    },
+    /// The dedup store could not be opened.
+    #[error("handler `{handler}`: {source}")]
+    Store {
+        /// The handler.
+        handler: String,
+        /// The store's error.
+        #[source]
+        source: StoreError,
+    },
+    /// JetStream refused or did not answer a provisioning request.
+    #[error("handler `{handler}`: could not {action}: {source}")]
+    JetStream {
+        /// The handler.
+        handler: String,
+        /// What was attempted.
+        action: &'static str,
+        /// The client's error.
+        #[source]
+        source: BoxError,
+    },
+    /// No handler was registered.
+    #[error("no handlers registered: add one with `.handler(name)`")]
+    NoHandlers,
+}

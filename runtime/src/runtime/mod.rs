@@ -1,0 +1,302 @@
+//! The consumer runtime: runs every registered handler against its durable
+//! pull consumer, executing the claim state machine of the design notes for
+//! each delivery.
+//!
+//! ```no_run
+//! # use idem::{idempotent, HandlerError, Json};
+//! # #[idempotent(stream = "PAYMENTS", key = id)]
+//! # async fn issue_membership_card(Json(id): Json<u64>) -> Result<(), HandlerError> { Ok(()) }
+//! # async fn demo(client: async_nats::Client) -> Result<(), idem::runtime::RuntimeError> {
+//! use idem::Runtime;
+//!
+//! Runtime::builder(client)
+//!     .handler(issue_membership_card)
+//!     .run() // until Ctrl-C or SIGTERM
+//!     .await?;
+//! # Ok(()) }
+//! ```
+
+mod dead_letter;
+mod error;
+mod faults;
+mod process;
+mod provision;
+mod stats;
+mod worker;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+pub use dead_letter::headers;
+pub use error::RuntimeError;
+pub use provision::DEAD_LETTER_STREAM;
+pub use stats::{Counts, Outcome, Stats};
+
+use crate::extract::StateMap;
+use crate::handler::{Dedup, Handler, HandlerConfig};
+use crate::key::HandlerName;
+use crate::store::KvStoreConfig;
+use faults::Faults;
+use process::Shared;
+use worker::{HandlerWorker, Worker};
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// What registering a handler leaves for start-up.
+trait Registration: Send {
+    fn config(&self) -> HandlerConfig;
+    fn start(
+        self: Box<Self>,
+        ctx: StartContext,
+    ) -> BoxFuture<Result<Box<dyn Worker>, RuntimeError>>;
+}
+
+#[derive(Clone)]
+struct StartContext {
+    js: async_nats::jetstream::Context,
+    state: StateMap,
+    kv: KvStoreConfig,
+    create_streams: bool,
+    stats: Stats,
+    faults: Faults,
+}
+
+struct Registered<H>(H);
+
+impl<H: Handler> Registration for Registered<H> {
+    fn config(&self) -> HandlerConfig {
+        self.0.config()
+    }
+
+    fn start(
+        self: Box<Self>,
+        ctx: StartContext,
+    ) -> BoxFuture<Result<Box<dyn Worker>, RuntimeError>> {
+        Box::pin(async move {
+            let handler = self.0;
+            let config = handler.config();
+            config.validate()?;
+            let name = HandlerName::new(&config.name).map_err(|source| {
+                crate::handler::ConfigError::Name {
+                    handler: config.name.clone(),
+                    source,
+                }
+            })?;
+            let store = match config.dedup {
+                Dedup::Off => None,
+                Dedup::Kv => Some(provision::claims(&ctx.js, &ctx.kv, &config).await?),
+                Dedup::Transactional => {
+                    return Err(RuntimeError::TransactionalUnsupported {
+                        handler: config.name.clone(),
+                    });
+                }
+            };
+            let stream = provision::stream(&ctx.js, &config, ctx.create_streams).await?;
+            provision::dead_letters(&ctx.js, &config).await?;
+            let consumer = provision::consumer(&stream, &config).await?;
+            info!(handler = %config.name, stream = %config.stream, consumer = %config.consumer, dedup = ?config.dedup, "handler ready");
+            let shared = Shared {
+                handler,
+                name,
+                counters: ctx.stats.counters(&config.name),
+                config,
+                store,
+                js: ctx.js,
+                state: ctx.state,
+                faults: ctx.faults,
+                hard_stop: CancellationToken::new(),
+            };
+            let worker: Box<dyn Worker> = Box::new(HandlerWorker {
+                shared: Arc::new(shared),
+                consumer,
+            });
+            Ok(worker)
+        })
+    }
+}
+
+/// Configures a [`Runtime`]: handlers, shared state, the claim bucket,
+/// shutdown.
+#[must_use = "a builder does nothing until `.run()` or `.build()`"]
+pub struct RuntimeBuilder {
+    client: async_nats::Client,
+    state: StateMap,
+    handlers: Vec<Box<dyn Registration>>,
+    kv: KvStoreConfig,
+    create_streams: bool,
+    shutdown: Option<BoxFuture<()>>,
+    grace: Duration,
+    faults: Faults,
+}
+
+impl RuntimeBuilder {
+    /// Registers a handler (the name of an `#[idempotent]` function).
+    pub fn handler<H: Handler>(mut self, handler: H) -> Self {
+        self.handlers.push(Box::new(Registered(handler)));
+        self
+    }
+
+    /// Shares a value with handlers that take `State<T>`.
+    pub fn state<T: Clone + Send + Sync + 'static>(mut self, value: T) -> Self {
+        self.state.insert(value);
+        self
+    }
+
+    /// Settings of the claim buckets (replicas, storage, timeouts, name
+    /// prefix); each handler's retention picks its bucket.
+    pub fn claims(mut self, config: KvStoreConfig) -> Self {
+        self.kv = config;
+        self
+    }
+
+    /// Creates a handler's stream when it does not exist (subjects: the
+    /// handler's subject). Off by default: a missing stream is an error.
+    pub fn create_missing_streams(mut self) -> Self {
+        self.create_streams = true;
+        self
+    }
+
+    /// Stops when `signal` completes, instead of on Ctrl-C or SIGTERM.
+    pub fn shutdown_on(mut self, signal: impl Future<Output = ()> + Send + 'static) -> Self {
+        self.shutdown = Some(Box::pin(signal));
+        self
+    }
+
+    /// How long running handlers may take to finish after shutdown begins
+    /// (default 10 s); after that their claims are released and their
+    /// messages NAKed.
+    pub fn shutdown_grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    /// Loses the acknowledgement of every `n`th successfully handled message,
+    /// forcing redeliveries (tests and demonstrations only).
+    #[cfg(feature = "testing")]
+    pub fn drop_every_nth_ack(mut self, n: u64) -> Self {
+        self.faults = Faults::drop_acks(n);
+        self
+    }
+
+    /// Provisions everything (streams, consumers, buckets, dead-letter
+    /// stream) and returns the runtime, ready to run.
+    pub async fn build(self) -> Result<Runtime, RuntimeError> {
+        if self.handlers.is_empty() {
+            return Err(RuntimeError::NoHandlers);
+        }
+        let mut consumers: BTreeMap<(String, String), String> = BTreeMap::new();
+        for registration in &self.handlers {
+            let config = registration.config();
+            if let Some(first) = consumers.insert(
+                (config.stream.clone(), config.consumer.clone()),
+                config.name.clone(),
+            ) {
+                return Err(RuntimeError::DuplicateConsumer {
+                    stream: config.stream,
+                    consumer: config.consumer,
+                    first,
+                    second: config.name,
+                });
+            }
+        }
+        let stats = Stats::default();
+        let ctx = StartContext {
+            js: async_nats::jetstream::new(self.client),
+            state: self.state,
+            kv: self.kv,
+            create_streams: self.create_streams,
+            stats: stats.clone(),
+            faults: self.faults,
+        };
+        let mut workers = Vec::with_capacity(self.handlers.len());
+        for registration in self.handlers {
+            workers.push(registration.start(ctx.clone()).await?);
+        }
+        Ok(Runtime {
+            workers,
+            stats,
+            shutdown: self.shutdown.unwrap_or_else(|| Box::pin(termination())),
+            grace: self.grace,
+        })
+    }
+
+    /// Builds and runs until shutdown.
+    pub async fn run(self) -> Result<(), RuntimeError> {
+        self.build().await?.run().await
+    }
+}
+
+/// Runs registered handlers until shutdown.
+pub struct Runtime {
+    workers: Vec<Box<dyn Worker>>,
+    stats: Stats,
+    shutdown: BoxFuture<()>,
+    grace: Duration,
+}
+
+impl Runtime {
+    /// Starts configuring a runtime on a connected client.
+    pub fn builder(client: async_nats::Client) -> RuntimeBuilder {
+        RuntimeBuilder {
+            client,
+            state: StateMap::default(),
+            handlers: Vec::new(),
+            kv: KvStoreConfig::default(),
+            create_streams: false,
+            shutdown: None,
+            grace: Duration::from_secs(10),
+            faults: Faults::default(),
+        }
+    }
+
+    /// The live counters; clone it before [`run`](Self::run).
+    pub fn stats(&self) -> Stats {
+        self.stats.clone()
+    }
+
+    /// Handles messages until the shutdown signal, then stops fetching, lets
+    /// running handlers finish within the grace period, and returns.
+    pub async fn run(self) -> Result<(), RuntimeError> {
+        let stop = CancellationToken::new();
+        let running: Vec<_> = self
+            .workers
+            .into_iter()
+            .map(|worker| tokio::spawn(worker.run(stop.clone(), self.grace)))
+            .collect();
+        self.shutdown.await;
+        info!("shutting down: no more fetches; waiting for running handlers");
+        stop.cancel();
+        for worker in running {
+            let _ = worker.await;
+        }
+        Ok(())
+    }
+}
+
+/// Ctrl-C, or SIGTERM on Unix.
+async fn termination() {
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,365 @@
+//! One delivery, start to finish: prepare, claim, run (with lease renewal
+//! and progress acks), complete, acknowledge — or retry, or dead-letter.
+//! Executes the design notes' steps; the decisions themselves are made by
+//! the claim state machine and the retry policy.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, Message};
+use tokio::time::{Instant, MissedTickBehavior, interval_at, sleep};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, Span, error, field, info_span, warn};
+
+use super::dead_letter::{self, Reason};
+use super::faults::Faults;
+use super::stats::{Counters, Outcome};
+use crate::claim::{Claim, ClaimOutcome, Transition};
+use crate::extract::StateMap;
+use crate::handler::{Handler, HandlerConfig, OnMissingKey, PrepareError, prepare};
+use crate::key::{HandlerName, RecordKey};
+use crate::retry::{Retry, RetryDecision};
+use crate::store::{DedupStore, KvStore};
+use crate::{Delivery, HandlerError};
+
+/// Everything a handler's messages share.
+pub(crate) struct Shared<H> {
+    pub(crate) handler: H,
+    pub(crate) name: HandlerName,
+    pub(crate) config: HandlerConfig,
+    pub(crate) store: Option<KvStore>,
+    pub(crate) js: jetstream::Context,
+    pub(crate) state: StateMap,
+    pub(crate) counters: Arc<Counters>,
+    pub(crate) faults: Faults,
+    /// Cancelled when the shutdown deadline has passed: running handlers
+    /// are abandoned, their claims released.
+    pub(crate) hard_stop: CancellationToken,
+}
+
+/// Backoff while the dedup store is unreachable.
+fn store_backoff(attempt: u32) -> Duration {
+    match Retry::exponential(Duration::from_millis(250), Duration::from_secs(10))
+        .attempts(u32::MAX)
+        .jitter()
+        .after_failure(attempt)
+    {
+        RetryDecision::RetryAfter(delay) => delay.max(Duration::from_millis(50)),
+        RetryDecision::GiveUp => Duration::from_secs(10),
+    }
+}
+
+/// The shortest NAK delay: a redelivery storm helps nobody.
+const MIN_NAK_DELAY: Duration = Duration::from_millis(20);
+
+impl<H: Handler> Shared<H> {
+    /// Handles one delivery inside its tracing span.
+    pub(crate) async fn handle(self: Arc<Self>, message: Message) {
+        let delivery = Delivery::from_jetstream(&message);
+        let span = info_span!(
+            "idem.message",
+            handler = %self.config.name,
+            stream_sequence = delivery.stream_sequence(),
+            attempt = delivery.delivered(),
+            key = field::Empty,
+            outcome = field::Empty,
+        );
+        self.process(&message, &delivery).instrument(span).await;
+    }
+
+    fn count(&self, outcome: Outcome) {
+        Span::current().record("outcome", outcome.name());
+        self.counters.count(outcome);
+    }
+
+    async fn process(&self, message: &Message, delivery: &Delivery) {
+        let attempt = u32::try_from(delivery.delivered()).unwrap_or(u32::MAX);
+        let prepared = match prepare(&self.handler, delivery, &self.state) {
+            Ok(prepared) => prepared,
+            Err(rejected) => return self.rejected(message, delivery, rejected).await,
+        };
+        Span::current().record("key", field::debug(&prepared.key));
+        let Some(store) = &self.store else {
+            let result = self
+                .run(message, None, self.handler.call(prepared.args))
+                .await;
+            return match result {
+                None => self.interrupted(message, None).await,
+                Some(Ok(_)) => self.succeeded(message).await,
+                Some(Err(e)) => self.failed(message, delivery, e, attempt, None).await,
+            };
+        };
+        let key = RecordKey::new(&self.name, &prepared.key);
+        let claim = match store
+            .claim(&key, prepared.fingerprint, self.config.lease)
+            .await
+        {
+            Err(e) => {
+                warn!(error = %e, "dedup store unavailable: the handler was not run");
+                self.count(Outcome::StoreUnavailable);
+                return nak(message, store_backoff(attempt)).await;
+            }
+            Ok(ClaimOutcome::Claimed(claim)) => claim,
+            Ok(ClaimOutcome::Reclaimed { claim, from }) => {
+                warn!(previous_owner = %from, "took over an expired claim: its owner may have had its effect");
+                self.counters.count(Outcome::Reclaimed);
+                claim
+            }
+            Ok(ClaimOutcome::Duplicate { .. } | ClaimOutcome::Dead) => {
+                self.count(Outcome::Duplicate);
+                return ack(message).await;
+            }
+            Ok(ClaimOutcome::KeyConflict { stored }) => {
+                let error = format!(
+                    "key already completed with another payload (stored fingerprint {})",
+                    stored.map_or_else(|| "none".to_owned(), |f| f.to_string())
+                );
+                self.counters.count(Outcome::KeyConflict);
+                return self
+                    .dead_letter(message, delivery, "key_conflict", &error, None)
+                    .await;
+            }
+            Ok(ClaimOutcome::InFlight { retry_after, .. }) => {
+                self.count(Outcome::InFlightElsewhere);
+                return nak(message, retry_after).await;
+            }
+        };
+        self.run_claimed(message, delivery, store, claim, prepared.args, attempt)
+            .await;
+    }
+
+    async fn run_claimed(
+        &self,
+        message: &Message,
+        delivery: &Delivery,
+        store: &KvStore,
+        mut claim: Claim,
+        args: H::Args,
+        attempt: u32,
+    ) {
+        let result = self
+            .run(message, Some((store, &mut claim)), self.handler.call(args))
+            .await;
+        let output = match result {
+            None => return self.interrupted(message, Some((store, &claim))).await,
+            Some(Err(e)) => {
+                return self
+                    .failed(message, delivery, e, attempt, Some((store, &claim)))
+                    .await;
+            }
+            Some(Ok(output)) => output,
+        };
+        let stored = if self.config.store_result {
+            self.handler.encode_result(&output).unwrap_or_else(|e| {
+                warn!(error = %e, "could not serialize the result; duplicates will get none");
+                None
+            })
+        } else {
+            None
+        };
+        match self.complete(store, &claim, stored).await {
+            Some(Transition::Applied) => self.succeeded(message).await,
+            Some(Transition::LeaseLost { current_owner }) => {
+                warn!(
+                    ?current_owner,
+                    "lease lost before completion: another worker took over, the effect may run twice"
+                );
+                self.counters.count(Outcome::LeaseLost);
+                self.succeeded(message).await;
+            }
+            // The claim stays pending; the next delivery after the lease reclaims it.
+            None => {
+                self.count(Outcome::StoreUnavailable);
+                nak(message, self.config.lease).await;
+            }
+        }
+    }
+
+    /// Records completion, retrying while the store is unreachable for up to
+    /// one lease: the claim's revision fences a retry that lands late.
+    async fn complete(
+        &self,
+        store: &KvStore,
+        claim: &Claim,
+        result: Option<bytes::Bytes>,
+    ) -> Option<Transition> {
+        let deadline = Instant::now() + self.config.lease;
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match store.complete(claim, result.clone()).await {
+                Ok(transition) => return Some(transition),
+                Err(e) if Instant::now() + pause < deadline => {
+                    warn!(error = %e, "could not record completion; retrying");
+                    sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => {
+                    error!(error = %e, "could not record completion within the lease: the message will be redelivered and reclaimed");
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Runs the handler while renewing the claim and telling the server the
+    /// message is in progress; `None` when the shutdown deadline cut it off.
+    async fn run<T>(
+        &self,
+        message: &Message,
+        mut claim: Option<(&KvStore, &mut Claim)>,
+        call: impl Future<Output = Result<T, HandlerError>>,
+    ) -> Option<Result<T, HandlerError>> {
+        let period = (self.config.lease / 3).max(Duration::from_millis(100));
+        let mut keepalive = interval_at(Instant::now() + period, period);
+        keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut call = std::pin::pin!(call);
+        loop {
+            tokio::select! {
+                biased;
+                result = &mut call => return Some(result),
+                () = self.hard_stop.cancelled() => return None,
+                _ = keepalive.tick() => {
+                    if let Err(e) = message.ack_with(AckKind::Progress).await {
+                        warn!(error = %e, "could not send an in-progress ack");
+                    }
+                    if let Some((store, claim)) = claim.as_mut() {
+                        match store.renew(claim).await {
+                            Ok(Transition::Applied) => {}
+                            Ok(Transition::LeaseLost { current_owner }) => {
+                                warn!(?current_owner, "lease lost while the handler runs");
+                            }
+                            Err(e) => warn!(error = %e, "could not renew the lease"),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn succeeded(&self, message: &Message) {
+        self.count(Outcome::Processed);
+        if self.faults.drop_this_ack() {
+            return;
+        }
+        ack(message).await;
+    }
+
+    async fn failed(
+        &self,
+        message: &Message,
+        delivery: &Delivery,
+        error: HandlerError,
+        attempt: u32,
+        claim: Option<(&KvStore, &Claim)>,
+    ) {
+        if !error.is_permanent()
+            && let RetryDecision::RetryAfter(delay) = self.config.retry.after_failure(attempt)
+        {
+            warn!(%error, ?delay, "handler failed; retrying");
+            self.release(claim).await;
+            self.count(Outcome::Retried);
+            return nak(message, delay).await;
+        }
+        let code = if error.is_permanent() {
+            "handler_error"
+        } else {
+            "retries_exhausted"
+        };
+        self.dead_letter(message, delivery, code, &error, claim)
+            .await;
+    }
+
+    async fn rejected(&self, message: &Message, delivery: &Delivery, rejected: PrepareError) {
+        if matches!(rejected, PrepareError::Key(_))
+            && self.config.on_missing_key == OnMissingKey::Reject
+        {
+            warn!(error = %rejected, "no idempotency key: rejected");
+            self.count(Outcome::Rejected);
+            return ack(message).await;
+        }
+        if rejected.reason() == "decode" {
+            self.counters.count(Outcome::DecodeFailed);
+        }
+        self.dead_letter(message, delivery, rejected.reason(), &rejected, None)
+            .await;
+    }
+
+    async fn interrupted(&self, message: &Message, claim: Option<(&KvStore, &Claim)>) {
+        warn!("shutdown deadline passed while the handler ran: claim released, message NAKed");
+        self.release(claim).await;
+        self.count(Outcome::Interrupted);
+        nak(message, MIN_NAK_DELAY).await;
+    }
+
+    async fn release(&self, claim: Option<(&KvStore, &Claim)>) {
+        if let Some((store, claim)) = claim {
+            match store.release(claim).await {
+                Ok(Transition::Applied) => {}
+                Ok(lost @ Transition::LeaseLost { .. }) => warn!(?lost, "claim already taken over"),
+                Err(e) => {
+                    warn!(error = %e, "could not release the claim; it frees itself when the lease ends")
+                }
+            }
+        }
+    }
+
+    /// Stores the dead letter, then marks the key dead and terminates the
+    /// original. If the dead letter cannot be stored, the original is NAKed
+    /// and kept: a message is never given up before its dead letter exists.
+    async fn dead_letter(
+        &self,
+        message: &Message,
+        delivery: &Delivery,
+        code: &'static str,
+        error: &(dyn std::fmt::Display + Sync),
+        claim: Option<(&KvStore, &Claim)>,
+    ) {
+        let reason = Reason { code, error };
+        if let Err(e) = dead_letter::publish(&self.js, &self.config, delivery, reason).await {
+            error!(error = %e, reason = code, subject = %self.config.dead_letter, "could not store the dead letter; the message is kept");
+            self.release(claim).await;
+            self.count(Outcome::DeadLetterFailed);
+            let attempt = u32::try_from(delivery.delivered()).unwrap_or(u32::MAX);
+            return nak(message, store_backoff(attempt)).await;
+        }
+        warn!(reason = code, %error, subject = %self.config.dead_letter, "dead-lettered");
+        if let Some((store, claim)) = claim {
+            match store.mark_dead(claim).await {
+                Ok(Transition::Applied) => {}
+                Ok(lost) => warn!(?lost, "could not mark the key dead: claim taken over"),
+                Err(e) => warn!(error = %e, "could not mark the key dead"),
+            }
+        }
+        self.count(Outcome::DeadLettered);
+        if let Err(e) = message.ack_with(AckKind::Term).await {
+            warn!(error = %e, "could not terminate the original; its redelivery will find the key dead");
+        }
+    }
+}
+
+/// A confirmed acknowledgement, retried briefly. Once completion is
+/// recorded a lost ack only costs a redelivery, answered as a duplicate.
+async fn ack(message: &Message) {
+    for pause in [
+        Duration::from_millis(100),
+        Duration::from_millis(500),
+        Duration::ZERO,
+    ] {
+        match message.double_ack().await {
+            Ok(()) => return,
+            Err(e) if pause.is_zero() => {
+                warn!(error = %e, "could not acknowledge; the redelivery will be a duplicate")
+            }
+            Err(_) => sleep(pause).await,
+        }
+    }
+}
+
+async fn nak(message: &Message, delay: Duration) {
+    if let Err(e) = message
+        .ack_with(AckKind::Nak(Some(delay.max(MIN_NAK_DELAY))))
+        .await
+    {
+        warn!(error = %e, "could not NAK; the server redelivers after ack_wait");
+    }
+}

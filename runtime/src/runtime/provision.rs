@@ -1,0 +1,189 @@
+//! Start-up: streams, durable consumers, dead-letter coverage and claim
+//! buckets, each checked or created before any message is fetched.
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
+use async_nats::jetstream::context::GetStreamErrorKind;
+use async_nats::jetstream::{self, ErrorCode, stream};
+
+use super::RuntimeError;
+use crate::handler::HandlerConfig;
+use crate::store::{KvStore, KvStoreConfig};
+
+/// The stream the runtime creates for dead letters under `idem.dead.>`.
+pub const DEAD_LETTER_STREAM: &str = "IDEM_DEAD_LETTERS";
+const DEAD_LETTER_SUBJECTS: &str = "idem.dead.>";
+
+fn js_error<'a>(
+    config: &'a HandlerConfig,
+    action: &'static str,
+) -> impl FnOnce(async_nats::Error) -> RuntimeError + 'a {
+    move |source| RuntimeError::JetStream {
+        handler: config.name.clone(),
+        action,
+        source,
+    }
+}
+
+/// The handler's stream: found, or created when allowed.
+pub(super) async fn stream(
+    js: &jetstream::Context,
+    config: &HandlerConfig,
+    create: bool,
+) -> Result<stream::Stream, RuntimeError> {
+    match js.get_stream(&config.stream).await {
+        Ok(stream) => Ok(stream),
+        Err(e) if matches!(e.kind(), GetStreamErrorKind::JetStream(ref j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND) =>
+        {
+            if !create {
+                return Err(RuntimeError::StreamMissing {
+                    stream: config.stream.clone(),
+                    handler: config.name.clone(),
+                });
+            }
+            let subjects = vec![
+                config
+                    .subject
+                    .clone()
+                    .unwrap_or_else(|| format!("{}.>", config.stream.to_lowercase())),
+            ];
+            js.create_stream(stream::Config {
+                name: config.stream.clone(),
+                subjects,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| js_error(config, "create the stream")(e.into()))
+        }
+        Err(e) => Err(js_error(config, "look up the stream")(e.into())),
+    }
+}
+
+/// How long the server waits for an ack before redelivering: the lease, so
+/// that an unacknowledged message and an unrenewed claim run out together.
+pub(super) fn ack_wait(config: &HandlerConfig) -> Duration {
+    config.lease
+}
+
+/// The handler's durable pull consumer: explicit acks, no server-side
+/// `max_deliver` (the runtime decides dead letters), room for the
+/// handler's concurrency.
+pub(super) async fn consumer(
+    stream: &stream::Stream,
+    config: &HandlerConfig,
+) -> Result<PullConsumer, RuntimeError> {
+    let wanted = pull::Config {
+        durable_name: Some(config.consumer.clone()),
+        filter_subject: config.subject.clone().unwrap_or_default(),
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: ack_wait(config),
+        max_deliver: -1,
+        max_ack_pending: i64::try_from(config.concurrency.saturating_mul(4).max(64))
+            .unwrap_or(i64::MAX),
+        deliver_policy: DeliverPolicy::All,
+        ..Default::default()
+    };
+    match stream.get_consumer::<pull::Config>(&config.consumer).await {
+        Ok(mut existing) => {
+            let found = existing
+                .info()
+                .await
+                .map_err(|e| js_error(config, "read the consumer")(e.into()))?
+                .config
+                .clone();
+            let conflict =
+                |setting, found: String, expected: String| RuntimeError::ConsumerConflict {
+                    stream: config.stream.clone(),
+                    consumer: config.consumer.clone(),
+                    handler: config.name.clone(),
+                    setting,
+                    found,
+                    expected,
+                };
+            if found.filter_subject != wanted.filter_subject {
+                return Err(conflict(
+                    "filter_subject",
+                    found.filter_subject,
+                    wanted.filter_subject,
+                ));
+            }
+            if found.ack_policy != AckPolicy::Explicit {
+                return Err(conflict(
+                    "ack_policy",
+                    format!("{:?}", found.ack_policy),
+                    "Explicit".into(),
+                ));
+            }
+            if found.max_deliver > 0 {
+                return Err(conflict(
+                    "max_deliver",
+                    found.max_deliver.to_string(),
+                    "unlimited (-1): a server that gives up drops messages silently".into(),
+                ));
+            }
+            // Settings that only tune delivery follow the handler's config.
+            stream
+                .update_consumer(wanted)
+                .await
+                .map_err(|e| js_error(config, "update the consumer")(e.into()))
+        }
+        Err(_) => stream
+            .create_consumer(wanted)
+            .await
+            .map_err(|e| js_error(config, "create the consumer")(e.into())),
+    }
+}
+
+/// Makes sure a stream stores the handler's dead letters.
+pub(super) async fn dead_letters(
+    js: &jetstream::Context,
+    config: &HandlerConfig,
+) -> Result<(), RuntimeError> {
+    if js
+        .stream_by_subject(config.dead_letter.clone())
+        .await
+        .is_ok()
+    {
+        return Ok(());
+    }
+    if !config.dead_letter.starts_with("idem.dead.") {
+        return Err(RuntimeError::DeadLetterUncovered {
+            subject: config.dead_letter.clone(),
+            handler: config.name.clone(),
+        });
+    }
+    js.get_or_create_stream(stream::Config {
+        name: DEAD_LETTER_STREAM.into(),
+        subjects: vec![DEAD_LETTER_SUBJECTS.into()],
+        description: Some(
+            "messages idem could not process, with the reason in Idem-* headers".into(),
+        ),
+        ..Default::default()
+    })
+    .await
+    .map(drop)
+    .map_err(|e| js_error(config, "create the dead-letter stream")(e.into()))
+}
+
+/// The claim bucket for the handler's retention: `idem_claims` at the
+/// default 7 days, `idem_claims_<seconds>s` otherwise (a bucket has one
+/// `max_age`).
+pub(super) async fn claims(
+    js: &jetstream::Context,
+    base: &KvStoreConfig,
+    config: &HandlerConfig,
+) -> Result<KvStore, RuntimeError> {
+    let bucket = if config.retention == KvStoreConfig::default().retention_period() {
+        base.bucket_name().to_owned()
+    } else {
+        format!("{}_{}s", base.bucket_name(), config.retention.as_secs())
+    };
+    let kv = base.clone().bucket(bucket).retention(config.retention);
+    KvStore::open(js, kv)
+        .await
+        .map_err(|source| RuntimeError::Store {
+            handler: config.name.clone(),
+            source,
+        })
+}

@@ -1,0 +1,163 @@
+//! Counters per handler and outcome, readable as a [`Stats`] snapshot while
+//! the runtime runs, and exported through the `metrics` facade with the
+//! `metrics` feature (`idem_messages_total{handler, outcome}`).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+/// What became of one delivery.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// The handler ran and its completion is recorded; acknowledged.
+    Processed,
+    /// Completed before: acknowledged without running.
+    Duplicate,
+    /// Another worker holds the key: NAKed with a delay.
+    InFlightElsewhere,
+    /// A retryable failure: claim released, NAKed with backoff.
+    Retried,
+    /// Dead-lettered (permanent error, retries exhausted, decode failure,
+    /// missing key, key conflict); the original terminated.
+    DeadLettered,
+    /// Completed with a payload other than the first under the same key
+    /// (also counted as dead-lettered).
+    KeyConflict,
+    /// The completion found another owner: the effect may have run twice.
+    LeaseLost,
+    /// Took over a claim whose lease had expired (the old owner may have had
+    /// its effect).
+    Reclaimed,
+    /// The dedup store could not be reached: not run, NAKed (fail closed).
+    StoreUnavailable,
+    /// The payload did not decode (also counted as dead-lettered).
+    DecodeFailed,
+    /// No key, and `on_missing_key = reject`: acknowledged and dropped.
+    Rejected,
+    /// Shutdown interrupted the handler: claim released, NAKed.
+    Interrupted,
+    /// The dead letter could not be stored: the original was NAKed, not
+    /// terminated.
+    DeadLetterFailed,
+}
+
+impl Outcome {
+    /// Every outcome, in counter order.
+    pub const ALL: [Outcome; 13] = [
+        Outcome::Processed,
+        Outcome::Duplicate,
+        Outcome::InFlightElsewhere,
+        Outcome::Retried,
+        Outcome::DeadLettered,
+        Outcome::KeyConflict,
+        Outcome::LeaseLost,
+        Outcome::Reclaimed,
+        Outcome::StoreUnavailable,
+        Outcome::DecodeFailed,
+        Outcome::Rejected,
+        Outcome::Interrupted,
+        Outcome::DeadLetterFailed,
+    ];
+
+    /// The counter's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Outcome::Processed => "processed",
+            Outcome::Duplicate => "duplicate",
+            Outcome::InFlightElsewhere => "in_flight_elsewhere",
+            Outcome::Retried => "retried",
+            Outcome::DeadLettered => "dead_lettered",
+            Outcome::KeyConflict => "key_conflict",
+            Outcome::LeaseLost => "lease_lost",
+            Outcome::Reclaimed => "reclaimed",
+            Outcome::StoreUnavailable => "store_unavailable",
+            Outcome::DecodeFailed => "decode_failed",
+            Outcome::Rejected => "rejected",
+            Outcome::Interrupted => "interrupted",
+            Outcome::DeadLetterFailed => "dead_letter_failed",
+        }
+    }
+}
+
+/// One handler's counters.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    handler: String,
+    counts: [AtomicU64; Outcome::ALL.len()],
+}
+
+impl Counters {
+    pub(crate) fn count(&self, outcome: Outcome) {
+        self.counts[outcome as usize].fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        metrics::counter!("idem_messages_total", "handler" => self.handler.clone(), "outcome" => outcome.name())
+            .increment(1);
+    }
+
+    fn snapshot(&self) -> Counts {
+        Counts(
+            Outcome::ALL
+                .iter()
+                .map(|o| (*o, self.counts[*o as usize].load(Ordering::Relaxed)))
+                .collect(),
+        )
+    }
+}
+
+/// A handler's counts at one moment.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counts(BTreeMap<Outcome, u64>);
+
+impl Counts {
+    /// The count of one outcome.
+    pub fn get(&self, outcome: Outcome) -> u64 {
+        self.0.get(&outcome).copied().unwrap_or(0)
+    }
+
+    /// Every outcome with its count.
+    pub fn iter(&self) -> impl Iterator<Item = (Outcome, u64)> + '_ {
+        self.0.iter().map(|(o, n)| (*o, *n))
+    }
+}
+
+/// Live counters of a runtime, per handler; clone it before `run()` and read
+/// it any time.
+///
+/// ```
+/// use idem::runtime::{Outcome, Stats};
+///
+/// let stats = Stats::default();
+/// assert_eq!(stats.handler("issue_card").get(Outcome::Processed), 0);
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct Stats(Arc<Mutex<BTreeMap<String, Arc<Counters>>>>);
+
+impl Stats {
+    pub(crate) fn counters(&self, handler: &str) -> Arc<Counters> {
+        let mut all = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        all.entry(handler.to_owned())
+            .or_insert_with(|| {
+                Arc::new(Counters {
+                    handler: handler.to_owned(),
+                    ..Counters::default()
+                })
+            })
+            .clone()
+    }
+
+    /// One handler's counts now (all zero for an unknown handler).
+    pub fn handler(&self, handler: &str) -> Counts {
+        let all = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        all.get(handler).map(|c| c.snapshot()).unwrap_or_default()
+    }
+
+    /// The counts of every handler now.
+    pub fn all(&self) -> BTreeMap<String, Counts> {
+        let all = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        all.iter()
+            .map(|(name, c)| (name.clone(), c.snapshot()))
+            .collect()
+    }
+}
