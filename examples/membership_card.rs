@@ -89,7 +89,10 @@ async fn issue_membership_card(
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "error".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "error".into()),
+        )
         .init();
     let nats = LocalNats::from_env_or_spawn().await?;
     println!("{}", nats.describe());
@@ -128,7 +131,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     }
     let mut dropped_by_broker = 0;
     for payment in &payments[RESENT_WITH_NEW_ID..RESENT_WITH_NEW_ID + RESENT_WITH_SAME_ID] {
-        dropped_by_broker += usize::from(publish(&js, payment, &payment.payment_id.to_string()).await?);
+        dropped_by_broker +=
+            usize::from(publish(&js, payment, &payment.payment_id.to_string()).await?);
     }
 
     // The card service, losing every 7th ack: the second half of the problem.
@@ -156,7 +160,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let info = consumer.info().await?;
-        if info.num_pending == 0 && info.num_ack_pending == 0 && info.delivered.stream_sequence > 0 {
+        if info.num_pending == 0 && info.num_ack_pending == 0 && info.delivered.stream_sequence > 0
+        {
             break;
         }
         if tokio::time::Instant::now() > deadline {
@@ -168,23 +173,50 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     running.await??;
 
     let counts = stats.handler("issue_membership_card");
-    let stored = js.get_stream("IDEM_EXAMPLE_PAYMENTS").await?.cached_info().state.messages;
+    let stored = js
+        .get_stream("IDEM_EXAMPLE_PAYMENTS")
+        .await?
+        .cached_info()
+        .state
+        .messages;
     let (issued, doubled) = cards.report();
     let dead = js.get_stream(DEAD_LETTER_STREAM).await?;
-    let last_dead = dead.get_last_raw_message_by_subject("idem.dead.issue_membership_card").await?;
-    let reason = last_dead.headers.get(headers::REASON).map(|v| v.to_string()).unwrap_or_default();
+    let last_dead = dead
+        .get_last_raw_message_by_subject("idem.dead.issue_membership_card")
+        .await?;
+    let reason = last_dead
+        .headers
+        .get(headers::REASON)
+        .map(|v| v.to_string())
+        .unwrap_or_default();
 
     println!();
-    println!("payments                        {:>4}  (+1 with an invalid amount)", PAYMENTS);
-    println!("resent with a new message id    {RESENT_WITH_NEW_ID:>4}  the broker stores them: the consumer must catch them");
-    println!("resent with the same message id {RESENT_WITH_SAME_ID:>4}  dropped by the broker's duplicate window: {dropped_by_broker}");
+    println!(
+        "payments                        {:>4}  (+1 with an invalid amount)",
+        PAYMENTS
+    );
+    println!(
+        "resent with a new message id    {RESENT_WITH_NEW_ID:>4}  the broker stores them: the consumer must catch them"
+    );
+    println!(
+        "resent with the same message id {RESENT_WITH_SAME_ID:>4}  dropped by the broker's duplicate window: {dropped_by_broker}"
+    );
     println!("messages in the stream          {stored:>4}");
     println!("acks lost on purpose            every {LOSE_EVERY_NTH_ACK}th, forcing redeliveries");
-    println!("handler runs                    {:>4}", counts.get(Outcome::Processed) + counts.get(Outcome::DeadLettered));
-    println!("duplicates answered, not run    {:>4}", counts.get(Outcome::Duplicate));
+    println!(
+        "handler runs                    {:>4}",
+        counts.get(Outcome::Processed) + counts.get(Outcome::DeadLettered)
+    );
+    println!(
+        "duplicates answered, not run    {:>4}",
+        counts.get(Outcome::Duplicate)
+    );
     println!("cards issued                    {issued:>4}");
     println!("payments with two cards         {doubled:>4}");
-    println!("dead letters                    {:>4}  (reason: {reason})", counts.get(Outcome::DeadLettered));
+    println!(
+        "dead letters                    {:>4}  (reason: {reason})",
+        counts.get(Outcome::DeadLettered)
+    );
 
     let _ = js.delete_stream("IDEM_EXAMPLE_PAYMENTS").await;
     if issued == PAYMENTS && doubled == 0 {
@@ -206,7 +238,9 @@ async fn publish(
     let ack = js
         .send_publish(
             "example.payments.succeeded",
-            PublishMessage::build().payload(body.into()).message_id(message_id),
+            PublishMessage::build()
+                .payload(body.into())
+                .message_id(message_id),
         )
         .await?
         .await?;

@@ -1,0 +1,611 @@
+//! The consumer runtime against a real server: every path of the claim
+//! state machine, counted in effects (what the handler did) and outcomes
+//! (what the runtime says it did).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::PullConsumer, message::PublishMessage, stream};
+use idem::claim::ClaimState;
+use idem::key::{HandlerName, IdempotencyKey, RecordKey};
+use idem::runtime::{DEAD_LETTER_STREAM, Outcome, Stats, headers};
+use idem::store::{DedupStore, KvStore, KvStoreConfig};
+use idem::testing::NatsServer;
+use idem::{HandlerError, Json, Retry, Runtime, State, idempotent};
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, sleep};
+
+const STREAM: &str = "ORDERS";
+/// How long a test waits for the runtime to reach a state.
+const SETTLE: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Order {
+    id: String,
+    #[serde(default)]
+    fail_times: u32,
+    #[serde(default)]
+    sleep_ms: u64,
+    #[serde(default)]
+    poison: bool,
+}
+
+/// What handlers did: per key, how many times the effect ran, and when.
+#[derive(Clone, Default)]
+struct Effects(Arc<Mutex<HashMap<String, Vec<Instant>>>>);
+
+impl Effects {
+    fn record(&self, key: &str) -> usize {
+        let mut all = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let runs = all.entry(key.to_owned()).or_default();
+        runs.push(Instant::now());
+        runs.len()
+    }
+
+    fn runs(&self, key: &str) -> Vec<Instant> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(key)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn keys(&self) -> usize {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).len()
+    }
+
+    fn max_runs(&self) -> usize {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .map(Vec::len)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// Attempt n (counting this call) fails while n <= fail_times; poison fails
+/// permanently; sleep_ms stretches the handler.
+#[idempotent(
+    stream = "ORDERS",
+    subject = "orders.kv",
+    key = order.id,
+    lease = "1s",
+    retry = Retry::fixed("200ms").attempts(4),
+)]
+async fn kv_handler(
+    Json(order): Json<Order>,
+    State(effects): State<Effects>,
+) -> Result<(), HandlerError> {
+    if order.poison {
+        return Err(HandlerError::permanent(format!(
+            "order {} is poison",
+            order.id
+        )));
+    }
+    let attempt = effects.record(&format!("attempt:{}", order.id));
+    if attempt as u32 <= order.fail_times {
+        return Err(HandlerError::retryable(format!(
+            "transient failure {attempt}"
+        )));
+    }
+    sleep(Duration::from_millis(order.sleep_ms)).await;
+    effects.record(&order.id);
+    Ok(())
+}
+
+#[idempotent(stream = "ORDERS", subject = "orders.header", key = header("Idempotency-Key"), on_missing_key = reject)]
+async fn rejecting_handler(
+    Json(order): Json<Order>,
+    State(effects): State<Effects>,
+) -> Result<(), HandlerError> {
+    effects.record(&order.id);
+    Ok(())
+}
+
+#[idempotent(stream = "ORDERS", subject = "orders.off", dedup = off, retry = Retry::fixed("100ms").attempts(3))]
+async fn unclaimed_handler(
+    Json(order): Json<Order>,
+    State(effects): State<Effects>,
+) -> Result<(), HandlerError> {
+    effects.record(&order.id);
+    Ok(())
+}
+
+struct Running {
+    stats: Stats,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<Result<(), idem::runtime::RuntimeError>>,
+}
+
+impl Running {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.expect("runtime task").expect("runtime");
+    }
+
+    fn count(&self, handler: &str, outcome: Outcome) -> u64 {
+        self.stats.handler(handler).get(outcome)
+    }
+}
+
+struct Setup {
+    server: NatsServer,
+    js: jetstream::Context,
+    effects: Effects,
+}
+
+impl Setup {
+    async fn new() -> Self {
+        let server = NatsServer::start().await.expect("nats-server");
+        let js = jetstream::new(server.connect().await.expect("connect"));
+        js.create_stream(stream::Config {
+            name: STREAM.into(),
+            subjects: vec!["orders.>".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("stream");
+        Self {
+            server,
+            js,
+            effects: Effects::default(),
+        }
+    }
+
+    async fn start(
+        &self,
+        configure: impl FnOnce(idem::runtime::RuntimeBuilder) -> idem::runtime::RuntimeBuilder,
+    ) -> Running {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let builder = Runtime::builder(self.server.connect().await.expect("connect"))
+            .state(self.effects.clone())
+            .shutdown_grace(Duration::from_millis(300))
+            .shutdown_on(async {
+                let _ = stopped.await;
+            });
+        let runtime = configure(builder).build().await.expect("runtime starts");
+        let stats = runtime.stats();
+        Running {
+            stats,
+            stop,
+            task: tokio::spawn(runtime.run()),
+        }
+    }
+
+    async fn publish(
+        &self,
+        subject: &str,
+        order: &Order,
+        message_id: Option<&str>,
+        header: Option<&str>,
+    ) {
+        let mut message =
+            PublishMessage::build().payload(serde_json::to_vec(order).expect("json").into());
+        if let Some(id) = message_id {
+            message = message.message_id(id);
+        }
+        if let Some(key) = header {
+            message = message.header("Idempotency-Key", key);
+        }
+        self.js
+            .send_publish(subject.to_owned(), message)
+            .await
+            .expect("publish")
+            .await
+            .expect("PubAck");
+    }
+
+    async fn publish_raw(&self, subject: &str, payload: &'static [u8]) {
+        self.js
+            .publish(subject.to_owned(), payload.into())
+            .await
+            .expect("publish")
+            .await
+            .expect("PubAck");
+    }
+
+    async fn consumer(&self, name: &str) -> PullConsumer {
+        self.js
+            .get_stream(STREAM)
+            .await
+            .expect("stream")
+            .get_consumer(name)
+            .await
+            .expect("consumer")
+    }
+
+    /// Waits until the consumer has nothing pending or unacknowledged.
+    async fn drained(&self, consumer: &str) {
+        let mut consumer = self.consumer(consumer).await;
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            let info = consumer.info().await.expect("consumer info").clone();
+            if info.num_pending == 0
+                && info.num_ack_pending == 0
+                && info.delivered.stream_sequence > 0
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "consumer {} not drained: {info:?}",
+                info.name
+            );
+            sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn claims(&self) -> KvStore {
+        KvStore::open(&self.js, KvStoreConfig::default())
+            .await
+            .expect("claim bucket")
+    }
+}
+
+fn order(id: &str) -> Order {
+    Order {
+        id: id.into(),
+        fail_times: 0,
+        sleep_ms: 0,
+        poison: false,
+    }
+}
+
+fn record_key(handler: &str, key: &str) -> RecordKey {
+    RecordKey::new(
+        &HandlerName::new(handler).expect("name"),
+        &IdempotencyKey::new(key).expect("key"),
+    )
+}
+
+async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + SETTLE;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not within {SETTLE:?}");
+        sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_resend_with_a_new_message_id_runs_the_effect_once() {
+    let setup = Setup::new().await;
+    let running = setup.start(|b| b.handler(kv_handler)).await;
+    setup
+        .publish("orders.kv", &order("o-1"), Some("first"), None)
+        .await;
+    setup
+        .publish("orders.kv", &order("o-1"), Some("second"), None)
+        .await;
+    setup.drained("kv_handler").await;
+    until("both deliveries counted", || {
+        running.count("kv_handler", Outcome::Processed)
+            + running.count("kv_handler", Outcome::Duplicate)
+            == 2
+    })
+    .await;
+    assert_eq!(setup.effects.runs("o-1").len(), 1);
+    assert_eq!(running.count("kv_handler", Outcome::Duplicate), 1);
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn a_redelivery_after_a_lost_ack_runs_the_effect_once() {
+    let setup = Setup::new().await;
+    // Every ack of a success is lost: each message comes back after ack_wait (1 s).
+    let running = setup
+        .start(|b| b.handler(kv_handler).drop_every_nth_ack(1))
+        .await;
+    for id in ["a", "b", "c"] {
+        setup.publish("orders.kv", &order(id), None, None).await;
+    }
+    setup.drained("kv_handler").await;
+    assert_eq!(running.count("kv_handler", Outcome::Processed), 3);
+    assert_eq!(
+        running.count("kv_handler", Outcome::Duplicate),
+        3,
+        "each redelivery answered as a duplicate"
+    );
+    for id in ["a", "b", "c"] {
+        assert_eq!(setup.effects.runs(id).len(), 1, "{id}");
+    }
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn two_retryable_failures_then_success_is_one_effect_after_the_policy_delays() {
+    let setup = Setup::new().await;
+    let running = setup.start(|b| b.handler(kv_handler)).await;
+    let flaky = Order {
+        fail_times: 2,
+        ..order("flaky")
+    };
+    setup.publish("orders.kv", &flaky, None, None).await;
+    setup.drained("kv_handler").await;
+    assert_eq!(setup.effects.runs("flaky").len(), 1);
+    assert_eq!(running.count("kv_handler", Outcome::Retried), 2);
+    assert_eq!(running.count("kv_handler", Outcome::Processed), 1);
+    let attempts = setup.effects.runs("attempt:flaky");
+    assert_eq!(attempts.len(), 3);
+    for pair in attempts.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(
+            gap >= Duration::from_millis(190),
+            "retry came after {gap:?}, policy says 200 ms"
+        );
+    }
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn a_poison_message_is_dead_lettered_with_its_reason_and_its_key_stays_dead() {
+    let setup = Setup::new().await;
+    let running = setup.start(|b| b.handler(kv_handler)).await;
+    let poison = Order {
+        poison: true,
+        ..order("p-1")
+    };
+    setup
+        .publish("orders.kv", &poison, Some("poison-msg"), None)
+        .await;
+    setup.drained("kv_handler").await;
+    assert_eq!(running.count("kv_handler", Outcome::DeadLettered), 1);
+
+    let dead = setup
+        .js
+        .get_stream(DEAD_LETTER_STREAM)
+        .await
+        .expect("dead-letter stream");
+    let letter = dead
+        .get_last_raw_message_by_subject("idem.dead.kv_handler")
+        .await
+        .expect("a dead letter");
+    let header = |name: &str| letter.headers.get(name).map(|v| v.to_string());
+    assert_eq!(header(headers::HANDLER).as_deref(), Some("kv_handler"));
+    assert_eq!(header(headers::REASON).as_deref(), Some("handler_error"));
+    assert!(
+        header(headers::ERROR).is_some_and(|e| e.contains("order p-1 is poison")),
+        "{:?}",
+        header(headers::ERROR)
+    );
+    assert_eq!(header(headers::ATTEMPTS).as_deref(), Some("1"));
+    assert_eq!(header(headers::SUBJECT).as_deref(), Some("orders.kv"));
+    assert_eq!(header(headers::STREAM).as_deref(), Some(STREAM));
+    assert_eq!(header(headers::SEQUENCE).as_deref(), Some("1"));
+    assert_eq!(header(headers::MESSAGE_ID).as_deref(), Some("poison-msg"));
+    assert_eq!(
+        serde_json::from_slice::<Order>(&letter.payload)
+            .expect("original payload")
+            .id,
+        "p-1"
+    );
+
+    let record = setup
+        .claims()
+        .await
+        .inspect(&record_key("kv_handler", "p-1"))
+        .await
+        .expect("inspect")
+        .expect("record");
+    assert_eq!(record.record.state, ClaimState::Dead);
+
+    // The same key again (a producer resend): acknowledged, never run.
+    setup
+        .publish("orders.kv", &poison, Some("poison-resend"), None)
+        .await;
+    setup.drained("kv_handler").await;
+    until("resend answered", || {
+        running.count("kv_handler", Outcome::Duplicate) == 1
+    })
+    .await;
+    assert_eq!(running.count("kv_handler", Outcome::DeadLettered), 1);
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn undecodable_payloads_and_missing_keys_never_reach_the_handler() {
+    let setup = Setup::new().await;
+    let running = setup
+        .start(|b| b.handler(kv_handler).handler(rejecting_handler))
+        .await;
+    setup.publish_raw("orders.kv", b"{not json").await;
+    setup
+        .publish("orders.header", &order("no-header"), None, None)
+        .await;
+    setup
+        .publish("orders.header", &order("with-header"), None, Some("idem-7"))
+        .await;
+    setup.drained("kv_handler").await;
+    setup.drained("rejecting_handler").await;
+
+    assert_eq!(running.count("kv_handler", Outcome::DecodeFailed), 1);
+    assert_eq!(running.count("kv_handler", Outcome::DeadLettered), 1);
+    let dead = setup
+        .js
+        .get_stream(DEAD_LETTER_STREAM)
+        .await
+        .expect("dead-letter stream");
+    let letter = dead
+        .get_last_raw_message_by_subject("idem.dead.kv_handler")
+        .await
+        .expect("dead letter");
+    assert_eq!(
+        letter
+            .headers
+            .get(headers::REASON)
+            .map(|v| v.to_string())
+            .as_deref(),
+        Some("decode")
+    );
+    assert_eq!(letter.payload.as_ref(), b"{not json");
+
+    // on_missing_key = reject: acknowledged and counted, not dead-lettered.
+    assert_eq!(running.count("rejecting_handler", Outcome::Rejected), 1);
+    assert_eq!(running.count("rejecting_handler", Outcome::Processed), 1);
+    assert_eq!(setup.effects.runs("no-header").len(), 0);
+    assert_eq!(setup.effects.runs("with-header").len(), 1);
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn a_handler_running_three_ack_waits_completes_without_redelivery() {
+    let setup = Setup::new().await;
+    let running = setup.start(|b| b.handler(kv_handler)).await;
+    // ack_wait and lease are 1 s; the handler takes 3 s.
+    let slow = Order {
+        sleep_ms: 3_000,
+        ..order("slow")
+    };
+    setup.publish("orders.kv", &slow, None, None).await;
+    setup.drained("kv_handler").await;
+    assert_eq!(setup.effects.runs("slow").len(), 1);
+    assert_eq!(running.count("kv_handler", Outcome::Processed), 1);
+    assert_eq!(
+        running.count("kv_handler", Outcome::InFlightElsewhere),
+        0,
+        "no redelivery while it ran"
+    );
+    let info = setup
+        .consumer("kv_handler")
+        .await
+        .info()
+        .await
+        .expect("info")
+        .clone();
+    assert_eq!(info.num_redelivered, 0, "in-progress acks kept the message");
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_mid_handler_loses_nothing_and_leaves_no_pending_claim() {
+    let setup = Setup::new().await;
+    let running = setup.start(|b| b.handler(kv_handler)).await;
+    let slow = Order {
+        sleep_ms: 5_000,
+        ..order("cut")
+    };
+    setup.publish("orders.kv", &slow, None, None).await;
+    until("the handler started", || {
+        setup.effects.runs("attempt:cut").len() == 1
+    })
+    .await;
+    running.stop().await; // grace 300 ms: the handler is interrupted
+
+    let claims = setup.claims().await;
+    let record = claims
+        .inspect(&record_key("kv_handler", "cut"))
+        .await
+        .expect("inspect")
+        .expect("record");
+    assert_eq!(
+        record.record.state,
+        ClaimState::Released,
+        "the claim was given back, not left pending"
+    );
+    assert_eq!(setup.effects.runs("cut").len(), 0);
+
+    // A new worker finishes it.
+    let running = setup.start(|b| b.handler(kv_handler)).await;
+    setup.drained("kv_handler").await;
+    assert_eq!(setup.effects.runs("cut").len(), 1);
+    let record = claims
+        .inspect(&record_key("kv_handler", "cut"))
+        .await
+        .expect("inspect")
+        .expect("record");
+    assert_eq!(record.record.state, ClaimState::Done);
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn a_server_restart_mid_stream_loses_nothing_and_doubles_nothing() {
+    let mut setup = Setup::new().await;
+    let running = setup.start(|b| b.handler(kv_handler)).await;
+    let total = 200;
+    for i in 0..total {
+        setup
+            .publish("orders.kv", &order(&format!("r-{i}")), None, None)
+            .await;
+    }
+    until("some processed", || {
+        running.count("kv_handler", Outcome::Processed) >= 20
+    })
+    .await;
+    setup.server.kill().expect("SIGKILL");
+    setup.server.restart().await.expect("restart");
+    setup.drained("kv_handler").await;
+    until("every order done", || setup.effects.keys() >= total * 2).await;
+    assert_eq!(setup.effects.max_runs(), 1, "no order ran twice");
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn dedup_off_makes_no_store_calls_but_still_runs_everything() {
+    let setup = Setup::new().await;
+    let running = setup.start(|b| b.handler(unclaimed_handler)).await;
+    setup
+        .publish("orders.off", &order("sms-1"), None, None)
+        .await;
+    setup
+        .publish("orders.off", &order("sms-1"), None, None)
+        .await;
+    setup.drained("unclaimed_handler").await;
+    assert_eq!(
+        setup.effects.runs("sms-1").len(),
+        2,
+        "at-least-once: both copies run"
+    );
+    assert_eq!(running.count("unclaimed_handler", Outcome::Processed), 2);
+    // No claim bucket was ever created, so no claim was ever made.
+    assert!(
+        setup.js.get_stream("KV_idem_claims").await.is_err(),
+        "dedup = off must not touch the KV store"
+    );
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn start_up_errors_name_the_problem() {
+    let setup = Setup::new().await;
+    #[idempotent(stream = "NOPE", key = order.id)]
+    async fn missing_stream(Json(order): Json<Order>) -> Result<(), HandlerError> {
+        let _ = order;
+        Ok(())
+    }
+    let client = setup.server.connect().await.expect("connect");
+    let err = Runtime::builder(client.clone())
+        .handler(missing_stream)
+        .build()
+        .await
+        .err()
+        .expect("no stream");
+    assert!(
+        matches!(err, idem::runtime::RuntimeError::StreamMissing { .. }),
+        "{err}"
+    );
+    let err = Runtime::builder(client.clone())
+        .build()
+        .await
+        .err()
+        .expect("no handlers");
+    assert!(
+        matches!(err, idem::runtime::RuntimeError::NoHandlers),
+        "{err}"
+    );
+    let err = Runtime::builder(client)
+        .handler(kv_handler)
+        .handler(kv_handler)
+        .build()
+        .await
+        .err()
+        .expect("twice");
+    assert!(
+        matches!(err, idem::runtime::RuntimeError::DuplicateConsumer { .. }),
+        "{err}"
+    );
+}
