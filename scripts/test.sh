@@ -74,6 +74,8 @@ step "doc tests"
 cargo test --workspace --all-features --doc
 step "integration tests against nats-server $(version_of "$legacy") ($legacy)"
 IDEM_NATS_SERVER="$legacy" run_tests "${integration_only[@]}"
+step "the main example (README's first command)"
+IDEM_NATS_SERVER="$current" cargo run --quiet --example membership_card
 step "all tests against nats-server $(version_of "$current") ($current)"
 IDEM_NATS_SERVER="$current" run_tests
 
