@@ -24,7 +24,10 @@ struct OrderPlaced {
 /// Charges the order. `key` says what makes two messages "the same order".
 #[idempotent(stream = "IDEM_QUICKSTART", subject = "quickstart.orders", key = order.order_id)]
 async fn charge_order(Json(order): Json<OrderPlaced>) -> Result<(), HandlerError> {
-    println!("charging order {} for {} cents", order.order_id, order.total_cents);
+    println!(
+        "charging order {} for {} cents",
+        order.order_id, order.total_cents
+    );
     Ok(())
 }
 
@@ -43,7 +46,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     .await?;
 
     // The same order, delivered three times (say, a producer that retried).
-    let order_id = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
+    let order_id = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as u64;
     for _ in 0..3 {
         let body = format!(r#"{{"order_id":{order_id},"total_cents":4200}}"#);
         js.publish("quickstart.orders", body.into()).await?.await?;

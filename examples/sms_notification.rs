@@ -33,7 +33,10 @@ struct Gateway {
     dedup = off,
     retry = Retry::exponential("50ms", "1s").attempts(5).jitter(),
 )]
-async fn send_sms(Json(sms): Json<Sms>, State(gateway): State<Gateway>) -> Result<(), HandlerError> {
+async fn send_sms(
+    Json(sms): Json<Sms>,
+    State(gateway): State<Gateway>,
+) -> Result<(), HandlerError> {
     if gateway.calls.fetch_add(1, Ordering::SeqCst) % 3 == 2 {
         return Err(HandlerError::retryable("gateway timed out"));
     }
