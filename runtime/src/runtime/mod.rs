@@ -111,6 +111,7 @@ impl<H: Handler> Registration for Registered<H> {
                 state: ctx.state,
                 faults: ctx.faults,
                 hard_stop: CancellationToken::new(),
+                active: std::sync::Mutex::default(),
             };
             let worker: Box<dyn Worker> = Box::new(HandlerWorker {
                 shared: Arc::new(shared),

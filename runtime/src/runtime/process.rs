@@ -3,7 +3,8 @@
 //! Executes the design notes' steps; the decisions themselves are made by
 //! the claim state machine and the retry policy.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, Message};
@@ -35,6 +36,37 @@ pub(crate) struct Shared<H> {
     /// Cancelled when the shutdown deadline has passed: running handlers
     /// are abandoned, their claims released.
     pub(crate) hard_stop: CancellationToken,
+    /// Keys this process is working on right now.
+    pub(crate) active: Mutex<HashSet<RecordKey>>,
+}
+
+/// Marks a key as worked on by this process for as long as it lives.
+struct ActiveKey<'a> {
+    active: &'a Mutex<HashSet<RecordKey>>,
+    key: RecordKey,
+}
+
+impl<'a> ActiveKey<'a> {
+    /// `None` if the key is already being worked on here.
+    fn enter(active: &'a Mutex<HashSet<RecordKey>>, key: &RecordKey) -> Option<Self> {
+        let fresh = active
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key.clone());
+        fresh.then(|| ActiveKey {
+            active,
+            key: key.clone(),
+        })
+    }
+}
+
+impl Drop for ActiveKey<'_> {
+    fn drop(&mut self) {
+        self.active
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.key);
+    }
 }
 
 /// Backoff while the dedup store is unreachable.
@@ -90,6 +122,13 @@ impl<H: Handler> Shared<H> {
             };
         };
         let key = RecordKey::new(&self.name, &prepared.key);
+        // A redelivery of a key this process is still working on (say, still
+        // retrying its completion after an outage) must not reclaim it from
+        // ourselves once the lease has run out.
+        let Some(_working) = ActiveKey::enter(&self.active, &key) else {
+            self.count(Outcome::InFlightElsewhere);
+            return nak(message, self.config.lease).await;
+        };
         let claim = match store
             .claim(&key, prepared.fingerprint, self.config.lease)
             .await
@@ -157,7 +196,7 @@ impl<H: Handler> Shared<H> {
         } else {
             None
         };
-        match self.complete(store, &claim, stored).await {
+        match self.complete(message, store, &claim, stored).await {
             Some(Transition::Applied) => self.succeeded(message).await,
             Some(Transition::LeaseLost { current_owner }) => {
                 warn!(
@@ -167,7 +206,8 @@ impl<H: Handler> Shared<H> {
                 self.counters.count(Outcome::LeaseLost);
                 self.succeeded(message).await;
             }
-            // The claim stays pending; the next delivery after the lease reclaims it.
+            // Shutdown: the claim stays pending; the next delivery after the
+            // lease reclaims it (counted as reclaimed there).
             None => {
                 self.count(Outcome::StoreUnavailable);
                 nak(message, self.config.lease).await;
@@ -175,27 +215,33 @@ impl<H: Handler> Shared<H> {
         }
     }
 
-    /// Records completion, retrying while the store is unreachable for up to
-    /// one lease: the claim's revision fences a retry that lands late.
+    /// Records completion, retrying until the store answers: while it is
+    /// unreachable nobody else can take the claim over, and the claim's
+    /// revision fences a retry that lands late. In-progress acks between
+    /// attempts keep the server from redelivering the message meanwhile.
+    /// Gives up only at the shutdown deadline (`None`).
     async fn complete(
         &self,
+        message: &Message,
         store: &KvStore,
         claim: &Claim,
         result: Option<bytes::Bytes>,
     ) -> Option<Transition> {
-        let deadline = Instant::now() + self.config.lease;
-        let mut pause = Duration::from_millis(100);
+        let mut pause = Duration::from_millis(50);
         loop {
             match store.complete(claim, result.clone()).await {
                 Ok(transition) => return Some(transition),
-                Err(e) if Instant::now() + pause < deadline => {
-                    warn!(error = %e, "could not record completion; retrying");
-                    sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(2));
-                }
                 Err(e) => {
-                    error!(error = %e, "could not record completion within the lease: the message will be redelivered and reclaimed");
-                    return None;
+                    warn!(error = %e, ?pause, "could not record completion; retrying");
+                    let _ = message.ack_with(AckKind::Progress).await;
+                    tokio::select! {
+                        () = sleep(pause) => {}
+                        () = self.hard_stop.cancelled() => {
+                            error!("shutdown before completion was recorded: the message will be redelivered and reclaimed");
+                            return None;
+                        }
+                    }
+                    pause = (pause * 2).min(Duration::from_secs(1));
                 }
             }
         }
