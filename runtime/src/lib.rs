@@ -56,6 +56,7 @@ pub mod extract;
 pub mod fingerprint;
 pub mod handler;
 pub mod key;
+pub mod publisher;
 pub mod retry;
 pub mod runtime;
 pub mod store;
@@ -68,6 +69,7 @@ pub use delivery::{Delivery, MSG_ID_HEADER};
 pub use error::{BoxError, ErrorKind, HandlerError, ResultExt};
 pub use extract::{Json, State};
 pub use handler::Handler;
+pub use publisher::Publisher;
 pub use retry::Retry;
 pub use runtime::Runtime;
 
