@@ -149,13 +149,16 @@ async fn a_duplicate_window_shorter_than_the_retry_horizon_is_refused() {
     assert_eq!(stored(&js).await.messages, 0, "nothing was sent");
 }
 
+/// Whether an error is the one a case expects.
+type IsExpected = fn(&PublishError) -> bool;
+
 #[tokio::test]
 async fn bad_input_fails_at_once() {
     let server = NatsServer::start().await.expect("nats-server");
     let _js = stream_on(&server, Duration::from_secs(120)).await;
     let publisher = Publisher::with_config(server.connect().await.expect("connect"), quick());
     let too_big = vec![b'x'; 2 * 1024 * 1024];
-    let cases: Vec<(Outgoing, fn(&PublishError) -> bool)> = vec![
+    let cases: Vec<(Outgoing, IsExpected)> = vec![
         (Outgoing::new("", "x"), |e| {
             matches!(e, PublishError::InvalidSubject { .. })
         }),
