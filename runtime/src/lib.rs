@@ -56,6 +56,7 @@ pub mod extract;
 pub mod fingerprint;
 pub mod handler;
 pub mod key;
+pub mod outbox;
 pub mod publisher;
 pub mod retry;
 pub mod runtime;

@@ -17,7 +17,7 @@
 mod error;
 mod message;
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -63,7 +63,7 @@ impl Default for PublisherConfig {
     }
 }
 
-/// How many subject → stream lookups are remembered.
+/// How many checked subjects are remembered.
 const MAX_KNOWN_SUBJECTS: usize = 4096;
 
 /// The broker's confirmation.
@@ -85,11 +85,18 @@ pub struct Published {
 /// Publishes to JetStream and resends until confirmed. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Publisher {
+    inner: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
     js: jetstream::Context,
     client: async_nats::Client,
     config: PublisherConfig,
-    /// Subject → stream, each stream's duplicate window checked once.
-    streams: Arc<Mutex<HashMap<String, String>>>,
+    /// Pauses between attempts, from the config.
+    backoff: Retry,
+    /// Subjects whose stream and duplicate window were checked.
+    streams: Mutex<HashSet<String>>,
 }
 
 /// What one attempt came to.
@@ -107,17 +114,28 @@ impl Publisher {
 
     /// A publisher with its own resend policy.
     pub fn with_config(client: async_nats::Client, config: PublisherConfig) -> Self {
+        let backoff = Retry::exponential(config.backoff_base, config.backoff_cap)
+            .attempts(u32::MAX)
+            .jitter();
         Self {
-            js: jetstream::new(client.clone()),
-            client,
-            config,
-            streams: Arc::default(),
+            inner: Arc::new(Shared {
+                js: jetstream::new(client.clone()),
+                client,
+                config,
+                backoff,
+                streams: Mutex::default(),
+            }),
         }
+    }
+
+    /// The server's `max_payload`.
+    pub fn max_payload(&self) -> usize {
+        self.inner.client.max_payload()
     }
 
     /// The resend policy.
     pub fn config(&self) -> &PublisherConfig {
-        &self.config
+        &self.inner.config
     }
 
     /// Publishes bytes with a fresh UUID v7 message id.
@@ -145,7 +163,7 @@ impl Publisher {
             subject: message.subject.clone(),
             source,
         })?;
-        let max = self.client.server_info().max_payload;
+        let max = self.max_payload();
         if max > 0 && message.size() > max {
             return Err(PublishError::PayloadTooLarge {
                 size: message.size(),
@@ -153,45 +171,42 @@ impl Publisher {
             });
         }
         let started = Instant::now();
-        let backoff = Retry::exponential(self.config.backoff_base, self.config.backoff_cap)
-            .attempts(u32::MAX)
-            .jitter();
         let mut attempts = 0u32;
         loop {
             attempts += 1;
             // Each attempt (lookup included) ends by the deadline.
             let limit = self
+                .inner
                 .config
                 .attempt_timeout
-                .min(self.config.deadline.saturating_sub(started.elapsed()));
-            let outcome = match timeout(limit, self.stream_for(&message.subject)).await {
-                Ok(Ok(stream)) => self.attempt(&message, limit).await.map(|a| (stream, a)),
-                Ok(Err(e)) => Err(e),
-                Err(elapsed) => Err(Resolve::Transient(Box::new(elapsed))),
+                .min(self.inner.config.deadline.saturating_sub(started.elapsed()));
+            let attempt = async {
+                self.check_stream(&message.subject).await?;
+                self.attempt(&message).await
+            };
+            let outcome = match timeout(limit, attempt).await {
+                Ok(outcome) => outcome,
+                Err(elapsed) => Ok(Attempt::Transient(Box::new(elapsed))),
             };
             let last_error = match outcome {
-                Ok((stream, Attempt::Confirmed(ack))) => {
+                Ok(Attempt::Confirmed(ack)) => {
                     return Ok(Published {
-                        stream: if ack.stream.is_empty() {
-                            stream
-                        } else {
-                            ack.stream
-                        },
+                        stream: ack.stream,
                         sequence: ack.sequence,
                         duplicate: ack.duplicate,
                         message_id: message.id.clone(),
                         attempts,
                     });
                 }
-                Ok((_, Attempt::Transient(e))) => e,
+                Ok(Attempt::Transient(e)) => e,
                 Err(Resolve::Fatal(e)) => return Err(e),
                 Err(Resolve::Transient(e)) => e,
             };
-            let pause = match backoff.after_failure(attempts) {
+            let pause = match self.inner.backoff.after_failure(attempts) {
                 RetryDecision::RetryAfter(pause) => pause,
-                RetryDecision::GiveUp => self.config.backoff_cap,
+                RetryDecision::GiveUp => self.inner.config.backoff_cap,
             };
-            if started.elapsed() + pause >= self.config.deadline {
+            if started.elapsed() + pause >= self.inner.config.deadline {
                 return Err(PublishError::DeadlineExceeded {
                     message_id: message.id.clone(),
                     attempts,
@@ -234,23 +249,23 @@ impl Publisher {
             .buffered(window.max(1))
     }
 
-    /// One send and its PubAck, bounded by `limit`.
-    async fn attempt(&self, message: &Outgoing, limit: Duration) -> Result<Attempt, Resolve> {
+    /// One send and its PubAck (the caller bounds it).
+    async fn attempt(&self, message: &Outgoing) -> Result<Attempt, Resolve> {
         let publish = PublishMessage::build()
             .payload(message.payload.clone())
             .headers(message.headers.clone())
             .message_id(&message.id);
         let sent = async {
             let ack = self
+                .inner
                 .js
                 .send_publish(message.subject.clone(), publish)
                 .await?;
             ack.await
         };
-        match timeout(limit, sent).await {
-            Err(elapsed) => Ok(Attempt::Transient(Box::new(elapsed))),
-            Ok(Ok(ack)) => Ok(Attempt::Confirmed(ack)),
-            Ok(Err(e)) => match e.kind() {
+        match sent.await {
+            Ok(ack) => Ok(Attempt::Confirmed(ack)),
+            Err(e) => match e.kind() {
                 // Lost PubAck, broken connection, no responders while a
                 // stream leader is elected or the server restarts.
                 PublishErrorKind::TimedOut
@@ -260,7 +275,7 @@ impl Publisher {
                 PublishErrorKind::MaxPayloadExceeded => {
                     Err(Resolve::Fatal(PublishError::PayloadTooLarge {
                         size: message.size(),
-                        max: self.client.server_info().max_payload,
+                        max: self.max_payload(),
                     }))
                 }
                 _ => Err(Resolve::Fatal(PublishError::Rejected {
@@ -271,18 +286,13 @@ impl Publisher {
         }
     }
 
-    /// The stream capturing `subject`, its duplicate window checked against
-    /// the deadline on first use.
-    async fn stream_for(&self, subject: &str) -> Result<String, Resolve> {
-        if let Some(stream) = self
-            .streams
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(subject)
-        {
-            return Ok(stream.clone());
+    /// Finds the stream capturing `subject` and checks its duplicate window
+    /// against the deadline, once per subject.
+    async fn check_stream(&self, subject: &str) -> Result<(), Resolve> {
+        if self.known_subjects().contains(subject) {
+            return Ok(());
         }
-        let stream = match self.js.stream_by_subject(subject).await {
+        let stream = match self.inner.js.stream_by_subject(subject).await {
             Ok(stream) => stream,
             Err(e) if e.kind() == GetStreamByNameErrorKind::NotFound => {
                 return Err(Resolve::Fatal(PublishError::NoStream {
@@ -292,6 +302,7 @@ impl Publisher {
             Err(e) => return Err(Resolve::Transient(Box::new(e))),
         };
         let mut info = self
+            .inner
             .js
             .get_stream(&stream)
             .await
@@ -302,21 +313,28 @@ impl Publisher {
             .map_err(|e| Resolve::Transient(Box::new(e)))?
             .config
             .duplicate_window;
-        if window < self.config.deadline {
+        if window < self.inner.config.deadline {
             return Err(Resolve::Fatal(PublishError::DuplicateWindowTooShort {
                 stream,
                 window,
-                horizon: self.config.deadline,
+                horizon: self.inner.config.deadline,
             }));
         }
-        let mut known = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut known = self.known_subjects();
         // Publishers to ever-new subjects (orders.<id>) must not grow this
-        // without bound; a cleared cache costs one lookup per subject.
+        // without bound; a cleared set costs one lookup per subject.
         if known.len() >= MAX_KNOWN_SUBJECTS {
             known.clear();
         }
-        known.insert(subject.to_owned(), stream.clone());
-        Ok(stream)
+        known.insert(subject.to_owned());
+        Ok(())
+    }
+
+    fn known_subjects(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.inner
+            .streams
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 }
 
