@@ -1,6 +1,7 @@
 //! The dedup-store conformance suite (`idem::testing::conformance`) against
 //! every store: in memory, and on JetStream KV on a real server (the suite
-//! script runs this file on nats-server 2.9 and on the current release). The
+//! script runs this file on nats-server 2.9 and on the current release), and
+//! on PostgreSQL (a schema per test on `DATABASE_URL`). The
 //! R3 cluster run is in `kv_store.rs`.
 
 mod memory {
@@ -12,5 +13,13 @@ mod kv {
         idem::testing::conformance::KvFixture::start()
             .await
             .expect("a nats-server with a KV bucket")
+    });
+}
+
+mod pg {
+    idem::conformance_tests!(async {
+        idem::testing::conformance::PgFixture::start()
+            .await
+            .expect("a PostgreSQL schema (DATABASE_URL)")
     });
 }

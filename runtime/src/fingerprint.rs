@@ -33,6 +33,11 @@ impl Fingerprint {
         Self(first)
     }
 
+    /// A fingerprint read back from a store.
+    pub fn from_bytes(bytes: [u8; 16]) -> Self {
+        Self(bytes)
+    }
+
     /// The raw 16 bytes.
     pub fn as_bytes(&self) -> &[u8; 16] {
         &self.0

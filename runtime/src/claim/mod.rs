@@ -50,6 +50,11 @@ impl Owner {
         Self(uuid::Uuid::new_v4())
     }
 
+    /// The owner with this UUID (as read back from a store).
+    pub fn from_uuid(id: uuid::Uuid) -> Self {
+        Self(id)
+    }
+
     /// The UUID.
     pub fn as_uuid(&self) -> &uuid::Uuid {
         &self.0

@@ -84,6 +84,23 @@ pub enum StoreError {
         /// The defect, where it was reported, and the way out.
         reason: &'static str,
     },
+    /// The schema name cannot be used (PostgreSQL store).
+    #[error(
+        "invalid schema name {name:?}: use lower-case letters, digits and '_', starting with a letter or '_'"
+    )]
+    InvalidSchemaName {
+        /// The name given.
+        name: String,
+    },
+    /// The schema has no `idem_inbox` table (PostgreSQL store).
+    #[error(
+        "schema `{schema}` has no idem_inbox table: run `PgStore::migrate(&pool, \"{schema}\")` (or apply \
+         idem's migrations by hand) with a role that may create tables there"
+    )]
+    SchemaMissing {
+        /// The schema.
+        schema: String,
+    },
     /// The bucket name cannot be used.
     #[error("invalid KV bucket name {name:?}: use letters, digits, '-' and '_'")]
     InvalidBucketName {

@@ -15,6 +15,8 @@ mod kv;
 mod kv_bucket;
 mod kv_server;
 mod memory;
+#[cfg(feature = "postgres")]
+mod pg;
 
 use std::future::Future;
 use std::time::Duration;
@@ -25,6 +27,8 @@ pub use cas::{CasStore, Create, RevisionedMap, Write};
 pub use error::{StoreError, StoreOp};
 pub use kv::{KvBucket, KvStore, KvStoreConfig, MIN_RETENTION};
 pub use memory::{MemoryMap, MemoryStore};
+#[cfg(feature = "postgres")]
+pub use pg::{MIGRATOR, PgMap, PgStore};
 
 use crate::claim::{Claim, ClaimOutcome, Owner, Snapshot, Transition};
 use crate::fingerprint::Fingerprint;

@@ -159,6 +159,60 @@ impl Fixture for KvFixture {
     }
 }
 
+/// A PostgreSQL fixture (feature `postgres`): a fresh schema per fixture on
+/// `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/test`),
+/// dropped with the fixture; leases and retention (1 h) on a manual clock.
+#[cfg(feature = "postgres")]
+#[derive(Debug)]
+pub struct PgFixture {
+    store: crate::store::PgStore,
+    clock: ManualClock,
+    database: super::TestDatabase,
+}
+
+#[cfg(feature = "postgres")]
+const PG_RETENTION: Duration = Duration::from_secs(3600);
+
+#[cfg(feature = "postgres")]
+impl PgFixture {
+    /// A migrated schema of its own on the test database.
+    pub async fn start() -> Result<Self, HarnessError> {
+        let database = super::TestDatabase::create().await?;
+        let clock = ManualClock::starting_now();
+        let store =
+            crate::store::PgStore::open(database.pool().clone(), database.schema(), PG_RETENTION)
+                .await?
+                .on_clock(clock.clone());
+        Ok(Self {
+            store,
+            clock,
+            database,
+        })
+    }
+}
+
+#[cfg(feature = "postgres")]
+impl Fixture for PgFixture {
+    type Store = crate::store::PgStore;
+
+    fn store(&self, owner: Owner) -> Self::Store {
+        let _ = &self.database;
+        self.store.as_owner(owner)
+    }
+
+    fn clock(&self) -> &ManualClock {
+        &self.clock
+    }
+
+    fn lease(&self) -> Duration {
+        Duration::from_secs(30)
+    }
+
+    async fn outlive_retention(&self) {
+        self.clock.advance(PG_RETENTION + Duration::from_millis(1));
+    }
+}
+
 /// Expands to one `#[tokio::test]` per conformance case, each on a fresh
 /// fixture from the given `async` expression.
 #[macro_export]

@@ -106,6 +106,17 @@ pub enum HarnessError {
     /// A dedup store could not be opened on a server the harness started.
     #[error("could not open the dedup store for the test: {0}")]
     Store(#[from] crate::store::StoreError),
+    /// PostgreSQL could not be reached for a test database.
+    #[error(
+        "could not connect to PostgreSQL at {url}: {source}; point DATABASE_URL at a server the tests may \
+         create schemas in, e.g. DATABASE_URL=postgres://postgres@127.0.0.1:5432/test"
+    )]
+    Database {
+        /// The URL tried.
+        url: String,
+        /// The driver's error.
+        source: crate::BoxError,
+    },
     /// A cluster node index out of range.
     #[error("the cluster has no node {index}: it has {len} nodes (0..{len})")]
     NoSuchNode {

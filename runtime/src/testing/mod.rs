@@ -22,6 +22,8 @@
 mod binary;
 mod cluster;
 pub mod conformance;
+#[cfg(feature = "postgres")]
+mod database;
 mod error;
 mod local;
 mod ports;
@@ -30,6 +32,8 @@ mod server;
 
 pub use binary::NatsBinary;
 pub use cluster::Cluster;
+#[cfg(feature = "postgres")]
+pub use database::{DEFAULT_DATABASE_URL, TestDatabase};
 pub use error::HarnessError;
 pub use local::{DEFAULT_URL, LocalNats};
 pub use server::NatsServer;

@@ -1,0 +1,321 @@
+//! The dedup store on PostgreSQL (feature `postgres`): the claim state
+//! machine on a readable table, `idem_inbox`, so that operators can query
+//! what was processed, and so that transactional handlers can write their
+//! claim in the same transaction as their effect.
+//!
+//! Revisions come from one sequence, so a row deleted and created again can
+//! never be mistaken for the row a stale claim read (no ABA).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use sqlx::postgres::{PgPool, PgRow};
+use sqlx::{Connection, Row};
+
+use super::{CasStore, Create, RevisionedMap, StoreError, StoreOp, Write};
+use crate::claim::{ClaimRecord, ClaimState, Owner};
+use crate::clock::{Clock, SystemClock, UnixMillis};
+use crate::fingerprint::Fingerprint;
+
+/// The embedded migrations (`runtime/migrations`), applied into the
+/// configured schema by [`PgStore::migrate`].
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// The PostgreSQL [`RevisionedMap`]: one row per claim, columns decoded
+/// from and encoded to claim records.
+#[derive(Clone, Debug)]
+pub struct PgMap {
+    pool: PgPool,
+    table: Arc<str>,
+    retention: Duration,
+    clock: Arc<dyn Clock>,
+}
+
+/// The dedup store on PostgreSQL.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// use idem::store::PgStore;
+///
+/// let pool = sqlx::PgPool::connect("postgres://postgres@127.0.0.1/test").await?;
+/// PgStore::migrate(&pool, "idem").await?;
+/// let store = PgStore::open(pool, "idem", Duration::from_secs(7 * 24 * 3600)).await?;
+/// # Ok(()) }
+/// ```
+pub type PgStore = CasStore<PgMap>;
+
+fn schema_ident(schema: &str) -> Result<String, StoreError> {
+    let valid = !schema.is_empty()
+        && schema.len() <= 63
+        && schema.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && schema
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if valid {
+        Ok(format!("\"{schema}\""))
+    } else {
+        Err(StoreError::InvalidSchemaName {
+            name: schema.to_owned(),
+        })
+    }
+}
+
+impl PgStore {
+    /// Creates `schema` if needed and applies idem's migrations in it.
+    pub async fn migrate(pool: &PgPool, schema: &str) -> Result<(), StoreError> {
+        let ident = schema_ident(schema)?;
+        let unavailable = |e: sqlx::Error| StoreError::unavailable(StoreOp::Provision, e);
+        let mut conn = pool.acquire().await.map_err(unavailable)?;
+        sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {ident}"))
+            .execute(&mut *conn)
+            .await
+            .map_err(unavailable)?;
+        sqlx::query(&format!("SET search_path TO {ident}"))
+            .execute(&mut *conn)
+            .await
+            .map_err(unavailable)?;
+        let migrated = MIGRATOR.run(&mut *conn).await;
+        // The connection returns to the pool: put its search path back.
+        let reset = sqlx::query("RESET search_path").execute(&mut *conn).await;
+        if reset.is_err() {
+            let _ = conn.detach().close().await;
+        }
+        migrated.map_err(|e| StoreError::unavailable(StoreOp::Provision, e))
+    }
+
+    /// Opens the store on a migrated schema; fails with
+    /// [`StoreError::SchemaMissing`] if the table is not there.
+    pub async fn open(pool: PgPool, schema: &str, retention: Duration) -> Result<Self, StoreError> {
+        let table = format!("{}.idem_inbox", schema_ident(schema)?);
+        let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
+            .bind(&table)
+            .fetch_one(&pool)
+            .await
+            .map_err(|e| StoreError::unavailable(StoreOp::Provision, e))?;
+        if exists.is_none() {
+            return Err(StoreError::SchemaMissing {
+                schema: schema.to_owned(),
+            });
+        }
+        let map = PgMap {
+            pool,
+            table: table.into(),
+            retention,
+            clock: Arc::new(SystemClock),
+        };
+        Ok(CasStore::over(map))
+    }
+
+    /// The same store with leases and retention on `clock` (tests).
+    pub fn on_clock(self, clock: impl Clock + Clone) -> Self {
+        let map = PgMap {
+            clock: Arc::new(clock.clone()),
+            ..self.map().clone()
+        };
+        let owner = crate::store::DedupStore::owner(&self);
+        CasStore::over(map).using_clock(clock).as_owner(owner)
+    }
+}
+
+fn state_name(state: &ClaimState) -> (&'static str, Option<i64>) {
+    match state {
+        ClaimState::Pending { lease_until } => ("pending", i64::try_from(lease_until.0).ok()),
+        ClaimState::Released => ("released", None),
+        ClaimState::Done => ("done", None),
+        ClaimState::Dead => ("dead", None),
+    }
+}
+
+fn millis(t: UnixMillis) -> i64 {
+    i64::try_from(t.0).unwrap_or(i64::MAX)
+}
+
+fn record_of(row: &PgRow) -> Result<(ClaimRecord, u64), sqlx::Error> {
+    let state: String = row.try_get("state")?;
+    let lease_until: Option<i64> = row.try_get("lease_until")?;
+    let state = match state.as_str() {
+        "pending" => ClaimState::Pending {
+            lease_until: UnixMillis(u64::try_from(lease_until.unwrap_or(0)).unwrap_or(0)),
+        },
+        "released" => ClaimState::Released,
+        "done" => ClaimState::Done,
+        _ => ClaimState::Dead,
+    };
+    let fingerprint: Option<Vec<u8>> = row.try_get("fingerprint")?;
+    let fingerprint = fingerprint
+        .and_then(|f| <[u8; 16]>::try_from(f.as_slice()).ok())
+        .map(Fingerprint::from_bytes);
+    let result: Option<Vec<u8>> = row.try_get("result")?;
+    let owner: uuid::Uuid = row.try_get("owner")?;
+    let attempt: i32 = row.try_get("attempt")?;
+    let created_at: i64 = row.try_get("created_at")?;
+    let updated_at: i64 = row.try_get("updated_at")?;
+    let revision: i64 = row.try_get("revision")?;
+    let record = ClaimRecord {
+        state,
+        owner: Owner::from_uuid(owner),
+        attempt: u32::try_from(attempt).unwrap_or(0),
+        fingerprint,
+        result: result.map(Bytes::from),
+        created_at: UnixMillis(u64::try_from(created_at).unwrap_or(0)),
+        updated_at: UnixMillis(u64::try_from(updated_at).unwrap_or(0)),
+    };
+    Ok((record, u64::try_from(revision).unwrap_or(0)))
+}
+
+impl PgMap {
+    /// Splits a record key into its (handler, key) columns.
+    fn columns(key: &str) -> (&str, &str) {
+        key.split_once('.').unwrap_or((key, ""))
+    }
+
+    fn decode(value: &[u8]) -> Result<ClaimRecord, StoreError> {
+        ClaimRecord::decode(value).map_err(|e| StoreError::unavailable(StoreOp::Update, e))
+    }
+
+    /// Rows last written before this are past their retention.
+    fn expired_before(&self) -> i64 {
+        let now = self.clock.now();
+        millis(now).saturating_sub(i64::try_from(self.retention.as_millis()).unwrap_or(i64::MAX))
+    }
+
+    async fn select(&self, key: &str) -> Result<Option<(ClaimRecord, u64)>, StoreError> {
+        let (handler, rest) = Self::columns(key);
+        let row = sqlx::query(&format!(
+            "SELECT * FROM {} WHERE handler = $1 AND key = $2 AND updated_at > $3",
+            self.table
+        ))
+        .bind(handler)
+        .bind(rest)
+        .bind(self.expired_before())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| StoreError::unavailable(StoreOp::Read, e))?;
+        row.map(|r| record_of(&r))
+            .transpose()
+            .map_err(|e| StoreError::unavailable(StoreOp::Read, e))
+    }
+
+    /// Writes `record` where `condition` holds; the new revision, if written.
+    async fn write(
+        &self,
+        op: StoreOp,
+        key: &str,
+        record: &ClaimRecord,
+        condition: &str,
+        revision: Option<i64>,
+    ) -> Result<Option<u64>, StoreError> {
+        let (handler, rest) = Self::columns(key);
+        let (state, lease_until) = state_name(&record.state);
+        let sql = format!(
+            "UPDATE {t} SET state = $3, owner = $4, lease_until = $5, attempt = $6, fingerprint = $7, result = $8, \
+             created_at = $9, updated_at = $10, revision = nextval('{seq}') \
+             WHERE handler = $1 AND key = $2 AND {condition} RETURNING revision",
+            t = self.table,
+            seq = self.sequence(),
+        );
+        let written: Option<i64> = sqlx::query_scalar(&sql)
+            .bind(handler)
+            .bind(rest)
+            .bind(state)
+            .bind(*record.owner.as_uuid())
+            .bind(lease_until)
+            .bind(i32::try_from(record.attempt).unwrap_or(i32::MAX))
+            .bind(record.fingerprint.map(|f| f.as_bytes().to_vec()))
+            .bind(record.result.as_ref().map(|r| r.to_vec()))
+            .bind(millis(record.created_at))
+            .bind(millis(record.updated_at))
+            .bind(revision.unwrap_or(self.expired_before()))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| StoreError::unavailable(op, e))?;
+        Ok(written.and_then(|r| u64::try_from(r).ok()))
+    }
+
+    fn sequence(&self) -> String {
+        self.table.replace("idem_inbox", "idem_inbox_revision")
+    }
+}
+
+impl RevisionedMap for PgMap {
+    async fn create(&self, key: &str, value: Bytes) -> Result<Create, StoreError> {
+        let record = Self::decode(&value)?;
+        let (handler, rest) = Self::columns(key);
+        let (state, lease_until) = state_name(&record.state);
+        let inserted: Option<i64> = sqlx::query_scalar(&format!(
+            "INSERT INTO {} (handler, key, state, owner, lease_until, attempt, fingerprint, result, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (handler, key) DO NOTHING RETURNING revision",
+            self.table
+        ))
+        .bind(handler)
+        .bind(rest)
+        .bind(state)
+        .bind(*record.owner.as_uuid())
+        .bind(lease_until)
+        .bind(i32::try_from(record.attempt).unwrap_or(i32::MAX))
+        .bind(record.fingerprint.map(|f| f.as_bytes().to_vec()))
+        .bind(record.result.as_ref().map(|r| r.to_vec()))
+        .bind(millis(record.created_at))
+        .bind(millis(record.updated_at))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| StoreError::unavailable(StoreOp::Create, e))?;
+        if let Some(revision) = inserted {
+            return Ok(Create::Created(u64::try_from(revision).unwrap_or(0)));
+        }
+        // A row past its retention counts as absent: take it over.
+        if let Some(revision) = self
+            .write(StoreOp::Create, key, &record, "updated_at <= $11", None)
+            .await?
+        {
+            return Ok(Create::Created(revision));
+        }
+        let found = self.select(key).await?;
+        Ok(Create::Exists(
+            found.map(|(record, revision)| (record.encode(), revision)),
+        ))
+    }
+
+    async fn read(&self, key: &str) -> Result<Option<(Bytes, u64)>, StoreError> {
+        Ok(self
+            .select(key)
+            .await?
+            .map(|(record, revision)| (record.encode(), revision)))
+    }
+
+    async fn update(&self, key: &str, value: Bytes, revision: u64) -> Result<Write, StoreError> {
+        let record = Self::decode(&value)?;
+        let revision = i64::try_from(revision).unwrap_or(i64::MAX);
+        // The expected revision, and not past retention (an expired row is gone).
+        let condition = format!("revision = $11 AND updated_at > {}", self.expired_before());
+        Ok(
+            match self
+                .write(StoreOp::Update, key, &record, &condition, Some(revision))
+                .await?
+            {
+                Some(revision) => Write::Written(revision),
+                None => Write::Conflict,
+            },
+        )
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let (handler, rest) = Self::columns(key);
+        sqlx::query(&format!(
+            "DELETE FROM {} WHERE handler = $1 AND key = $2",
+            self.table
+        ))
+        .bind(handler)
+        .bind(rest)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| StoreError::unavailable(StoreOp::Delete, e))?;
+        Ok(())
+    }
+
+    fn retention(&self) -> Duration {
+        self.retention
+    }
+}

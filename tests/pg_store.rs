@@ -1,0 +1,76 @@
+//! The PostgreSQL dedup store beyond the conformance suite: migrations,
+//! schema errors, and a table an operator can read.
+
+use std::time::Duration;
+
+use idem::claim::ClaimOutcome;
+use idem::fingerprint::Fingerprint;
+use idem::key::{HandlerName, IdempotencyKey, RecordKey};
+use idem::store::{DedupStore, PgStore, StoreError};
+use idem::testing::TestDatabase;
+use sqlx::Row;
+
+const WEEK: Duration = Duration::from_secs(7 * 24 * 3600);
+
+#[tokio::test]
+async fn the_inbox_is_a_table_an_operator_can_query() {
+    let db = TestDatabase::create()
+        .await
+        .expect("a PostgreSQL schema (DATABASE_URL)");
+    // Migrating again is a no-op.
+    PgStore::migrate(db.pool(), db.schema())
+        .await
+        .expect("migrations are idempotent");
+    let store = PgStore::open(db.pool().clone(), db.schema(), WEEK)
+        .await
+        .expect("open");
+    let key = RecordKey::new(
+        &HandlerName::new("issue_card").expect("name"),
+        &IdempotencyKey::new("pay/7").expect("key"),
+    );
+    let ClaimOutcome::Claimed(claim) = store
+        .claim(&key, Some(Fingerprint::of(b"p")), Duration::from_secs(30))
+        .await
+        .expect("claim")
+    else {
+        panic!("a fresh key");
+    };
+    store
+        .complete(&claim, Some("card-1".into()))
+        .await
+        .expect("complete");
+
+    let row = sqlx::query(&format!(
+        "SELECT handler, key, state, attempt, convert_from(result, 'UTF8') AS result FROM \"{}\".idem_inbox",
+        db.schema()
+    ))
+    .fetch_one(db.pool())
+    .await
+    .expect("one row");
+    assert_eq!(row.get::<String, _>("handler"), "issue_card");
+    assert_eq!(row.get::<String, _>("key"), "k.pay=2F7");
+    assert_eq!(row.get::<String, _>("state"), "done");
+    assert_eq!(row.get::<i32, _>("attempt"), 1);
+    assert_eq!(row.get::<String, _>("result"), "card-1");
+}
+
+#[tokio::test]
+async fn a_missing_schema_or_a_bad_name_is_named() {
+    let db = TestDatabase::create()
+        .await
+        .expect("a PostgreSQL schema (DATABASE_URL)");
+    let err = PgStore::open(db.pool().clone(), "idem_never_migrated", WEEK)
+        .await
+        .expect_err("no table");
+    assert!(matches!(err, StoreError::SchemaMissing { .. }), "{err}");
+    assert!(err.to_string().contains("PgStore::migrate"), "{err}");
+    for bad in ["", "Idem", "a;drop table x", "1abc", "x\"y"] {
+        let err = PgStore::open(db.pool().clone(), bad, WEEK)
+            .await
+            .expect_err("bad name");
+        assert!(
+            matches!(err, StoreError::InvalidSchemaName { .. }),
+            "{bad:?}: {err}"
+        );
+    }
+}
