@@ -62,6 +62,8 @@ pub mod retry;
 pub mod runtime;
 pub mod store;
 pub mod subject;
+#[cfg(feature = "postgres")]
+pub mod tx;
 
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -73,6 +75,8 @@ pub use handler::Handler;
 pub use publisher::Publisher;
 pub use retry::Retry;
 pub use runtime::Runtime;
+#[cfg(feature = "postgres")]
+pub use tx::Tx;
 
 /// What `#[idempotent]` expansions refer to. Not a public API: paths here
 /// change without notice.

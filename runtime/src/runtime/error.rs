@@ -67,12 +67,18 @@ pub enum RuntimeError {
         /// The handler.
         handler: String,
     },
-    /// `dedup = transactional` needs the PostgreSQL store, which this
-    /// version does not have yet.
-    #[error(
-        "handler `{handler}` uses `dedup = transactional`, which this version of idem does not support yet"
-    )]
+    /// `dedup = transactional` without idem's `postgres` feature.
+    #[error("handler `{handler}` uses `dedup = transactional`: enable idem's `postgres` feature")]
     TransactionalUnsupported {
+        /// The handler.
+        handler: String,
+    },
+    /// `dedup = transactional` without a database on the builder.
+    #[error(
+        "handler `{handler}` uses `dedup = transactional` but the runtime has no database: \
+         add `.postgres(pool, schema)` to the builder"
+    )]
+    PostgresMissing {
         /// The handler.
         handler: String,
     },

@@ -22,6 +22,8 @@ mod faults;
 mod process;
 mod provision;
 mod stats;
+#[cfg(feature = "postgres")]
+mod transactional;
 mod worker;
 
 use std::collections::BTreeMap;
@@ -59,6 +61,8 @@ trait Registration: Send {
 
 #[derive(Clone)]
 struct StartContext {
+    #[cfg(feature = "postgres")]
+    postgres: Option<(sqlx::PgPool, String)>,
     js: async_nats::jetstream::Context,
     state: StateMap,
     kv: KvStoreConfig,
@@ -89,14 +93,32 @@ impl<H: Handler> Registration for Registered<H> {
                 }
             })?;
             let store = match config.dedup {
-                Dedup::Off => None,
                 Dedup::Kv => Some(provision::claims(&ctx.js, &ctx.kv, &config).await?),
-                Dedup::Transactional => {
-                    return Err(RuntimeError::TransactionalUnsupported {
+                Dedup::Off | Dedup::Transactional => None,
+            };
+            #[cfg(feature = "postgres")]
+            let inbox = match (config.dedup, &ctx.postgres) {
+                (Dedup::Transactional, Some((pool, schema))) => Some(
+                    transactional::TxInbox::open(pool.clone(), schema)
+                        .await
+                        .map_err(|source| RuntimeError::Store {
+                            handler: config.name.clone(),
+                            source,
+                        })?,
+                ),
+                (Dedup::Transactional, None) => {
+                    return Err(RuntimeError::PostgresMissing {
                         handler: config.name.clone(),
                     });
                 }
+                _ => None,
             };
+            #[cfg(not(feature = "postgres"))]
+            if config.dedup == Dedup::Transactional {
+                return Err(RuntimeError::TransactionalUnsupported {
+                    handler: config.name.clone(),
+                });
+            }
             let stream = provision::stream(&ctx.js, &config, ctx.create_streams).await?;
             provision::dead_letters(&ctx.js, &config).await?;
             let consumer = provision::consumer(&stream, &config).await?;
@@ -112,6 +134,8 @@ impl<H: Handler> Registration for Registered<H> {
                 faults: ctx.faults,
                 hard_stop: CancellationToken::new(),
                 active: std::sync::Mutex::default(),
+                #[cfg(feature = "postgres")]
+                inbox,
             };
             let worker: Box<dyn Worker> = Box::new(HandlerWorker {
                 shared: Arc::new(shared),
@@ -134,9 +158,20 @@ pub struct RuntimeBuilder {
     shutdown: Option<BoxFuture<()>>,
     grace: Duration,
     faults: Faults,
+    #[cfg(feature = "postgres")]
+    postgres: Option<(sqlx::PgPool, String)>,
 }
 
 impl RuntimeBuilder {
+    /// The database of `dedup = transactional` handlers: their claim rows go
+    /// in `schema`'s `idem_inbox` (migrate it first with
+    /// [`PgStore::migrate`](crate::store::PgStore::migrate)).
+    #[cfg(feature = "postgres")]
+    pub fn postgres(mut self, pool: sqlx::PgPool, schema: &str) -> Self {
+        self.postgres = Some((pool, schema.to_owned()));
+        self
+    }
+
     /// Registers a handler (the name of an `#[idempotent]` function).
     pub fn handler<H: Handler>(mut self, handler: H) -> Self {
         self.handlers.push(Box::new(Registered(handler)));
@@ -208,6 +243,8 @@ impl RuntimeBuilder {
         }
         let stats = Stats::default();
         let ctx = StartContext {
+            #[cfg(feature = "postgres")]
+            postgres: self.postgres,
             js: async_nats::jetstream::new(self.client),
             state: self.state,
             kv: self.kv,
@@ -253,6 +290,8 @@ impl Runtime {
             shutdown: None,
             grace: Duration::from_secs(10),
             faults: Faults::default(),
+            #[cfg(feature = "postgres")]
+            postgres: None,
         }
     }
 

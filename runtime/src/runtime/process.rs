@@ -38,6 +38,9 @@ pub(crate) struct Shared<H> {
     pub(crate) hard_stop: CancellationToken,
     /// Keys this process is working on right now.
     pub(crate) active: Mutex<HashSet<RecordKey>>,
+    /// The inbox of a `dedup = transactional` handler.
+    #[cfg(feature = "postgres")]
+    pub(crate) inbox: Option<super::transactional::TxInbox>,
 }
 
 /// Marks a key as worked on by this process for as long as it lives.
@@ -70,7 +73,7 @@ impl Drop for ActiveKey<'_> {
 }
 
 /// Backoff while the dedup store is unreachable.
-fn store_backoff(attempt: u32) -> Duration {
+pub(super) fn store_backoff(attempt: u32) -> Duration {
     match Retry::exponential(Duration::from_millis(250), Duration::from_secs(10))
         .attempts(u32::MAX)
         .jitter()
@@ -99,12 +102,16 @@ impl<H: Handler> Shared<H> {
         self.process(&message, &delivery).instrument(span).await;
     }
 
-    fn count(&self, outcome: Outcome) {
+    pub(super) fn count(&self, outcome: Outcome) {
         Span::current().record("outcome", outcome.name());
         self.counters.count(outcome);
     }
 
     async fn process(&self, message: &Message, delivery: &Delivery) {
+        #[cfg(feature = "postgres")]
+        if let Some(inbox) = &self.inbox {
+            return self.process_transactional(inbox, message, delivery).await;
+        }
         let attempt = u32::try_from(delivery.delivered()).unwrap_or(u32::MAX);
         let prepared = match prepare(&self.handler, delivery, &self.state) {
             Ok(prepared) => prepared,
@@ -249,7 +256,7 @@ impl<H: Handler> Shared<H> {
 
     /// Runs the handler while renewing the claim and telling the server the
     /// message is in progress; `None` when the shutdown deadline cut it off.
-    async fn run<T>(
+    pub(super) async fn run<T>(
         &self,
         message: &Message,
         mut claim: Option<(&KvStore, &mut Claim)>,
@@ -282,7 +289,7 @@ impl<H: Handler> Shared<H> {
         }
     }
 
-    async fn succeeded(&self, message: &Message) {
+    pub(super) async fn succeeded(&self, message: &Message) {
         self.count(Outcome::Processed);
         if self.faults.drop_this_ack() {
             return;
@@ -315,7 +322,12 @@ impl<H: Handler> Shared<H> {
             .await;
     }
 
-    async fn rejected(&self, message: &Message, delivery: &Delivery, rejected: PrepareError) {
+    pub(super) async fn rejected(
+        &self,
+        message: &Message,
+        delivery: &Delivery,
+        rejected: PrepareError,
+    ) {
         if matches!(rejected, PrepareError::Key(_))
             && self.config.on_missing_key == OnMissingKey::Reject
         {
@@ -330,7 +342,7 @@ impl<H: Handler> Shared<H> {
             .await;
     }
 
-    async fn interrupted(&self, message: &Message, claim: Option<(&KvStore, &Claim)>) {
+    pub(super) async fn interrupted(&self, message: &Message, claim: Option<(&KvStore, &Claim)>) {
         warn!("shutdown deadline passed while the handler ran: claim released, message NAKed");
         self.release(claim).await;
         self.count(Outcome::Interrupted);
@@ -352,7 +364,7 @@ impl<H: Handler> Shared<H> {
     /// Stores the dead letter, then marks the key dead and terminates the
     /// original. If the dead letter cannot be stored, the original is NAKed
     /// and kept: a message is never given up before its dead letter exists.
-    async fn dead_letter(
+    pub(super) async fn dead_letter(
         &self,
         message: &Message,
         delivery: &Delivery,
@@ -385,7 +397,7 @@ impl<H: Handler> Shared<H> {
 
 /// A confirmed acknowledgement, retried briefly. Once completion is
 /// recorded a lost ack only costs a redelivery, answered as a duplicate.
-async fn ack(message: &Message) {
+pub(super) async fn ack(message: &Message) {
     for pause in [
         Duration::from_millis(100),
         Duration::from_millis(500),
@@ -401,7 +413,7 @@ async fn ack(message: &Message) {
     }
 }
 
-async fn nak(message: &Message, delay: Duration) {
+pub(super) async fn nak(message: &Message, delay: Duration) {
     if let Err(e) = message
         .ack_with(AckKind::Nak(Some(delay.max(MIN_NAK_DELAY))))
         .await

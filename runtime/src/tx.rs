@@ -1,0 +1,92 @@
+//! `Tx`: the database transaction a `dedup = transactional` handler runs in
+//! (feature `postgres`).
+//!
+//! The runtime begins the transaction, writes the claim row in it, hands it
+//! to the handler, and commits it after the handler returns `Ok` — so the
+//! effect and its record commit together or not at all.
+
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
+
+use sqlx::{PgConnection, Postgres, Transaction};
+use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
+
+use crate::Delivery;
+use crate::extract::{FromDelivery, Rejection, StateMap};
+
+type Slot = Arc<Mutex<Option<Transaction<'static, Postgres>>>>;
+
+/// The handler's transaction. Run queries on `&mut *tx.conn().await?`.
+///
+/// ```ignore
+/// #[idempotent(stream = "LEDGER", key = transfer.id, dedup = transactional)]
+/// async fn apply(Json(transfer): Json<Transfer>, tx: Tx) -> Result<(), HandlerError> {
+///     sqlx::query("UPDATE accounts SET balance = balance - $1 WHERE id = $2")
+///         .bind(transfer.amount)
+///         .bind(transfer.from)
+///         .execute(&mut *tx.conn().await?)
+///         .await?;
+///     Ok(())
+/// }
+/// ```
+#[derive(Clone)]
+pub struct Tx(Slot);
+
+impl std::fmt::Debug for Tx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tx")
+    }
+}
+
+/// Why the transaction is not available.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the handler's transaction is no longer open (it was committed or rolled back by the runtime)"
+)]
+pub struct TxClosed;
+
+/// A locked connection of the handler's transaction.
+pub struct TxConn<'a>(MappedMutexGuard<'a, Transaction<'static, Postgres>>);
+
+impl Deref for TxConn<'_> {
+    type Target = PgConnection;
+
+    fn deref(&self) -> &PgConnection {
+        &self.0
+    }
+}
+
+impl DerefMut for TxConn<'_> {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        &mut self.0
+    }
+}
+
+impl Tx {
+    /// Wraps a transaction the runtime began.
+    pub(crate) fn new(tx: Transaction<'static, Postgres>) -> Self {
+        Tx(Arc::new(Mutex::new(Some(tx))))
+    }
+
+    /// The transaction's connection, for queries.
+    pub async fn conn(&self) -> Result<TxConn<'_>, TxClosed> {
+        MutexGuard::try_map(self.0.lock().await, Option::as_mut)
+            .map(TxConn)
+            .map_err(|_| TxClosed)
+    }
+
+    /// Takes the transaction back (the runtime, to commit or roll back).
+    pub(crate) async fn take(&self) -> Option<Transaction<'static, Postgres>> {
+        self.0.lock().await.take()
+    }
+}
+
+/// The runtime puts the message's transaction in the state it hands to
+/// extractors; a handler without `dedup = transactional` has none.
+impl FromDelivery for Tx {
+    fn from_delivery(_: &Delivery, state: &StateMap) -> Result<Self, Rejection> {
+        state.get::<Tx>().ok_or(Rejection::MissingState {
+            type_name: "idem::Tx (only handlers with dedup = transactional get a transaction)",
+        })
+    }
+}

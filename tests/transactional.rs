@@ -1,0 +1,380 @@
+//! `dedup = transactional` against real PostgreSQL and NATS: the claim row
+//! and the effect commit together, so effects are counted in committed rows
+//! and balances.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::PullConsumer, message::PublishMessage, stream};
+use idem::runtime::{Outcome, Stats};
+use idem::testing::{NatsServer, TestDatabase};
+use idem::{HandlerError, Json, Retry, Runtime, State, Tx, idempotent};
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+use tokio::time::{Instant, sleep};
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Transfer {
+    id: String,
+    from: String,
+    to: String,
+    amount: i64,
+    #[serde(default)]
+    fail_times: u32,
+    #[serde(default)]
+    sleep_ms: u64,
+}
+
+/// The test's schema, and how often each transfer was attempted.
+#[derive(Clone)]
+struct Ledger {
+    schema: String,
+    attempts: Arc<Mutex<HashMap<String, u32>>>,
+}
+
+/// Moves money and logs the application, inside the runtime's transaction;
+/// fails (after the writes) while the attempt is within `fail_times`.
+#[idempotent(
+    stream = "LEDGER",
+    subject = "ledger.transfers",
+    key = transfer.id,
+    dedup = transactional,
+    lease = "5s",
+    retry = Retry::fixed("100ms").attempts(5),
+)]
+async fn apply_transfer(
+    Json(transfer): Json<Transfer>,
+    tx: Tx,
+    State(ledger): State<Ledger>,
+) -> Result<(), HandlerError> {
+    let s = &ledger.schema;
+    let mut conn = tx.conn().await?;
+    for (account, delta) in [
+        (&transfer.from, -transfer.amount),
+        (&transfer.to, transfer.amount),
+    ] {
+        sqlx::query(&format!(
+            "UPDATE \"{s}\".accounts SET balance = balance + $1 WHERE id = $2"
+        ))
+        .bind(delta)
+        .bind(account)
+        .execute(&mut *conn)
+        .await?;
+    }
+    sqlx::query(&format!(
+        "INSERT INTO \"{s}\".applied (transfer) VALUES ($1)"
+    ))
+    .bind(&transfer.id)
+    .execute(&mut *conn)
+    .await?;
+    drop(conn);
+    let attempt = {
+        let mut attempts = ledger
+            .attempts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let n = attempts.entry(transfer.id.clone()).or_default();
+        *n += 1;
+        *n
+    };
+    if attempt <= transfer.fail_times {
+        return Err(HandlerError::retryable(format!(
+            "transient failure {attempt}"
+        )));
+    }
+    sleep(Duration::from_millis(transfer.sleep_ms)).await;
+    Ok(())
+}
+
+struct Setup {
+    _server: NatsServer,
+    url: String,
+    js: jetstream::Context,
+    db: TestDatabase,
+    ledger: Ledger,
+}
+
+struct Worker {
+    stats: Stats,
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), idem::runtime::RuntimeError>>,
+}
+
+impl Worker {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.expect("task").expect("runtime");
+    }
+
+    fn count(&self, outcome: Outcome) -> u64 {
+        self.stats.handler("apply_transfer").get(outcome)
+    }
+}
+
+impl Setup {
+    async fn new() -> Self {
+        let server = NatsServer::start().await.expect("nats-server");
+        let js = jetstream::new(server.connect().await.expect("connect"));
+        js.create_stream(stream::Config {
+            name: "LEDGER".into(),
+            subjects: vec!["ledger.>".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("stream");
+        let db = TestDatabase::create()
+            .await
+            .expect("a PostgreSQL schema (DATABASE_URL)");
+        let s = db.schema().to_owned();
+        for statement in [
+            format!("CREATE TABLE \"{s}\".accounts (id TEXT PRIMARY KEY, balance BIGINT NOT NULL)"),
+            format!("CREATE TABLE \"{s}\".applied (transfer TEXT NOT NULL)"),
+            format!("INSERT INTO \"{s}\".accounts VALUES ('alice', 1000), ('bob', 1000)"),
+        ] {
+            sqlx::query(&statement)
+                .execute(db.pool())
+                .await
+                .expect("ledger tables");
+        }
+        let ledger = Ledger {
+            schema: s,
+            attempts: Arc::default(),
+        };
+        Self {
+            url: server.client_url(),
+            _server: server,
+            js,
+            db,
+            ledger,
+        }
+    }
+
+    async fn worker(&self, pool: sqlx::PgPool) -> Worker {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let runtime = Runtime::builder(async_nats::connect(&self.url).await.expect("connect"))
+            .state(self.ledger.clone())
+            .postgres(pool, self.db.schema())
+            .handler(apply_transfer)
+            .shutdown_grace(Duration::from_millis(200))
+            .shutdown_on(async {
+                let _ = stopped.await;
+            })
+            .build()
+            .await
+            .expect("runtime starts");
+        Worker {
+            stats: runtime.stats(),
+            stop,
+            task: tokio::spawn(runtime.run()),
+        }
+    }
+
+    async fn publish(&self, transfer: &Transfer, message_id: &str) {
+        let body = serde_json::to_vec(transfer).expect("json");
+        self.js
+            .send_publish(
+                "ledger.transfers",
+                PublishMessage::build()
+                    .payload(body.into())
+                    .message_id(message_id),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("PubAck");
+    }
+
+    async fn drained(&self) {
+        let mut consumer: PullConsumer = self
+            .js
+            .get_stream("LEDGER")
+            .await
+            .expect("stream")
+            .get_consumer("apply_transfer")
+            .await
+            .expect("consumer");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let info = consumer.info().await.expect("info").clone();
+            if info.num_pending == 0
+                && info.num_ack_pending == 0
+                && info.delivered.stream_sequence > 0
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "not drained: {info:?}");
+            sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn balances(&self) -> (i64, i64) {
+        let sql = format!(
+            "SELECT balance FROM \"{}\".accounts WHERE id = $1",
+            self.ledger.schema
+        );
+        let mut balances = [0i64; 2];
+        for (balance, id) in balances.iter_mut().zip(["alice", "bob"]) {
+            *balance = sqlx::query_scalar(&sql)
+                .bind(id)
+                .fetch_one(self.db.pool())
+                .await
+                .expect("balance");
+        }
+        (balances[0], balances[1])
+    }
+
+    async fn applied(&self, transfer: &str) -> i64 {
+        sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM \"{}\".applied WHERE transfer = $1",
+            self.ledger.schema
+        ))
+        .bind(transfer)
+        .fetch_one(self.db.pool())
+        .await
+        .expect("count")
+    }
+}
+
+fn transfer(id: &str, amount: i64) -> Transfer {
+    Transfer {
+        id: id.into(),
+        from: "alice".into(),
+        to: "bob".into(),
+        amount,
+        fail_times: 0,
+        sleep_ms: 0,
+    }
+}
+
+#[tokio::test]
+async fn two_workers_racing_on_one_key_apply_it_once() {
+    let setup = Setup::new().await;
+    let (a, b) = (
+        setup.worker(setup.db.pool().clone()).await,
+        setup.worker(setup.db.pool().clone()).await,
+    );
+    // The same transfer twice (a producer resend with a new id); each copy
+    // holds its transaction open long enough for the other to arrive.
+    let slow = Transfer {
+        sleep_ms: 500,
+        ..transfer("t-race", 100)
+    };
+    setup.publish(&slow, "first").await;
+    setup.publish(&slow, "second").await;
+    setup.drained().await;
+    assert_eq!(setup.applied("t-race").await, 1, "one committed effect");
+    assert_eq!(setup.balances().await, (900, 1100));
+    let processed = a.count(Outcome::Processed) + b.count(Outcome::Processed);
+    let duplicates = a.count(Outcome::Duplicate) + b.count(Outcome::Duplicate);
+    assert_eq!((processed, duplicates), (1, 1));
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_retryable_failure_rolls_back_effect_and_claim_together() {
+    let setup = Setup::new().await;
+    let worker = setup.worker(setup.db.pool().clone()).await;
+    // Each failing attempt has already moved the money when it fails.
+    let flaky = Transfer {
+        fail_times: 2,
+        ..transfer("t-flaky", 250)
+    };
+    setup.publish(&flaky, "flaky").await;
+    setup.drained().await;
+    assert_eq!(worker.count(Outcome::Retried), 2);
+    assert_eq!(worker.count(Outcome::Processed), 1);
+    assert_eq!(
+        setup.applied("t-flaky").await,
+        1,
+        "the two failed attempts left nothing behind"
+    );
+    assert_eq!(setup.balances().await, (750, 1250));
+
+    // Redelivered later (resent): a duplicate; reused with another amount: a conflict.
+    setup.publish(&flaky, "flaky-resend").await;
+    setup
+        .publish(&transfer("t-flaky", 999), "flaky-other")
+        .await;
+    setup.drained().await;
+    assert_eq!(worker.count(Outcome::Duplicate), 1);
+    assert_eq!(worker.count(Outcome::KeyConflict), 1);
+    assert_eq!(
+        setup.balances().await,
+        (750, 1250),
+        "neither copy moved money"
+    );
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn an_interrupted_handler_leaves_nothing_and_the_next_worker_applies_once() {
+    let setup = Setup::new().await;
+    let first = setup.worker(setup.db.pool().clone()).await;
+    let slow = Transfer {
+        sleep_ms: 5_000,
+        ..transfer("t-cut", 300)
+    };
+    setup.publish(&slow, "cut").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while setup
+        .ledger
+        .attempts
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get("t-cut")
+        .is_none()
+    {
+        assert!(Instant::now() < deadline, "the handler never started");
+        sleep(Duration::from_millis(20)).await;
+    }
+    first.stop().await; // grace 200 ms: the transaction is rolled back
+    assert_eq!(setup.applied("t-cut").await, 0);
+    assert_eq!(
+        setup.balances().await,
+        (1000, 1000),
+        "the uncommitted debit vanished"
+    );
+
+    let second = setup.worker(setup.db.pool().clone()).await;
+    setup.drained().await;
+    assert_eq!(setup.applied("t-cut").await, 1);
+    assert_eq!(setup.balances().await, (700, 1300));
+    second.stop().await;
+}
+
+#[tokio::test]
+async fn without_the_database_the_handler_does_not_run_and_nothing_is_lost() {
+    let setup = Setup::new().await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(
+            &std::env::var("DATABASE_URL")
+                .unwrap_or_else(|_| idem::testing::DEFAULT_DATABASE_URL.to_owned()),
+        )
+        .await
+        .expect("pool");
+    let cut_off = setup.worker(pool.clone()).await;
+    pool.close().await; // the database is gone for this worker
+    setup.publish(&transfer("t-wait", 50), "wait").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cut_off.count(Outcome::StoreUnavailable) == 0 {
+        assert!(Instant::now() < deadline, "the message was never tried");
+        sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(cut_off.count(Outcome::Processed), 0);
+    assert_eq!(
+        setup.applied("t-wait").await,
+        0,
+        "fail closed: the handler did not run"
+    );
+    cut_off.stop().await;
+
+    // The database is back (a worker with a working pool): applied once.
+    let back = setup.worker(setup.db.pool().clone()).await;
+    setup.drained().await;
+    assert_eq!(setup.applied("t-wait").await, 1);
+    assert_eq!(setup.balances().await, (950, 1050));
+    back.stop().await;
+}
