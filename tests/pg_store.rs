@@ -74,3 +74,54 @@ async fn a_missing_schema_or_a_bad_name_is_named() {
         );
     }
 }
+
+#[tokio::test]
+async fn purge_deletes_completed_rows_past_the_retention_in_batches() {
+    use idem::clock::{Clock, ManualClock, SystemClock};
+    let db = TestDatabase::create()
+        .await
+        .expect("a PostgreSQL schema (DATABASE_URL)");
+    let store = PgStore::open(db.pool().clone(), db.schema(), WEEK)
+        .await
+        .expect("open");
+    // A store whose clock reads two days ago writes rows that old.
+    let two_days_ago = ManualClock::default();
+    two_days_ago
+        .advance(Duration::from_millis(SystemClock.now().0) - Duration::from_secs(2 * 86_400));
+    let old = store.clone().on_clock(two_days_ago);
+    let handler = HandlerName::new("h").expect("name");
+    let complete = async |store: &PgStore, name: &str| {
+        let key = RecordKey::new(&handler, &IdempotencyKey::new(name).expect("key"));
+        let ClaimOutcome::Claimed(claim) = store
+            .claim(&key, None, Duration::from_secs(30))
+            .await
+            .expect("claim")
+        else {
+            panic!("fresh");
+        };
+        store.complete(&claim, None).await.expect("complete");
+    };
+    for i in 0..5 {
+        complete(&old, &format!("old-{i}")).await;
+    }
+    complete(&store, "recent").await;
+
+    let purged = PgStore::purge(
+        db.pool(),
+        db.schema(),
+        Some("h"),
+        Duration::from_secs(86_400),
+        2,
+    )
+    .await
+    .expect("purge");
+    assert_eq!(purged, 5, "five old rows, in batches of two");
+    let left: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM \"{}\".idem_inbox",
+        db.schema()
+    ))
+    .fetch_one(db.pool())
+    .await
+    .expect("count");
+    assert_eq!(left, 1, "the recent row stays");
+}

@@ -26,6 +26,7 @@ const LOCK_NOT_AVAILABLE: &str = "55P03";
 #[derive(Clone, Debug)]
 pub(crate) struct TxInbox {
     pub(crate) pool: PgPool,
+    pub(crate) schema: String,
     table: String,
     owner: Owner,
 }
@@ -55,6 +56,7 @@ impl TxInbox {
         PgStore::open(pool.clone(), schema, Duration::from_secs(1)).await?;
         Ok(Self {
             pool,
+            schema: schema.to_owned(),
             table: format!("\"{schema}\".idem_inbox"),
             owner: Owner::random(),
         })
@@ -183,6 +185,36 @@ impl TxInbox {
         .execute(&self.pool)
         .await
         .map(drop)
+    }
+}
+
+impl TxInbox {
+    /// Deletes the handler's completed rows past the retention, every
+    /// quarter of the retention (at least every minute, at most every hour),
+    /// until `stop`.
+    pub(crate) async fn purge_loop(
+        self,
+        schema: String,
+        handler: String,
+        retention: Duration,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        let every = (retention / 4).clamp(Duration::from_secs(60), Duration::from_secs(3600));
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                () = stop.cancelled() => return,
+            }
+            match PgStore::purge(&self.pool, &schema, Some(&handler), retention, 1_000).await {
+                Ok(0) => {}
+                Ok(purged) => tracing::info!(
+                    handler,
+                    purged,
+                    "purged completed inbox rows past their retention"
+                ),
+                Err(e) => tracing::warn!(handler, error = %e, "could not purge the inbox"),
+            }
+        }
     }
 }
 

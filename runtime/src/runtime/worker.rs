@@ -50,6 +50,17 @@ impl<H: Handler> Worker for HandlerWorker<H> {
 
 impl<H: Handler> HandlerWorker<H> {
     async fn fetch_loop(self: Box<Self>, shutdown: CancellationToken, grace: Duration) {
+        #[cfg(feature = "postgres")]
+        if let Some(inbox) = &self.shared.inbox {
+            let config = &self.shared.config;
+            let purge = inbox.clone().purge_loop(
+                inbox.schema.clone(),
+                config.name.clone(),
+                config.retention,
+                shutdown.clone(),
+            );
+            tokio::spawn(purge);
+        }
         let permits = Arc::new(Semaphore::new(self.shared.config.concurrency));
         let tasks = TaskTracker::new();
         let mut pull_failures = 0u32;

@@ -85,6 +85,47 @@ impl PgStore {
         migrated.map_err(|e| StoreError::unavailable(StoreOp::Provision, e))
     }
 
+    /// Deletes completed (`done`, `dead`) rows older than `retention`, of
+    /// one handler or all, in batches of `batch` rows (short transactions,
+    /// no long locks); returns how many rows went.
+    ///
+    /// ```no_run
+    /// # async fn demo(pool: sqlx::PgPool) -> Result<(), idem::store::StoreError> {
+    /// use std::time::Duration;
+    /// let purged = idem::store::PgStore::purge(&pool, "idem", None, Duration::from_secs(7 * 86_400), 1_000).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn purge(
+        pool: &PgPool,
+        schema: &str,
+        handler: Option<&str>,
+        retention: Duration,
+        batch: i64,
+    ) -> Result<u64, StoreError> {
+        let table = format!("{}.idem_inbox", schema_ident(schema)?);
+        let cutoff = millis(SystemClock.now())
+            .saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
+        let sql = format!(
+            "DELETE FROM {table} WHERE ctid IN (SELECT ctid FROM {table} WHERE state IN ('done', 'dead') \
+             AND updated_at < $1 AND ($2::text IS NULL OR handler = $2) LIMIT $3)"
+        );
+        let mut purged = 0;
+        loop {
+            let deleted = sqlx::query(&sql)
+                .bind(cutoff)
+                .bind(handler)
+                .bind(batch.max(1))
+                .execute(pool)
+                .await
+                .map_err(|e| StoreError::unavailable(StoreOp::Delete, e))?
+                .rows_affected();
+            purged += deleted;
+            if deleted < u64::try_from(batch.max(1)).unwrap_or(u64::MAX) {
+                return Ok(purged);
+            }
+        }
+    }
+
     /// Opens the store on a migrated schema; fails with
     /// [`StoreError::SchemaMissing`] if the table is not there.
     pub async fn open(pool: PgPool, schema: &str, retention: Duration) -> Result<Self, StoreError> {
