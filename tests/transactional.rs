@@ -151,8 +151,17 @@ impl Setup {
     }
 
     async fn worker(&self, pool: sqlx::PgPool) -> Worker {
+        self.worker_with(pool, |b| b).await
+    }
+
+    async fn worker_with(
+        &self,
+        pool: sqlx::PgPool,
+        configure: impl FnOnce(idem::runtime::RuntimeBuilder) -> idem::runtime::RuntimeBuilder,
+    ) -> Worker {
         let (stop, stopped) = oneshot::channel::<()>();
-        let runtime = Runtime::builder(async_nats::connect(&self.url).await.expect("connect"))
+        let builder = Runtime::builder(async_nats::connect(&self.url).await.expect("connect"));
+        let runtime = configure(builder)
             .state(self.ledger.clone())
             .postgres(pool, self.db.schema())
             .handler(apply_transfer)
@@ -377,4 +386,35 @@ async fn without_the_database_the_handler_does_not_run_and_nothing_is_lost() {
     assert_eq!(setup.applied("t-wait").await, 1);
     assert_eq!(setup.balances().await, (950, 1050));
     back.stop().await;
+}
+
+#[tokio::test]
+async fn a_crash_after_commit_before_the_ack_is_answered_as_a_duplicate() {
+    let setup = Setup::new().await;
+    // This worker commits and then never acknowledges: the state a crash
+    // between commit and ack leaves behind.
+    let crashing = setup
+        .worker_with(setup.db.pool().clone(), |b| b.drop_every_nth_ack(1))
+        .await;
+    setup.publish(&transfer("t-commit", 400), "commit").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while crashing.count(Outcome::Processed) == 0 {
+        assert!(Instant::now() < deadline, "never committed");
+        sleep(Duration::from_millis(20)).await;
+    }
+    crashing.stop().await;
+    assert_eq!(setup.applied("t-commit").await, 1);
+
+    // The broker redelivers after ack_wait (the 5 s lease) to the next worker.
+    let next = setup.worker(setup.db.pool().clone()).await;
+    setup.drained().await;
+    assert_eq!(
+        next.count(Outcome::Duplicate),
+        1,
+        "the redelivery found the committed claim"
+    );
+    assert_eq!(next.count(Outcome::Processed), 0);
+    assert_eq!(setup.applied("t-commit").await, 1, "no second effect");
+    assert_eq!(setup.balances().await, (600, 1400));
+    next.stop().await;
 }

@@ -27,6 +27,8 @@
 
 mod entry;
 mod error;
+#[cfg(feature = "postgres")]
+mod pg;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -43,6 +45,8 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{error, warn};
 
 pub use error::OutboxError;
+#[cfg(feature = "postgres")]
+pub use pg::PgOutbox;
 
 use crate::clock::{Clock, SystemClock};
 use crate::publisher::{Outgoing, PublishError, Publisher};

@@ -1,0 +1,197 @@
+//! The transactional outbox: what commits is published exactly once, what
+//! rolls back never is, and relays may crash and run side by side.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use idem::outbox::PgOutbox;
+use idem::publisher::{Outgoing, Publisher, PublisherConfig};
+use idem::testing::{NatsServer, TestDatabase};
+use tokio::time::{Instant, sleep};
+use tokio_util::sync::CancellationToken;
+
+struct Setup {
+    server: NatsServer,
+    js: jetstream::Context,
+    db: TestDatabase,
+    outbox: PgOutbox,
+}
+
+impl Setup {
+    async fn new() -> Self {
+        let server = NatsServer::start().await.expect("nats-server");
+        let js = jetstream::new(server.connect().await.expect("connect"));
+        js.create_stream(stream::Config {
+            name: "TRANSFERS".into(),
+            subjects: vec!["transfers.>".into()],
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await
+        .expect("stream");
+        let db = TestDatabase::create()
+            .await
+            .expect("a PostgreSQL schema (DATABASE_URL)");
+        let outbox = PgOutbox::open(db.pool().clone(), db.schema())
+            .await
+            .expect("outbox");
+        Self {
+            server,
+            js,
+            db,
+            outbox,
+        }
+    }
+
+    async fn publisher(&self) -> Publisher {
+        let config = PublisherConfig {
+            attempt_timeout: Duration::from_millis(500),
+            ..PublisherConfig::default()
+        };
+        Publisher::with_config(self.server.connect().await.expect("connect"), config)
+    }
+
+    async fn enqueue(&self, ids: impl Iterator<Item = String>, commit: bool) {
+        let mut tx = self.db.pool().begin().await.expect("begin");
+        for id in ids {
+            self.outbox
+                .enqueue(
+                    &mut tx,
+                    Outgoing::new("transfers.completed", id.clone())
+                        .with_id(id)
+                        .header("Kind", "transfer"),
+                )
+                .await
+                .expect("enqueue");
+        }
+        if commit {
+            tx.commit().await.expect("commit");
+        } else {
+            tx.rollback().await.expect("rollback");
+        }
+    }
+
+    async fn stored(&self) -> u64 {
+        self.js
+            .get_stream("TRANSFERS")
+            .await
+            .expect("stream")
+            .cached_info()
+            .state
+            .messages
+    }
+
+    async fn until_stored(&self, at_least: u64, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.stored().await < at_least {
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {at_least} published within {within:?}",
+                self.stored().await
+            );
+            sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn committed_messages_are_published_and_rolled_back_ones_never() {
+    let setup = Setup::new().await;
+    setup
+        .enqueue((0..3).map(|i| format!("kept-{i}")), true)
+        .await;
+    setup
+        .enqueue((0..2).map(|i| format!("gone-{i}")), false)
+        .await;
+    let stop = CancellationToken::new();
+    let relay = tokio::spawn(
+        setup
+            .outbox
+            .clone()
+            .relay(setup.publisher().await, stop.clone()),
+    );
+    setup.until_stored(3, Duration::from_secs(10)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while setup.outbox.pending().await.expect("pending") > 0 {
+        assert!(Instant::now() < deadline, "rows not deleted");
+        sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        setup.stored().await,
+        3,
+        "the rolled-back messages were never published"
+    );
+    let stream = setup.js.get_stream("TRANSFERS").await.expect("stream");
+    let first = stream.get_raw_message(1).await.expect("first message");
+    assert_eq!(
+        first.headers.get("Kind").map(|v| v.to_string()).as_deref(),
+        Some("transfer")
+    );
+
+    // An idle relay wakes on NOTIFY, well before its 5 s poll.
+    let started = Instant::now();
+    setup
+        .enqueue(std::iter::once("late".to_owned()), true)
+        .await;
+    setup.until_stored(4, Duration::from_secs(3)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "woken by NOTIFY"
+    );
+    stop.cancel();
+    relay.await.expect("relay");
+}
+
+#[tokio::test]
+async fn a_relay_killed_mid_batch_and_two_new_relays_publish_each_row_once() {
+    let setup = Setup::new().await;
+    let total = 3_000u64;
+    for chunk in 0..6 {
+        setup
+            .enqueue((0..500).map(|i| format!("t-{chunk}-{i}")), true)
+            .await;
+    }
+    let relay = tokio::spawn(
+        setup
+            .outbox
+            .clone()
+            .relay(setup.publisher().await, CancellationToken::new()),
+    );
+    setup.until_stored(400, Duration::from_secs(20)).await;
+    relay.abort(); // killed mid-batch: its published rows are not deleted
+    let _ = relay.await;
+
+    let stop = CancellationToken::new();
+    let relays = [
+        tokio::spawn(
+            setup
+                .outbox
+                .clone()
+                .relay(setup.publisher().await, stop.clone()),
+        ),
+        tokio::spawn(
+            setup
+                .outbox
+                .clone()
+                .relay(setup.publisher().await, stop.clone()),
+        ),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while setup.outbox.pending().await.expect("pending") > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "rows left: {}",
+            setup.outbox.pending().await.expect("pending")
+        );
+        sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    for relay in relays {
+        relay.await.expect("relay");
+    }
+    assert_eq!(
+        setup.stored().await,
+        total,
+        "every row published exactly once"
+    );
+}
