@@ -125,3 +125,45 @@ async fn purge_deletes_completed_rows_past_the_retention_in_batches() {
     .expect("count");
     assert_eq!(left, 1, "the recent row stays");
 }
+
+#[tokio::test]
+async fn a_role_without_privileges_gets_a_named_error() {
+    let db = TestDatabase::create()
+        .await
+        .expect("a PostgreSQL schema (DATABASE_URL)");
+    let role = format!("idem_noperm_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(&format!("CREATE ROLE {role} LOGIN"))
+        .execute(db.pool())
+        .await
+        .expect("create role");
+    let base = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| idem::testing::DEFAULT_DATABASE_URL.to_owned());
+    let url = url_with_user(&base, &role);
+    let outcome = async {
+        let pool = sqlx::PgPool::connect(&url)
+            .await
+            .expect("connect as the unprivileged role");
+        let err = PgStore::migrate(&pool, "idem_noperm_schema")
+            .await
+            .expect_err("may not create a schema");
+        pool.close().await;
+        err
+    }
+    .await;
+    sqlx::query(&format!("DROP ROLE {role}"))
+        .execute(db.pool())
+        .await
+        .expect("drop role");
+    assert!(
+        matches!(outcome, StoreError::PermissionDenied { .. }),
+        "{outcome}"
+    );
+    assert!(outcome.to_string().contains("GRANT"), "{outcome}");
+}
+
+/// `postgres://user@host/db` with another user.
+fn url_with_user(url: &str, user: &str) -> String {
+    let (scheme, rest) = url.split_once("://").expect("a URL");
+    let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    format!("{scheme}://{user}@{host}")
+}

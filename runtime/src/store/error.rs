@@ -101,6 +101,19 @@ pub enum StoreError {
         /// The schema.
         schema: String,
     },
+    /// The database role may not do what idem needs in the schema.
+    #[error(
+        "the database role may not {action} in schema `{schema}` ({detail}): grant it (e.g. `GRANT CREATE, USAGE \
+         ON SCHEMA {schema} TO <role>` and table privileges), or run the migrations as an owner"
+    )]
+    PermissionDenied {
+        /// The schema.
+        schema: String,
+        /// What was refused.
+        action: &'static str,
+        /// PostgreSQL's message.
+        detail: String,
+    },
     /// The bucket name cannot be used.
     #[error("invalid KV bucket name {name:?}: use letters, digits, '-' and '_'")]
     InvalidBucketName {

@@ -46,6 +46,43 @@ pub struct PgMap {
 /// ```
 pub type PgStore = CasStore<PgMap>;
 
+/// PostgreSQL's "insufficient privilege".
+const INSUFFICIENT_PRIVILEGE: &str = "42501";
+
+/// Names a permission problem; anything else is "unavailable".
+fn provisioning_error(
+    schema: &str,
+    action: &'static str,
+    error: impl Into<crate::BoxError>,
+) -> StoreError {
+    let error = error.into();
+    let denied = error
+        .downcast_ref::<sqlx::Error>()
+        .or_else(|| {
+            error
+                .downcast_ref::<sqlx::migrate::MigrateError>()
+                .and_then(|m| match m {
+                    sqlx::migrate::MigrateError::Execute(e)
+                    | sqlx::migrate::MigrateError::ExecuteMigration(e, _) => Some(e),
+                    _ => None,
+                })
+        })
+        .and_then(|e| e.as_database_error())
+        .filter(|e| e.code().is_some_and(|c| c == INSUFFICIENT_PRIVILEGE))
+        .map(|e| e.message().to_owned());
+    match denied {
+        Some(detail) => StoreError::PermissionDenied {
+            schema: schema.to_owned(),
+            action,
+            detail,
+        },
+        None => StoreError::Unavailable {
+            op: StoreOp::Provision,
+            source: error,
+        },
+    }
+}
+
 fn schema_ident(schema: &str) -> Result<String, StoreError> {
     let valid = !schema.is_empty()
         && schema.len() <= 63
@@ -71,7 +108,7 @@ impl PgStore {
         sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {ident}"))
             .execute(&mut *conn)
             .await
-            .map_err(unavailable)?;
+            .map_err(|e| provisioning_error(schema, "create the schema", e))?;
         sqlx::query(&format!("SET search_path TO {ident}"))
             .execute(&mut *conn)
             .await
@@ -82,7 +119,7 @@ impl PgStore {
         if reset.is_err() {
             let _ = conn.detach().close().await;
         }
-        migrated.map_err(|e| StoreError::unavailable(StoreOp::Provision, e))
+        migrated.map_err(|e| provisioning_error(schema, "create idem's tables", e))
     }
 
     /// Deletes completed (`done`, `dead`) rows older than `retention`, of
