@@ -19,16 +19,7 @@ pub(super) struct Entry {
 
 impl Entry {
     pub(super) fn from_outgoing(message: &Outgoing, now: UnixMillis) -> Self {
-        let headers = message
-            .headers
-            .iter()
-            .flat_map(|(name, values)| {
-                let name: &str = name.as_ref();
-                values
-                    .iter()
-                    .map(move |v| (name.to_owned(), v.as_str().to_owned()))
-            })
-            .collect();
+        let headers = message.header_pairs();
         Entry {
             subject: message.subject.clone(),
             id: message.id.clone(),
@@ -39,12 +30,9 @@ impl Entry {
     }
 
     pub(super) fn to_outgoing(&self) -> Outgoing {
-        let mut message =
-            Outgoing::new(self.subject.clone(), self.payload.clone()).with_id(self.id.clone());
-        for (name, value) in &self.headers {
-            message.headers.append(name.as_str(), value.as_str());
-        }
-        message
+        Outgoing::new(self.subject.clone(), self.payload.clone())
+            .with_id(self.id.clone())
+            .with_header_pairs(self.headers.iter().cloned())
     }
 
     pub(super) fn encode(&self) -> Vec<u8> {

@@ -69,17 +69,7 @@ impl PgOutbox {
         conn: &mut PgConnection,
         message: Outgoing,
     ) -> Result<String, StoreError> {
-        let headers: Vec<(String, String)> = message
-            .headers
-            .iter()
-            .flat_map(|(name, values)| {
-                let name: &str = name.as_ref();
-                values
-                    .iter()
-                    .map(move |v| (name.to_owned(), v.as_str().to_owned()))
-            })
-            .collect();
-        let headers = serde_json::to_string(&headers)
+        let headers = serde_json::to_string(&message.header_pairs())
             .map_err(|e| StoreError::unavailable(StoreOp::Create, e))?;
         sqlx::query(&format!(
             "INSERT INTO {} (id, subject, payload, headers) VALUES ($1, $2, $3, $4)",
@@ -182,13 +172,13 @@ impl PgOutbox {
             let subject: String = row.try_get("subject").map_err(unavailable(StoreOp::Read))?;
             let payload: Vec<u8> = row.try_get("payload").map_err(unavailable(StoreOp::Read))?;
             let headers: String = row.try_get("headers").map_err(unavailable(StoreOp::Read))?;
-            let mut message = Outgoing::new(subject, payload).with_id(id);
-            for (name, value) in
-                serde_json::from_str::<Vec<(String, String)>>(&headers).unwrap_or_default()
-            {
-                message.headers.append(name.as_str(), value.as_str());
-            }
-            messages.push(message);
+            let headers =
+                serde_json::from_str::<Vec<(String, String)>>(&headers).unwrap_or_default();
+            messages.push(
+                Outgoing::new(subject, payload)
+                    .with_id(id)
+                    .with_header_pairs(headers),
+            );
         }
         let ids: Vec<String> = messages.iter().map(|m| m.id.clone()).collect();
         let results: Vec<_> = publisher

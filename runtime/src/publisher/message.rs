@@ -74,6 +74,30 @@ impl Outgoing {
         &self.payload
     }
 
+    /// The headers as (name, value) pairs, for storing the message.
+    pub(crate) fn header_pairs(&self) -> Vec<(String, String)> {
+        self.headers
+            .iter()
+            .flat_map(|(name, values)| {
+                let name: &str = name.as_ref();
+                values
+                    .iter()
+                    .map(move |v| (name.to_owned(), v.as_str().to_owned()))
+            })
+            .collect()
+    }
+
+    /// Adds headers read back from storage.
+    pub(crate) fn with_header_pairs(
+        mut self,
+        pairs: impl IntoIterator<Item = (String, String)>,
+    ) -> Self {
+        for (name, value) in pairs {
+            self.headers.append(name.as_str(), value.as_str());
+        }
+        self
+    }
+
     /// Payload plus headers, as the server counts them against max_payload
     /// (approximately: header framing is counted generously).
     pub(crate) fn size(&self) -> usize {

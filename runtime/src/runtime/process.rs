@@ -17,6 +17,7 @@ use super::faults::Faults;
 use super::stats::{Counters, Outcome};
 use crate::claim::{Claim, ClaimOutcome, Transition};
 use crate::extract::StateMap;
+use crate::fingerprint::Fingerprint;
 use crate::handler::{Handler, HandlerConfig, OnMissingKey, PrepareError, prepare};
 use crate::key::{HandlerName, RecordKey};
 use crate::retry::{Retry, RetryDecision};
@@ -82,6 +83,14 @@ pub(super) fn store_backoff(attempt: u32) -> Duration {
         RetryDecision::RetryAfter(delay) => delay.max(Duration::from_millis(50)),
         RetryDecision::GiveUp => Duration::from_secs(10),
     }
+}
+
+/// What a failed attempt leads to.
+pub(super) enum Failure {
+    /// NAK with this delay.
+    Retry(Duration),
+    /// Dead-letter with this reason.
+    DeadLetter(&'static str),
 }
 
 /// The shortest NAK delay: a redelivery storm helps nobody.
@@ -156,14 +165,7 @@ impl<H: Handler> Shared<H> {
                 return ack(message).await;
             }
             Ok(ClaimOutcome::KeyConflict { stored }) => {
-                let error = format!(
-                    "key already completed with another payload (stored fingerprint {})",
-                    stored.map_or_else(|| "none".to_owned(), |f| f.to_string())
-                );
-                self.counters.count(Outcome::KeyConflict);
-                return self
-                    .dead_letter(message, delivery, "key_conflict", &error, None)
-                    .await;
+                return self.key_conflict(message, delivery, stored).await;
             }
             Ok(ClaimOutcome::InFlight { retry_after, .. }) => {
                 self.count(Outcome::InFlightElsewhere);
@@ -305,20 +307,44 @@ impl<H: Handler> Shared<H> {
         attempt: u32,
         claim: Option<(&KvStore, &Claim)>,
     ) {
-        if !error.is_permanent()
-            && let RetryDecision::RetryAfter(delay) = self.config.retry.after_failure(attempt)
-        {
-            warn!(%error, ?delay, "handler failed; retrying");
-            self.release(claim).await;
-            self.count(Outcome::Retried);
-            return nak(message, delay).await;
+        match self.after_failure(&error, attempt) {
+            Failure::Retry(delay) => {
+                warn!(%error, ?delay, "handler failed; retrying");
+                self.release(claim).await;
+                self.count(Outcome::Retried);
+                nak(message, delay).await;
+            }
+            Failure::DeadLetter(code) => {
+                self.dead_letter(message, delivery, code, &error, claim)
+                    .await
+            }
         }
-        let code = if error.is_permanent() {
-            "handler_error"
-        } else {
-            "retries_exhausted"
-        };
-        self.dead_letter(message, delivery, code, &error, claim)
+    }
+
+    /// Retry per the policy, or dead-letter (permanent errors, last attempt).
+    pub(super) fn after_failure(&self, error: &HandlerError, attempt: u32) -> Failure {
+        if error.is_permanent() {
+            return Failure::DeadLetter("handler_error");
+        }
+        match self.config.retry.after_failure(attempt) {
+            RetryDecision::RetryAfter(delay) => Failure::Retry(delay),
+            RetryDecision::GiveUp => Failure::DeadLetter("retries_exhausted"),
+        }
+    }
+
+    /// Dead-letters a payload that reuses a completed key.
+    pub(super) async fn key_conflict(
+        &self,
+        message: &Message,
+        delivery: &Delivery,
+        stored: Option<Fingerprint>,
+    ) {
+        let error = format!(
+            "key already completed with another payload (stored fingerprint {})",
+            stored.map_or_else(|| "none".to_owned(), |f| f.to_string())
+        );
+        self.counters.count(Outcome::KeyConflict);
+        self.dead_letter(message, delivery, "key_conflict", &error, None)
             .await;
     }
 

@@ -238,8 +238,7 @@ mod path {
     use super::{TxClaim, TxInbox};
     use crate::handler::{Handler, prepare};
     use crate::key::RecordKey;
-    use crate::retry::RetryDecision;
-    use crate::runtime::process::{Shared, ack, nak, store_backoff};
+    use crate::runtime::process::{Failure, Shared, ack, nak, store_backoff};
     use crate::runtime::stats::Outcome;
     use crate::{Delivery, Tx};
 
@@ -314,15 +313,7 @@ mod path {
                         self.count(Outcome::InFlightElsewhere);
                         nak(message, self.config.lease).await
                     }
-                    TxClaim::Conflict(stored) => {
-                        let error = format!(
-                            "key already completed with another payload (stored fingerprint {})",
-                            stored.map_or_else(|| "none".to_owned(), |f| f.to_string())
-                        );
-                        self.counters.count(Outcome::KeyConflict);
-                        self.dead_letter(message, delivery, "key_conflict", &error, None)
-                            .await
-                    }
+                    TxClaim::Conflict(stored) => self.key_conflict(message, delivery, stored).await,
                     TxClaim::Claimed => {}
                 };
             }
@@ -338,21 +329,17 @@ mod path {
                 Some(Err(error)) => {
                     // Effect and claim vanish together.
                     roll_back(&tx).await;
-                    if !error.is_permanent()
-                        && let RetryDecision::RetryAfter(delay) =
-                            self.config.retry.after_failure(attempt)
-                    {
-                        warn!(%error, ?delay, "handler failed; rolled back, retrying");
-                        self.count(Outcome::Retried);
-                        return nak(message, delay).await;
+                    match self.after_failure(&error, attempt) {
+                        Failure::Retry(delay) => {
+                            warn!(%error, ?delay, "handler failed; rolled back, retrying");
+                            self.count(Outcome::Retried);
+                            return nak(message, delay).await;
+                        }
+                        Failure::DeadLetter(code) => {
+                            self.dead_letter(message, delivery, code, &error, None)
+                                .await
+                        }
                     }
-                    let code = if error.is_permanent() {
-                        "handler_error"
-                    } else {
-                        "retries_exhausted"
-                    };
-                    self.dead_letter(message, delivery, code, &error, None)
-                        .await;
                     if let Err(e) = inbox.mark_dead(&key, attempt).await {
                         warn!(error = %e, "could not mark the key dead in the inbox");
                     }

@@ -206,6 +206,33 @@ fn state_name(state: &ClaimState) -> (&'static str, Option<i64>) {
     }
 }
 
+/// A query returning a revision.
+type RevisionQuery<'q> =
+    sqlx::query::QueryScalar<'q, sqlx::Postgres, i64, sqlx::postgres::PgArguments>;
+
+/// Binds `$1`..`$10`: the key's two columns, then the record's, in table
+/// order (state, owner, lease_until, attempt, fingerprint, result,
+/// created_at, updated_at).
+fn bind_record<'q>(
+    query: RevisionQuery<'q>,
+    key: &'q str,
+    record: &ClaimRecord,
+) -> RevisionQuery<'q> {
+    let (handler, rest) = PgMap::columns(key);
+    let (state, lease_until) = state_name(&record.state);
+    query
+        .bind(handler)
+        .bind(rest)
+        .bind(state)
+        .bind(*record.owner.as_uuid())
+        .bind(lease_until)
+        .bind(i32::try_from(record.attempt).unwrap_or(i32::MAX))
+        .bind(record.fingerprint.map(|f| f.as_bytes().to_vec()))
+        .bind(record.result.as_ref().map(|r| r.to_vec()))
+        .bind(millis(record.created_at))
+        .bind(millis(record.updated_at))
+}
+
 fn millis(t: UnixMillis) -> i64 {
     i64::try_from(t.0).unwrap_or(i64::MAX)
 }
@@ -285,8 +312,6 @@ impl PgMap {
         condition: &str,
         revision: Option<i64>,
     ) -> Result<Option<u64>, StoreError> {
-        let (handler, rest) = Self::columns(key);
-        let (state, lease_until) = state_name(&record.state);
         let sql = format!(
             "UPDATE {t} SET state = $3, owner = $4, lease_until = $5, attempt = $6, fingerprint = $7, result = $8, \
              created_at = $9, updated_at = $10, revision = nextval('{seq}') \
@@ -294,17 +319,7 @@ impl PgMap {
             t = self.table,
             seq = self.sequence(),
         );
-        let written: Option<i64> = sqlx::query_scalar(&sql)
-            .bind(handler)
-            .bind(rest)
-            .bind(state)
-            .bind(*record.owner.as_uuid())
-            .bind(lease_until)
-            .bind(i32::try_from(record.attempt).unwrap_or(i32::MAX))
-            .bind(record.fingerprint.map(|f| f.as_bytes().to_vec()))
-            .bind(record.result.as_ref().map(|r| r.to_vec()))
-            .bind(millis(record.created_at))
-            .bind(millis(record.updated_at))
+        let written: Option<i64> = bind_record(sqlx::query_scalar(&sql), key, record)
             .bind(revision.unwrap_or(self.expired_before()))
             .fetch_optional(&self.pool)
             .await
@@ -320,26 +335,15 @@ impl PgMap {
 impl RevisionedMap for PgMap {
     async fn create(&self, key: &str, value: Bytes) -> Result<Create, StoreError> {
         let record = Self::decode(&value)?;
-        let (handler, rest) = Self::columns(key);
-        let (state, lease_until) = state_name(&record.state);
-        let inserted: Option<i64> = sqlx::query_scalar(&format!(
+        let sql = format!(
             "INSERT INTO {} (handler, key, state, owner, lease_until, attempt, fingerprint, result, created_at, updated_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (handler, key) DO NOTHING RETURNING revision",
             self.table
-        ))
-        .bind(handler)
-        .bind(rest)
-        .bind(state)
-        .bind(*record.owner.as_uuid())
-        .bind(lease_until)
-        .bind(i32::try_from(record.attempt).unwrap_or(i32::MAX))
-        .bind(record.fingerprint.map(|f| f.as_bytes().to_vec()))
-        .bind(record.result.as_ref().map(|r| r.to_vec()))
-        .bind(millis(record.created_at))
-        .bind(millis(record.updated_at))
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(|e| StoreError::unavailable(StoreOp::Create, e))?;
+        );
+        let inserted: Option<i64> = bind_record(sqlx::query_scalar(&sql), key, &record)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| StoreError::unavailable(StoreOp::Create, e))?;
         if let Some(revision) = inserted {
             return Ok(Create::Created(u64::try_from(revision).unwrap_or(0)));
         }
