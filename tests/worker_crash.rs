@@ -1,6 +1,10 @@
-//! A worker process SIGKILLed inside a handler: its claim outlives it by one
-//! lease, then another worker takes the message over and completes it. The
-//! effect log (fsynced by the workers) shows what really ran.
+//! Worker processes SIGKILLed at the worst moments. With `kv`, a worker
+//! killed inside a handler holds its claim for one lease, then another worker
+//! takes the message over. With `transactional`, a kill before the commit
+//! leaves neither effect nor claim, and a kill after the commit but before
+//! the ack leaves a redelivery that is answered as a duplicate. The effect
+//! log (fsynced by the workers) shows every execution; the database shows
+//! what was committed.
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -17,8 +21,13 @@ struct Worker(Child);
 
 impl Worker {
     fn spawn(url: &str, log: &std::path::Path, sleep_ms: u64) -> Self {
+        Self::spawn_with(url, log, sleep_ms, &[])
+    }
+
+    fn spawn_with(url: &str, log: &std::path::Path, sleep_ms: u64, extra: &[&str]) -> Self {
         let child = Command::new(env!("CARGO_BIN_EXE_idem-test-worker"))
             .args([url, &log.display().to_string(), &sleep_ms.to_string()])
+            .args(extra)
             .stdin(Stdio::null())
             .spawn()
             .expect("spawn the worker binary");
@@ -129,4 +138,142 @@ async fn a_worker_killed_mid_handler_hands_over_after_its_lease() {
         assert!(Instant::now() < deadline, "never completed: {record:?}");
         sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A stream for the crash workers, and the transactional worker's schema.
+async fn transactional_setup() -> (NatsServer, jetstream::Context, idem::testing::TestDatabase) {
+    let server = NatsServer::start().await.expect("nats-server");
+    let js = jetstream::new(server.connect().await.expect("connect"));
+    js.create_stream(stream::Config {
+        name: "CRASH".into(),
+        subjects: vec!["crash.>".into()],
+        ..Default::default()
+    })
+    .await
+    .expect("stream");
+    let db = idem::testing::TestDatabase::create()
+        .await
+        .expect("a PostgreSQL schema (DATABASE_URL)");
+    sqlx::query(&format!(
+        "CREATE TABLE \"{}\".applied (transfer TEXT NOT NULL)",
+        db.schema()
+    ))
+    .execute(db.pool())
+    .await
+    .expect("effect table");
+    (server, js, db)
+}
+
+async fn committed(db: &idem::testing::TestDatabase, transfer: &str) -> i64 {
+    sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM \"{}\".applied WHERE transfer = $1",
+        db.schema()
+    ))
+    .bind(transfer)
+    .fetch_one(db.pool())
+    .await
+    .expect("count")
+}
+
+fn database_url() -> String {
+    std::env::var("DATABASE_URL").unwrap_or_else(|_| idem::testing::DEFAULT_DATABASE_URL.to_owned())
+}
+
+#[tokio::test]
+async fn a_transactional_worker_killed_before_commit_leaves_nothing_and_the_retry_applies_once() {
+    let (server, js, db) = transactional_setup().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("effects.log");
+    let url = database_url();
+    let pg = ["pg", url.as_str(), db.schema()];
+
+    let mut first = Worker::spawn_with(&server.client_url(), &log, 60_000, &pg);
+    js.publish("crash.transfers", "\"tr-1\"".into())
+        .await
+        .expect("publish")
+        .await
+        .expect("PubAck");
+    until_logged(&log, &format!("start tr-1 {}", first.pid())).await;
+    first.kill(); // the effect is written but not committed
+    assert_eq!(
+        committed(&db, "tr-1").await,
+        0,
+        "the connection died with the process: rolled back"
+    );
+
+    let second = Worker::spawn_with(&server.client_url(), &log, 0, &pg);
+    until_logged(&log, &format!("end tr-1 {}", second.pid())).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while committed(&db, "tr-1").await == 0 {
+        assert!(Instant::now() < deadline, "never committed");
+        sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(committed(&db, "tr-1").await, 1, "applied exactly once");
+}
+
+#[tokio::test]
+async fn a_transactional_worker_killed_after_commit_before_ack_causes_no_second_effect() {
+    let (server, js, db) = transactional_setup().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("effects.log");
+    let url = database_url();
+
+    let mut first = Worker::spawn_with(
+        &server.client_url(),
+        &log,
+        0,
+        &["pg", url.as_str(), db.schema(), "lose-acks"],
+    );
+    js.publish("crash.transfers", "\"tr-2\"".into())
+        .await
+        .expect("publish")
+        .await
+        .expect("PubAck");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while committed(&db, "tr-2").await == 0 {
+        assert!(Instant::now() < deadline, "never committed");
+        sleep(Duration::from_millis(20)).await;
+    }
+    first.kill(); // committed, never acknowledged
+
+    // The broker redelivers after ack_wait (the 2 s lease) to the next worker.
+    let second = Worker::spawn_with(
+        &server.client_url(),
+        &log,
+        0,
+        &["pg", url.as_str(), db.schema()],
+    );
+    let mut consumer: jetstream::consumer::PullConsumer = js
+        .get_stream("CRASH")
+        .await
+        .expect("stream")
+        .get_consumer("tx_crash_handler")
+        .await
+        .expect("consumer");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let info = consumer.info().await.expect("info").clone();
+        // Delivered twice (the second time a redelivery), and acknowledged.
+        if info.num_ack_pending == 0
+            && info.num_pending == 0
+            && info.delivered.consumer_sequence >= 2
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the redelivery was never answered: {info:?}"
+        );
+        sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(committed(&db, "tr-2").await, 1, "no second effect");
+    let starts = log_lines(&log)
+        .iter()
+        .filter(|l| l.starts_with("start tr-2"))
+        .count();
+    assert_eq!(
+        starts, 1,
+        "the redelivery was answered without running the handler"
+    );
+    drop(second);
 }

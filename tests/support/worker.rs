@@ -4,9 +4,14 @@
 //!
 //! ```text
 //! idem-test-worker <nats-url> <effect-log> <handler-sleep-ms>
+//! idem-test-worker <nats-url> <effect-log> <handler-sleep-ms> pg <database-url> <schema> [lose-acks]
 //! ```
 //!
-//! Runs until SIGTERM or SIGKILL.
+//! The first form runs a `kv` handler on `crash.orders`; the second a
+//! `transactional` one on `crash.transfers`, whose effect is a row in
+//! `<schema>.applied` written in the handler's transaction (`lose-acks`:
+//! commit but never acknowledge, as a crash between the two would). Runs
+//! until SIGTERM or SIGKILL.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -45,10 +50,36 @@ async fn crash_handler(
     Ok(())
 }
 
+/// The effect is a row in the handler's transaction; the log records every
+/// execution, committed or not.
+#[idempotent(stream = "CRASH", subject = "crash.transfers", key = order, dedup = transactional, lease = "2s")]
+async fn tx_crash_handler(
+    Json(order): Json<String>,
+    tx: idem::Tx,
+    State(effects): State<Effects>,
+    State(schema): State<Schema>,
+) -> Result<(), HandlerError> {
+    effects.append(&format!("start {order}"))?;
+    sqlx::query(&format!(
+        "INSERT INTO \"{}\".applied (transfer) VALUES ($1)",
+        schema.0
+    ))
+    .bind(&order)
+    .execute(&mut *tx.conn().await?)
+    .await?;
+    tokio::time::sleep(effects.sleep).await;
+    effects.append(&format!("end {order}"))?;
+    Ok(())
+}
+
+/// The schema of the transactional mode.
+#[derive(Clone)]
+struct Schema(String);
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let mut args = std::env::args().skip(1);
-    let usage = "usage: idem-test-worker <nats-url> <effect-log> <handler-sleep-ms>";
+    let usage = "usage: idem-test-worker <nats-url> <effect-log> <handler-sleep-ms> [pg <database-url> <schema> [lose-acks]]";
     let url = args.next().ok_or(usage)?;
     let log = PathBuf::from(args.next().ok_or(usage)?);
     let sleep_ms: u64 = args.next().ok_or(usage)?.parse()?;
@@ -57,10 +88,24 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         log: Arc::new(log),
         sleep: Duration::from_millis(sleep_ms),
     };
-    Runtime::builder(client)
-        .state(effects)
-        .handler(crash_handler)
-        .run()
-        .await?;
+    let builder = Runtime::builder(client).state(effects);
+    match args.next().as_deref() {
+        None => builder.handler(crash_handler).run().await?,
+        Some("pg") => {
+            let database = args.next().ok_or(usage)?;
+            let schema = args.next().ok_or(usage)?;
+            let pool = sqlx::PgPool::connect(&database).await?;
+            let builder = builder
+                .postgres(pool, &schema)
+                .state(Schema(schema))
+                .handler(tx_crash_handler);
+            let builder = match args.next().as_deref() {
+                Some("lose-acks") => builder.drop_every_nth_ack(1),
+                _ => builder,
+            };
+            builder.run().await?;
+        }
+        Some(_) => return Err(usage.into()),
+    }
     Ok(())
 }
