@@ -71,11 +71,15 @@ struct StartContext {
     faults: Faults,
 }
 
-struct Registered<H>(H);
+/// A handler and the deploy-time changes to its configuration.
+struct Registered<H> {
+    handler: H,
+    tune: Box<dyn Fn(HandlerConfig) -> HandlerConfig + Send>,
+}
 
 impl<H: Handler> Registration for Registered<H> {
     fn config(&self) -> HandlerConfig {
-        self.0.config()
+        (self.tune)(self.handler.config())
     }
 
     fn start(
@@ -83,8 +87,8 @@ impl<H: Handler> Registration for Registered<H> {
         ctx: StartContext,
     ) -> BoxFuture<Result<Box<dyn Worker>, RuntimeError>> {
         Box::pin(async move {
-            let handler = self.0;
-            let config = handler.config();
+            let config = self.config();
+            let handler = self.handler;
             config.validate()?;
             let name = HandlerName::new(&config.name).map_err(|source| {
                 crate::handler::ConfigError::Name {
@@ -173,8 +177,31 @@ impl RuntimeBuilder {
     }
 
     /// Registers a handler (the name of an `#[idempotent]` function).
-    pub fn handler<H: Handler>(mut self, handler: H) -> Self {
-        self.handlers.push(Box::new(Registered(handler)));
+    pub fn handler<H: Handler>(self, handler: H) -> Self {
+        self.handler_with(handler, |config| config)
+    }
+
+    /// Registers a handler with changes to the configuration its attribute
+    /// wrote — deploy-time tuning such as concurrency or the consumer name.
+    /// The result is validated like any configuration.
+    ///
+    /// ```no_run
+    /// # use idem::{idempotent, HandlerError, Json};
+    /// # #[idempotent(stream = "PAYMENTS", key = id)]
+    /// # async fn issue_card(Json(id): Json<u64>) -> Result<(), HandlerError> { Ok(()) }
+    /// # fn demo(client: async_nats::Client) {
+    /// let builder = idem::Runtime::builder(client).handler_with(issue_card, |config| config.concurrency(64));
+    /// # }
+    /// ```
+    pub fn handler_with<H: Handler>(
+        mut self,
+        handler: H,
+        tune: impl Fn(HandlerConfig) -> HandlerConfig + Send + 'static,
+    ) -> Self {
+        self.handlers.push(Box::new(Registered {
+            handler,
+            tune: Box::new(tune),
+        }));
         self
     }
 

@@ -93,6 +93,16 @@ pub(super) enum Failure {
     DeadLetter(&'static str),
 }
 
+/// How long a delivery whose key is held elsewhere waits: doubling from
+/// 50 ms with each delivery, never past the holder's lease. Most holders
+/// finish in milliseconds, so the duplicate is answered soon; a slow holder
+/// costs a handful of cheap claim attempts, not a storm.
+pub(super) fn in_flight_delay(attempt: u32, remaining_lease: Duration) -> Duration {
+    let backoff = Duration::from_millis(50)
+        .saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1).min(16)));
+    backoff.min(remaining_lease).max(MIN_NAK_DELAY)
+}
+
 /// The shortest NAK delay: a redelivery storm helps nobody.
 const MIN_NAK_DELAY: Duration = Duration::from_millis(20);
 
@@ -143,7 +153,7 @@ impl<H: Handler> Shared<H> {
         // ourselves once the lease has run out.
         let Some(_working) = ActiveKey::enter(&self.active, &key) else {
             self.count(Outcome::InFlightElsewhere);
-            return nak(message, self.config.lease).await;
+            return nak(message, in_flight_delay(attempt, self.config.lease)).await;
         };
         let claim = match store
             .claim(&key, prepared.fingerprint, self.config.lease)
@@ -169,7 +179,7 @@ impl<H: Handler> Shared<H> {
             }
             Ok(ClaimOutcome::InFlight { retry_after, .. }) => {
                 self.count(Outcome::InFlightElsewhere);
-                return nak(message, retry_after).await;
+                return nak(message, in_flight_delay(attempt, retry_after)).await;
             }
         };
         self.run_claimed(message, delivery, store, claim, prepared.args, attempt)
@@ -445,5 +455,25 @@ pub(super) async fn nak(message: &Message, delay: Duration) {
         .await
     {
         warn!(error = %e, "could not NAK; the server redelivers after ack_wait");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_flight_delays_double_from_50ms_and_stop_at_the_lease() {
+        let lease = Duration::from_secs(30);
+        let delays: Vec<u128> = (1..=6)
+            .map(|a| in_flight_delay(a, lease).as_millis())
+            .collect();
+        assert_eq!(delays, [50, 100, 200, 400, 800, 1600]);
+        assert_eq!(in_flight_delay(40, lease), lease);
+        assert_eq!(
+            in_flight_delay(3, Duration::from_millis(120)),
+            Duration::from_millis(120)
+        );
+        assert_eq!(in_flight_delay(1, Duration::ZERO), MIN_NAK_DELAY);
     }
 }

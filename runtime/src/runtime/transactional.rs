@@ -238,7 +238,7 @@ mod path {
     use super::{TxClaim, TxInbox};
     use crate::handler::{Handler, prepare};
     use crate::key::RecordKey;
-    use crate::runtime::process::{Failure, Shared, ack, nak, store_backoff};
+    use crate::runtime::process::{Failure, Shared, ack, in_flight_delay, nak, store_backoff};
     use crate::runtime::stats::Outcome;
     use crate::{Delivery, Tx};
 
@@ -311,7 +311,7 @@ mod path {
                     }
                     TxClaim::Busy => {
                         self.count(Outcome::InFlightElsewhere);
-                        nak(message, self.config.lease).await
+                        nak(message, in_flight_delay(attempt, self.config.lease)).await
                     }
                     TxClaim::Conflict(stored) => self.key_conflict(message, delivery, stored).await,
                     TxClaim::Claimed => {}

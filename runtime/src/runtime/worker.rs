@@ -70,7 +70,11 @@ impl<H: Handler> HandlerWorker<H> {
                 permit = permits.clone().acquire_owned() => match permit { Ok(p) => p, Err(_) => break },
                 () = shutdown.cancelled() => break,
             };
-            let wanted = (1 + permits.available_permits()).min(MAX_BATCH);
+            // A pull per handler's worth of messages, not per free permit:
+            // with every permit busy, pulling one message at a time would
+            // make each message wait for its own pull round trip. Fetched
+            // messages wait at most one handler's run for a permit.
+            let wanted = self.shared.config.concurrency.clamp(1, MAX_BATCH);
             let batch = tokio::select! {
                 batch = self.consumer.fetch().max_messages(wanted).expires(PULL_EXPIRES).messages() => batch,
                 () = shutdown.cancelled() => break,
