@@ -23,6 +23,20 @@ const MAX_BATCH: usize = 256;
 /// How long one pull waits for messages.
 const PULL_EXPIRES: Duration = Duration::from_secs(1);
 
+/// NAKs a fetched message (if any) and whatever the pull still brings, so
+/// that nothing waits for ack_wait after a shutdown.
+async fn hand_back<S, E>(batch: &mut S, first: Option<async_nats::jetstream::Message>)
+where
+    S: futures::Stream<Item = Result<async_nats::jetstream::Message, E>> + Unpin,
+{
+    if let Some(message) = first {
+        let _ = message.ack_with(AckKind::Nak(None)).await;
+    }
+    while let Ok(Some(Ok(message))) = timeout(PULL_EXPIRES, batch.next()).await {
+        let _ = message.ack_with(AckKind::Nak(None)).await;
+    }
+}
+
 /// A handler's loop with its type erased, so that handlers of different
 /// types run in one runtime.
 pub(crate) trait Worker: Send {
@@ -65,15 +79,10 @@ impl<H: Handler> HandlerWorker<H> {
         let tasks = TaskTracker::new();
         let mut pull_failures = 0u32;
         'fetching: while !shutdown.is_cancelled() {
-            // Wait for room before asking the server for more.
-            let first = tokio::select! {
-                permit = permits.clone().acquire_owned() => match permit { Ok(p) => p, Err(_) => break },
-                () = shutdown.cancelled() => break,
-            };
-            // A pull per handler's worth of messages, not per free permit:
-            // with every permit busy, pulling one message at a time would
-            // make each message wait for its own pull round trip. Fetched
-            // messages wait at most one handler's run for a permit.
+            // A pull per handler's worth of messages, issued while the last
+            // ones still run (so the pull's round trip overlaps the work);
+            // the permits below bound how many run at once, and a fetched
+            // message waits at most one handler's run for its permit.
             let wanted = self.shared.config.concurrency.clamp(1, MAX_BATCH);
             let batch = tokio::select! {
                 batch = self.consumer.fetch().max_messages(wanted).expires(PULL_EXPIRES).messages() => batch,
@@ -88,20 +97,14 @@ impl<H: Handler> HandlerWorker<H> {
                     pull_failures += 1;
                     let pause = Duration::from_millis(100 * u64::from(pull_failures.min(20)));
                     warn!(handler = %self.shared.config.name, error = %e, ?pause, "pull failed; retrying");
-                    drop(first);
                     tokio::select! { () = sleep(pause) => continue, () = shutdown.cancelled() => break }
                 }
             };
-            let mut next_permit = Some(first);
             loop {
                 let message = tokio::select! {
                     message = batch.next() => message,
                     () = shutdown.cancelled() => {
-                        // Hand back what this pull still brings, so that
-                        // nothing waits for ack_wait.
-                        while let Ok(Some(Ok(message))) = timeout(PULL_EXPIRES, batch.next()).await {
-                            let _ = message.ack_with(AckKind::Nak(None)).await;
-                        }
+                        hand_back(&mut batch, None).await;
                         break 'fetching;
                     }
                 };
@@ -113,12 +116,17 @@ impl<H: Handler> HandlerWorker<H> {
                         break;
                     }
                 };
-                let permit = match next_permit.take() {
-                    Some(permit) => permit,
-                    None => match permits.clone().acquire_owned().await {
+                let permit = tokio::select! {
+                    permit = permits.clone().acquire_owned() => match permit {
                         Ok(permit) => permit,
                         Err(_) => break 'fetching,
                     },
+                    // Shutdown while every handler runs: this message and the
+                    // rest of the pull go back rather than wait.
+                    () = shutdown.cancelled() => {
+                        hand_back(&mut batch, Some(message)).await;
+                        break 'fetching;
+                    }
                 };
                 let shared = self.shared.clone();
                 tasks.spawn(async move {
