@@ -143,7 +143,7 @@ impl<H: Handler> Shared<H> {
                 .await;
             return match result {
                 None => self.interrupted(message, None).await,
-                Some(Ok(_)) => self.succeeded(message).await,
+                Some(Ok(_)) => self.succeeded(message, false).await,
                 Some(Err(e)) => self.failed(message, delivery, e, attempt, None).await,
             };
         };
@@ -216,14 +216,14 @@ impl<H: Handler> Shared<H> {
             None
         };
         match self.complete(message, store, &claim, stored).await {
-            Some(Transition::Applied) => self.succeeded(message).await,
+            Some(Transition::Applied) => self.succeeded(message, true).await,
             Some(Transition::LeaseLost { current_owner }) => {
                 warn!(
                     ?current_owner,
                     "lease lost before completion: another worker took over, the effect may run twice"
                 );
                 self.counters.count(Outcome::LeaseLost);
-                self.succeeded(message).await;
+                self.succeeded(message, true).await;
             }
             // Shutdown: the claim stays pending; the next delivery after the
             // lease reclaims it (counted as reclaimed there).
@@ -301,12 +301,22 @@ impl<H: Handler> Shared<H> {
         }
     }
 
-    pub(super) async fn succeeded(&self, message: &Message) {
+    /// Counts and acknowledges a success. With the completion recorded in
+    /// the store (`recorded`), a plain ack suffices: if it is lost, the
+    /// redelivery is answered as a duplicate, so the confirmed ack's extra
+    /// round trip buys nothing. Without a record (`dedup = off`) the
+    /// confirmed ack is what keeps a second run rare.
+    pub(super) async fn succeeded(&self, message: &Message, recorded: bool) {
         self.count(Outcome::Processed);
         if self.faults.drop_this_ack() {
             return;
         }
-        ack(message).await;
+        if !recorded {
+            return ack(message).await;
+        }
+        if let Err(e) = message.ack().await {
+            warn!(error = %e, "could not acknowledge; the redelivery will be a duplicate");
+        }
     }
 
     async fn failed(

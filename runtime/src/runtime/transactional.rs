@@ -375,7 +375,7 @@ mod path {
                 None => Err("the transaction was closed by the handler".to_owned()),
             };
             match committed {
-                Ok(()) => self.succeeded(message).await,
+                Ok(()) => self.succeeded(message, true).await,
                 // Unknown outcome: the redelivery finds the row (duplicate)
                 // or not (runs again) — never both effects.
                 Err(e) => {
