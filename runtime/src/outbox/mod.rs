@@ -295,35 +295,33 @@ impl Outbox {
         let full = || OutboxError::Full {
             capacity: inner.config.capacity,
         };
+        let fits = |pending: usize| pending + n <= inner.config.capacity;
         if n > inner.config.capacity {
             return Err(full());
         }
-        loop {
-            let drained = inner.drained.notified();
-            tokio::pin!(drained);
-            drained.as_mut().enable();
-            if inner.pending.load(Ordering::SeqCst) + n <= inner.config.capacity {
-                return Ok(());
-            }
-            if inner.config.when_full == WhenFull::Reject {
-                return Err(full());
-            }
-            tokio::select! {
-                () = drained => {}
-                () = inner.stop.cancelled() => return Err(OutboxError::Closed),
-            }
+        match inner.config.when_full {
+            WhenFull::Reject if fits(inner.pending.load(Ordering::SeqCst)) => Ok(()),
+            WhenFull::Reject => Err(full()),
+            WhenFull::Wait => self.until_pending(fits).await,
         }
     }
 
     /// Waits until every message enqueued so far is confirmed (or failed for
     /// good).
     pub async fn flush(&self) -> Result<(), OutboxError> {
+        self.until_pending(|pending| pending == 0).await
+    }
+
+    /// Waits until the number of pending messages satisfies `ready`,
+    /// looking again each time the relay makes room.
+    async fn until_pending(&self, ready: impl Fn(usize) -> bool) -> Result<(), OutboxError> {
         let inner = &self.inner;
         loop {
+            // Registered before the check, so that no wake-up is missed.
             let drained = inner.drained.notified();
             tokio::pin!(drained);
             drained.as_mut().enable();
-            if inner.pending.load(Ordering::SeqCst) == 0 {
+            if ready(inner.pending.load(Ordering::SeqCst)) {
                 return Ok(());
             }
             tokio::select! {
