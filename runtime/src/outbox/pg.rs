@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::publisher::{Outgoing, PublishError, Publisher};
-use crate::store::{PgStore, StoreError, StoreOp};
+use crate::store::{StoreError, StoreOp, migrated_schema};
 
 /// How many rows a relay publishes per transaction.
 const BATCH: i64 = 512;
@@ -51,12 +51,12 @@ pub struct PgOutbox {
 }
 
 impl PgOutbox {
-    /// The outbox of a migrated schema ([`PgStore::migrate`]).
+    /// The outbox of a migrated schema ([`PgStore::migrate`](crate::store::PgStore::migrate)).
     pub async fn open(pool: PgPool, schema: &str) -> Result<Self, StoreError> {
-        PgStore::open(pool.clone(), schema, Duration::from_secs(1)).await?;
+        let ident = migrated_schema(&pool, schema).await?;
         Ok(Self {
             pool,
-            table: format!("\"{schema}\".idem_outbox"),
+            table: format!("{ident}.idem_outbox"),
             channel: format!("idem_outbox_{schema}"),
         })
     }

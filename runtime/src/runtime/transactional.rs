@@ -17,7 +17,9 @@ use crate::claim::Owner;
 use crate::clock::{Clock, SystemClock};
 use crate::fingerprint::Fingerprint;
 use crate::key::RecordKey;
-use crate::store::{PgStore, StoreError};
+use crate::store::{
+    PgStore, StoreError, fingerprint_column, key_columns, migrated_schema, revision_sequence,
+};
 
 /// PostgreSQL's "lock not available" (a `lock_timeout` ran out).
 const LOCK_NOT_AVAILABLE: &str = "55P03";
@@ -28,6 +30,7 @@ pub(crate) struct TxInbox {
     pub(crate) pool: PgPool,
     pub(crate) schema: String,
     table: String,
+    sequence: String,
     owner: Owner,
 }
 
@@ -52,12 +55,12 @@ fn millis_now() -> i64 {
 impl TxInbox {
     /// Checks that the schema is migrated.
     pub(crate) async fn open(pool: PgPool, schema: &str) -> Result<Self, StoreError> {
-        // Reuses the store's checks (schema name, table present).
-        PgStore::open(pool.clone(), schema, Duration::from_secs(1)).await?;
+        let ident = migrated_schema(&pool, schema).await?;
         Ok(Self {
             pool,
             schema: schema.to_owned(),
-            table: format!("\"{schema}\".idem_inbox"),
+            table: format!("{ident}.idem_inbox"),
+            sequence: revision_sequence(&ident),
             owner: Owner::random(),
         })
     }
@@ -72,7 +75,7 @@ impl TxInbox {
         lease: Duration,
         retention: Duration,
     ) -> Result<TxClaim, sqlx::Error> {
-        let (handler, rest) = split(key);
+        let (handler, rest) = key_columns(key.as_str());
         let now = millis_now();
         sqlx::query(&format!(
             "SET LOCAL lock_timeout = {}",
@@ -123,8 +126,7 @@ impl TxInbox {
             sqlx::query(&format!(
                 "UPDATE {} SET state = 'done', owner = $3, lease_until = NULL, attempt = attempt + 1, fingerprint = $4, \
                  result = NULL, updated_at = $5, revision = nextval('{}') WHERE handler = $1 AND key = $2",
-                self.table,
-                self.table.replace("idem_inbox", "idem_inbox_revision")
+                self.table, self.sequence
             ))
             .bind(handler)
             .bind(rest)
@@ -138,9 +140,7 @@ impl TxInbox {
         if state == "dead" {
             return Ok(TxClaim::Dead);
         }
-        let stored = stored
-            .and_then(|f| <[u8; 16]>::try_from(f.as_slice()).ok())
-            .map(Fingerprint::from_bytes);
+        let stored = fingerprint_column(stored);
         Ok(match (stored, fingerprint) {
             (Some(stored), Some(mine)) if stored != mine => TxClaim::Conflict(Some(stored)),
             _ => TxClaim::Duplicate,
@@ -154,7 +154,7 @@ impl TxInbox {
         key: &RecordKey,
         result: Bytes,
     ) -> Result<(), sqlx::Error> {
-        let (handler, rest) = split(key);
+        let (handler, rest) = key_columns(key.as_str());
         sqlx::query(&format!(
             "UPDATE {} SET result = $3 WHERE handler = $1 AND key = $2",
             self.table
@@ -169,7 +169,7 @@ impl TxInbox {
 
     /// Records that the key was dead-lettered (its own transaction).
     pub(crate) async fn mark_dead(&self, key: &RecordKey, attempt: u32) -> Result<(), sqlx::Error> {
-        let (handler, rest) = split(key);
+        let (handler, rest) = key_columns(key.as_str());
         let now = millis_now();
         sqlx::query(&format!(
             "INSERT INTO {t} AS inbox (handler, key, state, owner, attempt, created_at, updated_at) \
@@ -216,10 +216,6 @@ impl TxInbox {
             }
         }
     }
-}
-
-fn split(key: &RecordKey) -> (&str, &str) {
-    key.as_str().split_once('.').unwrap_or((key.as_str(), ""))
 }
 
 fn is_lock_timeout(error: &sqlx::Error) -> bool {

@@ -29,6 +29,8 @@ pub use kv::{KvBucket, KvStore, KvStoreConfig, MIN_RETENTION};
 pub use memory::{MemoryMap, MemoryStore};
 #[cfg(feature = "postgres")]
 pub use pg::{MIGRATOR, PgMap, PgStore};
+#[cfg(feature = "postgres")]
+pub(crate) use pg::{fingerprint_column, key_columns, migrated_schema, revision_sequence};
 
 use crate::claim::{Claim, ClaimOutcome, Owner, Snapshot, Transition};
 use crate::fingerprint::Fingerprint;

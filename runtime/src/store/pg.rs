@@ -28,6 +28,7 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 pub struct PgMap {
     pool: PgPool,
     table: Arc<str>,
+    sequence: Arc<str>,
     retention: Duration,
     clock: Arc<dyn Clock>,
 }
@@ -99,6 +100,41 @@ fn schema_ident(schema: &str) -> Result<String, StoreError> {
     }
 }
 
+/// The quoted identifier of a migrated schema: a valid name whose
+/// `idem_inbox` table exists (else [`StoreError::SchemaMissing`]). What the
+/// store, the transactional inbox and the outbox check before they open.
+pub(crate) async fn migrated_schema(pool: &PgPool, schema: &str) -> Result<String, StoreError> {
+    let ident = schema_ident(schema)?;
+    let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
+        .bind(format!("{ident}.idem_inbox"))
+        .fetch_one(pool)
+        .await
+        .map_err(|e| StoreError::unavailable(StoreOp::Provision, e))?;
+    if exists.is_none() {
+        return Err(StoreError::SchemaMissing {
+            schema: schema.to_owned(),
+        });
+    }
+    Ok(ident)
+}
+
+/// The sequence every inbox write takes its revision from.
+pub(crate) fn revision_sequence(ident: &str) -> String {
+    format!("{ident}.idem_inbox_revision")
+}
+
+/// A record key's (handler, key) columns.
+pub(crate) fn key_columns(key: &str) -> (&str, &str) {
+    key.split_once('.').unwrap_or((key, ""))
+}
+
+/// A `fingerprint` column read back.
+pub(crate) fn fingerprint_column(stored: Option<Vec<u8>>) -> Option<Fingerprint> {
+    stored
+        .and_then(|f| <[u8; 16]>::try_from(f.as_slice()).ok())
+        .map(Fingerprint::from_bytes)
+}
+
 impl PgStore {
     /// Creates `schema` if needed and applies idem's migrations in it.
     pub async fn migrate(pool: &PgPool, schema: &str) -> Result<(), StoreError> {
@@ -166,20 +202,11 @@ impl PgStore {
     /// Opens the store on a migrated schema; fails with
     /// [`StoreError::SchemaMissing`] if the table is not there.
     pub async fn open(pool: PgPool, schema: &str, retention: Duration) -> Result<Self, StoreError> {
-        let table = format!("{}.idem_inbox", schema_ident(schema)?);
-        let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
-            .bind(&table)
-            .fetch_one(&pool)
-            .await
-            .map_err(|e| StoreError::unavailable(StoreOp::Provision, e))?;
-        if exists.is_none() {
-            return Err(StoreError::SchemaMissing {
-                schema: schema.to_owned(),
-            });
-        }
+        let ident = migrated_schema(&pool, schema).await?;
         let map = PgMap {
             pool,
-            table: table.into(),
+            sequence: revision_sequence(&ident).into(),
+            table: format!("{ident}.idem_inbox").into(),
             retention,
             clock: Arc::new(SystemClock),
         };
@@ -218,7 +245,7 @@ fn bind_record<'q>(
     key: &'q str,
     record: &ClaimRecord,
 ) -> RevisionQuery<'q> {
-    let (handler, rest) = PgMap::columns(key);
+    let (handler, rest) = key_columns(key);
     let (state, lease_until) = state_name(&record.state);
     query
         .bind(handler)
@@ -248,10 +275,7 @@ fn record_of(row: &PgRow) -> Result<(ClaimRecord, u64), sqlx::Error> {
         "done" => ClaimState::Done,
         _ => ClaimState::Dead,
     };
-    let fingerprint: Option<Vec<u8>> = row.try_get("fingerprint")?;
-    let fingerprint = fingerprint
-        .and_then(|f| <[u8; 16]>::try_from(f.as_slice()).ok())
-        .map(Fingerprint::from_bytes);
+    let fingerprint = fingerprint_column(row.try_get("fingerprint")?);
     let result: Option<Vec<u8>> = row.try_get("result")?;
     let owner: uuid::Uuid = row.try_get("owner")?;
     let attempt: i32 = row.try_get("attempt")?;
@@ -271,11 +295,6 @@ fn record_of(row: &PgRow) -> Result<(ClaimRecord, u64), sqlx::Error> {
 }
 
 impl PgMap {
-    /// Splits a record key into its (handler, key) columns.
-    fn columns(key: &str) -> (&str, &str) {
-        key.split_once('.').unwrap_or((key, ""))
-    }
-
     fn decode(value: &[u8]) -> Result<ClaimRecord, StoreError> {
         ClaimRecord::decode(value).map_err(|e| StoreError::unavailable(StoreOp::Update, e))
     }
@@ -287,7 +306,7 @@ impl PgMap {
     }
 
     async fn select(&self, key: &str) -> Result<Option<(ClaimRecord, u64)>, StoreError> {
-        let (handler, rest) = Self::columns(key);
+        let (handler, rest) = key_columns(key);
         let row = sqlx::query(&format!(
             "SELECT * FROM {} WHERE handler = $1 AND key = $2 AND updated_at > $3",
             self.table
@@ -317,7 +336,7 @@ impl PgMap {
              created_at = $9, updated_at = $10, revision = nextval('{seq}') \
              WHERE handler = $1 AND key = $2 AND {condition} RETURNING revision",
             t = self.table,
-            seq = self.sequence(),
+            seq = self.sequence,
         );
         let written: Option<i64> = bind_record(sqlx::query_scalar(&sql), key, record)
             .bind(revision.unwrap_or(self.expired_before()))
@@ -325,10 +344,6 @@ impl PgMap {
             .await
             .map_err(|e| StoreError::unavailable(op, e))?;
         Ok(written.and_then(|r| u64::try_from(r).ok()))
-    }
-
-    fn sequence(&self) -> String {
-        self.table.replace("idem_inbox", "idem_inbox_revision")
     }
 }
 
@@ -384,7 +399,7 @@ impl RevisionedMap for PgMap {
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        let (handler, rest) = Self::columns(key);
+        let (handler, rest) = key_columns(key);
         sqlx::query(&format!(
             "DELETE FROM {} WHERE handler = $1 AND key = $2",
             self.table
