@@ -73,15 +73,7 @@ async fn until_logged(log: &std::path::Path, line: &str) {
 
 #[tokio::test]
 async fn a_worker_killed_mid_handler_hands_over_after_its_lease() {
-    let server = NatsServer::start().await.expect("nats-server");
-    let js = jetstream::new(server.connect().await.expect("connect"));
-    js.create_stream(stream::Config {
-        name: "CRASH".into(),
-        subjects: vec!["crash.>".into()],
-        ..Default::default()
-    })
-    .await
-    .expect("stream");
+    let (server, js) = crash_stream().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let log = dir.path().join("effects.log");
 
@@ -140,8 +132,8 @@ async fn a_worker_killed_mid_handler_hands_over_after_its_lease() {
     }
 }
 
-/// A stream for the crash workers, and the transactional worker's schema.
-async fn transactional_setup() -> (NatsServer, jetstream::Context, idem::testing::TestDatabase) {
+/// A server with the stream the crash workers consume.
+async fn crash_stream() -> (NatsServer, jetstream::Context) {
     let server = NatsServer::start().await.expect("nats-server");
     let js = jetstream::new(server.connect().await.expect("connect"));
     js.create_stream(stream::Config {
@@ -151,6 +143,12 @@ async fn transactional_setup() -> (NatsServer, jetstream::Context, idem::testing
     })
     .await
     .expect("stream");
+    (server, js)
+}
+
+/// The crash stream, and the transactional worker's schema.
+async fn transactional_setup() -> (NatsServer, jetstream::Context, idem::testing::TestDatabase) {
+    let (server, js) = crash_stream().await;
     let db = idem::testing::TestDatabase::create()
         .await
         .expect("a PostgreSQL schema (DATABASE_URL)");
