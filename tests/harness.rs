@@ -1,13 +1,13 @@
 //! Tests of the test harness itself (`idem::testing`), against real
 //! `nats-server` processes: everything later suites rely on — restart keeps
 //! JetStream data, kill disconnects clients, pause freezes, clusters fail
-//! over, and nothing is left behind.
+//! over, the proxy cuts and stalls, and nothing is left behind.
 
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
 use futures::StreamExt;
-use idem::testing::{Cluster, HarnessError, NatsServer};
+use idem::testing::{Cluster, Flow, HarnessError, NatsServer, Proxy};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep, timeout};
 
@@ -290,4 +290,118 @@ async fn cluster_elects_a_leader_for_r3_and_keeps_writing_when_it_is_killed() {
         );
         sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A client connected through a proxy, with its connection events.
+async fn proxied_client(
+    proxy: &Proxy,
+) -> (
+    async_nats::Client,
+    mpsc::UnboundedReceiver<async_nats::Event>,
+) {
+    let (events_tx, events) = mpsc::unbounded_channel();
+    let client = async_nats::ConnectOptions::new()
+        .event_callback(move |event| {
+            let events_tx = events_tx.clone();
+            async move {
+                let _ = events_tx.send(event);
+            }
+        })
+        .connect(proxy.url())
+        .await
+        .expect("connect through the proxy");
+    (client, events)
+}
+
+#[tokio::test]
+async fn proxy_stall_holds_requests_until_opened() {
+    let server = NatsServer::start().await.expect("nats-server");
+    let proxy = Proxy::start(server.client_addr()).await.expect("proxy");
+    let (client, _events) = proxied_client(&proxy).await;
+    let js = jetstream::new(client);
+    file_stream(&js, "STALLED", 1).await;
+
+    proxy.stall();
+    assert_eq!(proxy.flow(), Flow::Stalled);
+    let pending = tokio::spawn({
+        let js = js.clone();
+        async move { publish_confirmed(&js, "stalled.one", "held").await }
+    });
+    sleep(Duration::from_millis(300)).await;
+    assert!(
+        !pending.is_finished(),
+        "a stalled link must not deliver the PubAck"
+    );
+    let direct = jetstream::new(server.connect().await.expect("direct client"));
+    let stored = direct
+        .get_stream("STALLED")
+        .await
+        .expect("stream")
+        .info()
+        .await
+        .expect("info")
+        .state
+        .messages;
+    assert_eq!(
+        stored, 0,
+        "a stalled link must not deliver the publish either"
+    );
+
+    proxy.open();
+    let sequence = timeout(CLIENT_NOTICE, pending)
+        .await
+        .expect("PubAck after the link opens")
+        .expect("publish task");
+    assert_eq!(sequence, 1);
+}
+
+#[tokio::test]
+async fn proxy_hold_replies_then_cut_loses_the_puback_but_not_the_message() {
+    let server = NatsServer::start().await.expect("nats-server");
+    let proxy = Proxy::start(server.client_addr()).await.expect("proxy");
+    let (client, mut events) = proxied_client(&proxy).await;
+    let js = jetstream::new(client);
+    file_stream(&js, "HELD", 1).await;
+    let direct = jetstream::new(server.connect().await.expect("direct client"));
+    let mut stream = direct.get_stream("HELD").await.expect("stream");
+
+    proxy.hold_replies();
+    let ack = js
+        .publish("held.one", "stored".into())
+        .await
+        .expect("send publish");
+    let deadline = Instant::now() + CLIENT_NOTICE;
+    while stream.info().await.expect("info").state.messages == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the publish never reached the server"
+        );
+        sleep(Duration::from_millis(20)).await;
+    }
+    proxy.cut();
+    proxy.open();
+    assert!(ack.await.is_err(), "the PubAck was held back, then cut");
+    wait_for_event(&mut events, async_nats::Event::Disconnected).await;
+    wait_for_event(&mut events, async_nats::Event::Connected).await;
+    assert_eq!(publish_confirmed(&js, "held.two", "after").await, 2);
+}
+
+#[tokio::test]
+async fn proxy_refuse_keeps_clients_out_until_opened() {
+    let server = NatsServer::start().await.expect("nats-server");
+    let proxy = Proxy::start(server.client_addr()).await.expect("proxy");
+    let (client, mut events) = proxied_client(&proxy).await;
+
+    proxy.refuse();
+    proxy.cut();
+    wait_for_event(&mut events, async_nats::Event::Disconnected).await;
+    assert!(
+        timeout(Duration::from_millis(500), client.request("any", "".into()))
+            .await
+            .map_or(true, |r| r.is_err()),
+        "no server reachable through a refusing proxy"
+    );
+    proxy.open();
+    wait_for_event(&mut events, async_nats::Event::Connected).await;
+    client.flush().await.expect("flush after reconnect");
 }

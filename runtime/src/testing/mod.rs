@@ -1,7 +1,8 @@
 //! Real `nats-server` processes for tests: single servers and 3-node
 //! clusters on loopback, each with a fresh temporary store, that a test can
 //! kill (SIGKILL), stop (SIGTERM), pause (SIGSTOP), resume (SIGCONT) and
-//! restart on the same port and store.
+//! restart on the same port and store, and a TCP [`Proxy`] that cuts or
+//! stalls the connection between a client and a server.
 //!
 //! Enabled by the `testing` feature. Everything started here is killed and
 //! its directory removed on drop, also when a test panics.
@@ -27,6 +28,7 @@ mod database;
 mod error;
 mod local;
 mod ports;
+mod proxy;
 mod ready;
 mod server;
 
@@ -36,4 +38,5 @@ pub use cluster::Cluster;
 pub use database::{DEFAULT_DATABASE_URL, TestDatabase};
 pub use error::HarnessError;
 pub use local::{DEFAULT_URL, LocalNats};
+pub use proxy::{Flow, Proxy};
 pub use server::NatsServer;

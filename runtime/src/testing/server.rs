@@ -166,6 +166,12 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// The client address, `127.0.0.1:PORT` (what a [`Proxy`](super::Proxy)
+    /// forwards to).
+    pub fn client_addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, self.port))
+    }
+
     /// Connects a plain client with async-nats' default options.
     pub async fn connect(&self) -> Result<async_nats::Client, HarnessError> {
         let url = self.client_url();
