@@ -12,7 +12,7 @@ use idem::fingerprint::Fingerprint;
 use idem::key::{HandlerName, IdempotencyKey, RecordKey};
 use idem::store::{DedupStore, KvStore, KvStoreConfig, StoreError};
 use idem::testing::conformance::{self, KvFixture};
-use idem::testing::{Cluster, NatsServer};
+use idem::testing::{Cluster, NatsServer, Proxy};
 use tokio::time::{Instant, sleep};
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -370,4 +370,31 @@ async fn a_claim_made_before_the_leader_dies_is_seen_after() {
     })
     .await;
     assert_eq!(after, ClaimOutcome::Duplicate { result: None });
+}
+
+/// Found by the fault suite: a worker whose client was still connecting
+/// (`retry_on_initial_connect`) read an empty server version and refused
+/// to start.
+#[tokio::test]
+async fn a_client_still_connecting_opens_the_store_once_connected() {
+    let server = NatsServer::start().await.expect("nats-server");
+    let proxy = Proxy::start(server.client_addr()).await.expect("proxy");
+    proxy.refuse();
+    let client = async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .connect(proxy.url())
+        .await
+        .expect("connect returns at once");
+    assert!(client.server_info().version.is_empty(), "not connected yet");
+    let opening = tokio::spawn(async move {
+        KvStore::open(&jetstream::new(client), KvStoreConfig::default()).await
+    });
+    sleep(Duration::from_millis(300)).await;
+    proxy.open();
+    let store = opening.await.expect("task").expect("opens once connected");
+    let outcome = store
+        .claim(&key("late"), payload(), Duration::from_secs(5))
+        .await
+        .expect("claim");
+    assert!(matches!(outcome, ClaimOutcome::Claimed(_)), "{outcome:?}");
 }

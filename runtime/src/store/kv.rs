@@ -141,7 +141,17 @@ impl KvStore {
                 minimum: MIN_RETENTION,
             });
         }
-        kv_server::check(&js.client().server_info().version, config.replicas)?;
+        let client = js.client();
+        if client.server_info().version.is_empty() {
+            // Not connected yet (a client made with
+            // `retry_on_initial_connect`): a round trip waits for the
+            // connection, and with it the server's INFO.
+            tokio::time::timeout(config.op_timeout, client.flush())
+                .await
+                .map_err(|elapsed| StoreError::unavailable(StoreOp::Provision, elapsed))?
+                .map_err(|e| StoreError::unavailable(StoreOp::Provision, e))?;
+        }
+        kv_server::check(&client.server_info().version, config.replicas)?;
         let store = kv_bucket::open(js, &config).await?;
         Ok(CasStore::over(KvBucket {
             store,
