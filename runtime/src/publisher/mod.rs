@@ -272,6 +272,9 @@ impl Publisher {
                 | PublishErrorKind::BrokenPipe
                 | PublishErrorKind::StreamNotFound
                 | PublishErrorKind::MaxAckPending => Ok(Attempt::Transient(Box::new(e))),
+                // A replicated stream is still storing the first copy of
+                // this id (10158): the resend will be answered "duplicate".
+                PublishErrorKind::Other if in_process(&e) => Ok(Attempt::Transient(Box::new(e))),
                 PublishErrorKind::MaxPayloadExceeded => {
                     Err(Resolve::Fatal(PublishError::PayloadTooLarge {
                         size: message.size(),
@@ -344,4 +347,43 @@ enum Resolve {
     Fatal(PublishError),
     /// Worth another attempt.
     Transient(BoxError),
+}
+
+/// Whether the server answered "duplicate message id is in process" (10158):
+/// a resend that overtook the replication of its first copy.
+fn in_process(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if e.downcast_ref::<async_nats::jetstream::Error>()
+            .is_some_and(|js| {
+                js.error_code()
+                    == async_nats::jetstream::ErrorCode::STREAM_DUPLICATE_MESSAGE_CONFLICT
+            })
+        {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+
+    use super::in_process;
+
+    fn server_error(code: u64) -> PublishError {
+        let error: async_nats::jetstream::Error = serde_json::from_str(&format!(
+            r#"{{"code":409,"err_code":{code},"description":"from the server"}}"#
+        ))
+        .expect("a JetStream error");
+        PublishError::with_source(PublishErrorKind::Other, error)
+    }
+
+    #[test]
+    fn a_copy_still_being_stored_is_resent_other_refusals_are_not() {
+        assert!(in_process(&server_error(10158)));
+        assert!(!in_process(&server_error(10060)));
+    }
 }
