@@ -11,7 +11,7 @@ use idem::claim::ClaimState;
 use idem::key::{HandlerName, IdempotencyKey, RecordKey};
 use idem::runtime::{DEAD_LETTER_STREAM, Outcome, Stats, headers};
 use idem::store::{DedupStore, KvStore, KvStoreConfig};
-use idem::testing::NatsServer;
+use idem::testing::{NatsServer, Proxy};
 use idem::{HandlerError, Json, Retry, Runtime, State, idempotent};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
@@ -607,5 +607,67 @@ async fn start_up_errors_name_the_problem() {
     assert!(
         matches!(err, idem::runtime::RuntimeError::DuplicateConsumer { .. }),
         "{err}"
+    );
+}
+
+/// Found by the fault suite: a worker started while the cluster was
+/// electing leaders died on the first timed-out provisioning request.
+/// Start-up now retries what did not answer (and only that).
+#[tokio::test]
+async fn start_up_waits_for_servers_that_do_not_answer_yet() {
+    let setup = Setup::new().await;
+    let proxy = Proxy::start(setup.server.client_addr())
+        .await
+        .expect("proxy");
+    let client = async_nats::ConnectOptions::new()
+        .request_timeout(Some(Duration::from_millis(500)))
+        .connect(proxy.url())
+        .await
+        .expect("connect through the proxy");
+    proxy.stall();
+    let starting = tokio::spawn(
+        Runtime::builder(client)
+            .state(setup.effects.clone())
+            .handler(unclaimed_handler)
+            .build(),
+    );
+    sleep(Duration::from_millis(1_500)).await;
+    assert!(
+        !starting.is_finished(),
+        "start-up gave up on a stalled server"
+    );
+    proxy.open();
+    let runtime = starting
+        .await
+        .expect("task")
+        .expect("starts once the server answers");
+    assert_eq!(
+        runtime
+            .stats()
+            .handler("unclaimed_handler")
+            .get(Outcome::Processed),
+        0
+    );
+}
+
+#[tokio::test]
+async fn start_up_fails_at_once_on_a_missing_stream() {
+    let server = NatsServer::start().await.expect("nats-server");
+    let began = Instant::now();
+    let error = Runtime::builder(server.connect().await.expect("connect"))
+        .handler(unclaimed_handler)
+        .build()
+        .await
+        .err()
+        .expect("no ORDERS stream");
+    assert!(!error.is_transient(), "{error}");
+    assert!(
+        matches!(error, idem::runtime::RuntimeError::StreamMissing { .. }),
+        "{error}"
+    );
+    assert!(
+        began.elapsed() < Duration::from_secs(5),
+        "not retried: {:?}",
+        began.elapsed()
     );
 }

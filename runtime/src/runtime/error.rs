@@ -106,3 +106,41 @@ pub enum RuntimeError {
     #[error("no handlers registered: add one with `.handler(name)`")]
     NoHandlers,
 }
+
+impl RuntimeError {
+    /// Whether trying again may cure it: the dedup store or JetStream did
+    /// not answer in time (a server restarting, a cluster electing
+    /// leaders). Start-up retries these for a while; everything else is a
+    /// configuration to fix.
+    ///
+    /// ```
+    /// use idem::runtime::RuntimeError;
+    ///
+    /// assert!(!RuntimeError::NoHandlers.is_transient());
+    /// ```
+    pub fn is_transient(&self) -> bool {
+        match self {
+            RuntimeError::Store {
+                source: StoreError::Unavailable { .. },
+                ..
+            } => true,
+            RuntimeError::JetStream { source, .. } => timed_out(source.as_ref()),
+            _ => false,
+        }
+    }
+}
+
+/// Whether a timeout is among an error's causes.
+fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if e.is::<tokio::time::error::Elapsed>()
+            || e.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}

@@ -96,36 +96,12 @@ impl<H: Handler> Registration for Registered<H> {
                     source,
                 }
             })?;
-            let store = match config.dedup {
-                Dedup::Kv => Some(provision::claims(&ctx.js, &ctx.kv, &config).await?),
-                Dedup::Off | Dedup::Transactional => None,
-            };
-            #[cfg(feature = "postgres")]
-            let inbox = match (config.dedup, &ctx.postgres) {
-                (Dedup::Transactional, Some((pool, schema))) => Some(
-                    transactional::TxInbox::open(pool.clone(), schema)
-                        .await
-                        .map_err(|source| RuntimeError::Store {
-                            handler: config.name.clone(),
-                            source,
-                        })?,
-                ),
-                (Dedup::Transactional, None) => {
-                    return Err(RuntimeError::PostgresMissing {
-                        handler: config.name.clone(),
-                    });
-                }
-                _ => None,
-            };
-            #[cfg(not(feature = "postgres"))]
-            if config.dedup == Dedup::Transactional {
-                return Err(RuntimeError::TransactionalUnsupported {
-                    handler: config.name.clone(),
-                });
-            }
-            let stream = provision::stream(&ctx.js, &config, ctx.create_streams).await?;
-            provision::dead_letters(&ctx.js, &config).await?;
-            let consumer = provision::consumer(&stream, &config).await?;
+            let Provisioned {
+                store,
+                #[cfg(feature = "postgres")]
+                inbox,
+                consumer,
+            } = patiently(&config, || provision_handler(&ctx, &config)).await?;
             info!(handler = %config.name, stream = %config.stream, consumer = %config.consumer, dedup = ?config.dedup, "handler ready");
             let shared = Shared {
                 handler,
@@ -147,6 +123,82 @@ impl<H: Handler> Registration for Registered<H> {
             });
             Ok(worker)
         })
+    }
+}
+
+/// What a handler needs from the servers before its first fetch.
+struct Provisioned {
+    store: Option<crate::store::KvStore>,
+    #[cfg(feature = "postgres")]
+    inbox: Option<transactional::TxInbox>,
+    consumer: async_nats::jetstream::consumer::PullConsumer,
+}
+
+/// Checks or creates everything `config` needs: claim bucket or inbox,
+/// stream, dead-letter coverage, durable consumer.
+async fn provision_handler(
+    ctx: &StartContext,
+    config: &HandlerConfig,
+) -> Result<Provisioned, RuntimeError> {
+    let store = match config.dedup {
+        Dedup::Kv => Some(provision::claims(&ctx.js, &ctx.kv, config).await?),
+        Dedup::Off | Dedup::Transactional => None,
+    };
+    #[cfg(feature = "postgres")]
+    let inbox = match (config.dedup, &ctx.postgres) {
+        (Dedup::Transactional, Some((pool, schema))) => Some(
+            transactional::TxInbox::open(pool.clone(), schema)
+                .await
+                .map_err(|source| RuntimeError::Store {
+                    handler: config.name.clone(),
+                    source,
+                })?,
+        ),
+        (Dedup::Transactional, None) => {
+            return Err(RuntimeError::PostgresMissing {
+                handler: config.name.clone(),
+            });
+        }
+        _ => None,
+    };
+    #[cfg(not(feature = "postgres"))]
+    if config.dedup == Dedup::Transactional {
+        return Err(RuntimeError::TransactionalUnsupported {
+            handler: config.name.clone(),
+        });
+    }
+    let stream = provision::stream(&ctx.js, config, ctx.create_streams).await?;
+    provision::dead_letters(&ctx.js, config).await?;
+    let consumer = provision::consumer(&stream, config).await?;
+    Ok(Provisioned {
+        store,
+        #[cfg(feature = "postgres")]
+        inbox,
+        consumer,
+    })
+}
+
+/// How long start-up keeps trying while the servers do not answer (a
+/// cluster electing leaders, a server restarting) before it gives up.
+const STARTUP_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Runs `attempt` until it succeeds, fails for good, or
+/// [`STARTUP_PATIENCE`] has passed, backing off between tries.
+async fn patiently<T, F: Future<Output = Result<T, RuntimeError>>>(
+    config: &HandlerConfig,
+    mut attempt: impl FnMut() -> F,
+) -> Result<T, RuntimeError> {
+    let deadline = tokio::time::Instant::now() + STARTUP_PATIENCE;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match attempt().await {
+            Err(e) if e.is_transient() && tokio::time::Instant::now() + pause < deadline => {
+                tracing::warn!(handler = %config.name, error = %e, ?pause, "start-up: the servers did not answer; trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            result => return result,
+        }
     }
 }
 
