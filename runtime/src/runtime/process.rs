@@ -166,7 +166,7 @@ impl<H: Handler> Shared<H> {
             }
             Ok(ClaimOutcome::Claimed(claim)) => claim,
             Ok(ClaimOutcome::Reclaimed { claim, from }) => {
-                warn!(previous_owner = %from, "took over an expired claim: its owner may have had its effect");
+                warn!(event = "reclaimed", previous_owner = %from, "took over an expired claim: its owner may have had its effect");
                 self.counters.count(Outcome::Reclaimed);
                 claim
             }
@@ -219,6 +219,7 @@ impl<H: Handler> Shared<H> {
             Some(Transition::Applied) => self.succeeded(message, true).await,
             Some(Transition::LeaseLost { current_owner }) => {
                 warn!(
+                    event = "lease_lost",
                     ?current_owner,
                     "lease lost before completion: another worker took over, the effect may run twice"
                 );

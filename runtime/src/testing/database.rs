@@ -44,6 +44,12 @@ impl TestDatabase {
         &self.schema
     }
 
+    /// The database's URL (`DATABASE_URL`, or the default), for processes a
+    /// test starts.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
     /// A pool on the database (not bound to the schema: qualify names).
     pub fn pool(&self) -> &PgPool {
         &self.pool

@@ -1,0 +1,293 @@
+//! The invariants, evaluated on the evidence of a run. Each is named for
+//! what it proves; a failed one names the keys that broke it.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use idem::claim::ClaimState;
+
+use crate::evidence::Evidence;
+use crate::ledger::Execution;
+use crate::order::Level;
+use crate::schedule::Fault;
+use crate::workload::{Copy, Workload};
+
+/// What the producer was told.
+#[derive(Clone, Debug, Default)]
+pub struct Publishing {
+    /// Messages the broker confirmed.
+    pub confirmed: usize,
+    /// Confirmations that said "stored before" (resends, lost PubAcks).
+    pub duplicates: usize,
+    /// Messages whose publish failed for good, with the error.
+    pub failed: Vec<String>,
+}
+
+/// One invariant's verdict.
+#[derive(Clone, Debug)]
+pub struct Verdict {
+    /// What it proves.
+    pub name: &'static str,
+    /// Whether it held.
+    pub passed: bool,
+    /// The figures behind it, or the keys that broke it.
+    pub detail: String,
+}
+
+type Key = (Level, String);
+
+/// Evaluates every invariant.
+pub fn check(
+    workload: &Workload,
+    faults: &[Fault],
+    publishing: &Publishing,
+    evidence: &Evidence,
+) -> Vec<Verdict> {
+    let mut planned: BTreeMap<Key, BTreeSet<u64>> = BTreeMap::new();
+    let mut conflicted: BTreeSet<Key> = BTreeSet::new();
+    for p in &workload.messages {
+        let key = (p.level, p.order.key.clone());
+        if p.copy == Copy::Conflict {
+            conflicted.insert(key.clone());
+        }
+        planned.entry(key).or_default().insert(p.order.value);
+    }
+    let mut runs: BTreeMap<Key, Vec<&Execution>> = BTreeMap::new();
+    for e in &evidence.executions {
+        runs.entry((e.level, e.key.clone())).or_default().push(e);
+    }
+    let mut letters: BTreeMap<Key, Vec<(&str, u64)>> = BTreeMap::new();
+    for d in &evidence.dead_letters {
+        letters
+            .entry((d.level, d.order.key.clone()))
+            .or_default()
+            .push((d.reason.as_str(), d.order.value));
+    }
+    let mut explained: BTreeMap<Key, usize> = BTreeMap::new();
+    for e in &evidence.events {
+        *explained.entry((e.level, e.key.clone())).or_default() += 1;
+    }
+    let repeats = |level: Level| -> Vec<(&Key, usize)> {
+        runs.iter()
+            .filter(|((l, _), r)| *l == level && r.len() > 1)
+            .map(|(k, r)| (k, r.len()))
+            .collect()
+    };
+    let mut verdicts = Vec::new();
+
+    verdicts.push(Verdict {
+        name: "every publish confirmed by the broker",
+        passed: publishing.failed.is_empty() && publishing.confirmed == workload.messages.len(),
+        detail: format!(
+            "{} of {} sends confirmed, {} as already stored; failed: {}",
+            publishing.confirmed,
+            workload.messages.len(),
+            publishing.duplicates,
+            sample(publishing.failed.iter())
+        ),
+    });
+
+    let distinct = workload.distinct_ids() as u64;
+    verdicts.push(Verdict {
+        name: "the broker stored each message id once",
+        passed: evidence.stored == distinct,
+        detail: format!("{} stored for {distinct} distinct ids", evidence.stored),
+    });
+
+    let lost: Vec<String> = planned
+        .iter()
+        .filter_map(|(key, values)| {
+            let mut seen: BTreeSet<u64> = runs
+                .get(key)
+                .into_iter()
+                .flatten()
+                .map(|e| e.value)
+                .collect();
+            seen.extend(letters.get(key).into_iter().flatten().map(|(_, v)| *v));
+            (!values.is_subset(&seen)).then(|| format!("{} {}", key.0.name(), key.1))
+        })
+        .collect();
+    verdicts.push(Verdict {
+        name: "nothing lost: every payload ran or was dead-lettered",
+        passed: lost.is_empty(),
+        detail: format!("{} keys; lost: {}", planned.len(), sample(lost.iter())),
+    });
+
+    let tx_twice = repeats(Level::Transactional);
+    verdicts.push(Verdict {
+        name: "transactional: no effect ran twice",
+        passed: tx_twice.is_empty(),
+        detail: format!(
+            "{} keys ran more than once: {}",
+            tx_twice.len(),
+            sample(tx_twice.iter().map(|(k, n)| format!("{} ×{n}", k.1)))
+        ),
+    });
+
+    let kv_twice = repeats(Level::Kv);
+    let unexplained: Vec<String> = kv_twice
+        .iter()
+        .filter(|(k, n)| explained.get(*k).copied().unwrap_or(0) < n - 1)
+        .map(|(k, n)| format!("{} ×{n}", k.1))
+        .collect();
+    verdicts.push(Verdict {
+        name: "kv: every repeated effect explained by a lease event",
+        passed: unexplained.is_empty(),
+        detail: format!(
+            "{} keys ran twice, {} unexplained: {}",
+            kv_twice.len(),
+            unexplained.len(),
+            sample(unexplained.iter())
+        ),
+    });
+
+    let threats = faults
+        .iter()
+        .filter(|f| f.kind.can_cost_a_lease(f.hold))
+        .count();
+    verdicts.push(Verdict {
+        name: "kv: no repeated effect unless a fault could cost a lease",
+        passed: threats > 0 || kv_twice.is_empty(),
+        detail: format!(
+            "{threats} faults could cost a lease; {} keys ran twice",
+            kv_twice.len()
+        ),
+    });
+
+    let mut conflict_failures = Vec::new();
+    for key in &conflicted {
+        let applied: BTreeSet<u64> = runs
+            .get(key)
+            .into_iter()
+            .flatten()
+            .map(|e| e.value)
+            .collect();
+        let refused: BTreeSet<u64> = letters
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter(|(reason, _)| *reason == "key_conflict")
+            .map(|(_, v)| *v)
+            .collect();
+        let all = &planned[key];
+        let ok = applied.len() == 1
+            && applied.is_disjoint(&refused)
+            && all
+                .iter()
+                .all(|v| applied.contains(v) || refused.contains(v));
+        if !ok {
+            conflict_failures.push(format!("{} applied {applied:?} refused {refused:?}", key.1));
+        }
+    }
+    verdicts.push(Verdict {
+        name: "reused keys: one payload applied, the other dead-lettered key_conflict",
+        passed: conflict_failures.is_empty(),
+        detail: format!(
+            "{} reused keys; wrong: {}",
+            conflicted.len(),
+            sample(conflict_failures.iter())
+        ),
+    });
+
+    let overlapping: Vec<String> = runs
+        .iter()
+        .filter(|((level, _), _)| *level != Level::Off)
+        .filter(|(key, r)| {
+            let overlap = r
+                .iter()
+                .enumerate()
+                .any(|(i, a)| r[i + 1..].iter().any(|b| a.overlaps(b)));
+            overlap && explained.get(*key).copied().unwrap_or(0) == 0
+        })
+        .map(|(key, _)| format!("{} {}", key.0.name(), key.1))
+        .collect();
+    verdicts.push(Verdict {
+        name: "no two executions of a key overlapped without a lease event",
+        passed: overlapping.is_empty(),
+        detail: format!("overlapping: {}", sample(overlapping.iter())),
+    });
+
+    let unrecorded: Vec<String> = evidence
+        .dead_letters
+        .iter()
+        .filter(|d| d.level != Level::Off)
+        .filter(|d| {
+            !matches!(
+                (d.reason.as_str(), d.record),
+                ("key_conflict", Some(ClaimState::Done)) | (_, Some(ClaimState::Dead))
+            )
+        })
+        .map(|d| {
+            format!(
+                "{} {} ({}, record {:?})",
+                d.level.name(),
+                d.order.key,
+                d.reason,
+                d.record
+            )
+        })
+        .collect();
+    verdicts.push(Verdict {
+        name: "every dead letter has its claim record",
+        passed: unrecorded.is_empty(),
+        detail: format!(
+            "{} dead letters; without record: {}",
+            evidence.dead_letters.len(),
+            sample(unrecorded.iter())
+        ),
+    });
+
+    let unexpected: Vec<String> = evidence
+        .dead_letters
+        .iter()
+        .filter(|d| d.reason != "key_conflict")
+        .map(|d| format!("{} {} ({})", d.level.name(), d.order.key, d.reason))
+        .collect();
+    verdicts.push(Verdict {
+        name: "no dead letters but key conflicts (the handlers never fail)",
+        passed: unexpected.is_empty(),
+        detail: format!("others: {}", sample(unexpected.iter())),
+    });
+
+    verdicts.push(Verdict {
+        name: "stream and consumers drained",
+        passed: evidence.drained,
+        detail: if evidence.drained {
+            "nothing pending, nothing unacknowledged".to_owned()
+        } else {
+            "messages still outstanding at the deadline".to_owned()
+        },
+    });
+
+    verdicts.push(Verdict {
+        name: "no worker panicked",
+        passed: evidence.panics.is_empty(),
+        detail: sample(evidence.panics.iter()),
+    });
+
+    let unclean: Vec<String> = evidence
+        .exits
+        .iter()
+        .filter(|e| !e.killed_by_fault && !e.status.as_ref().is_ok_and(|s| s.success()))
+        .map(|e| format!("{}: {:?}", e.worker, e.status))
+        .collect();
+    verdicts.push(Verdict {
+        name: "every surviving worker stopped cleanly on SIGTERM",
+        passed: unclean.is_empty(),
+        detail: format!(
+            "{} worker processes; unclean: {}",
+            evidence.exits.len(),
+            sample(unclean.iter())
+        ),
+    });
+    verdicts
+}
+
+/// The first few items, for a detail column.
+fn sample<T: std::fmt::Display>(items: impl Iterator<Item = T>) -> String {
+    let items: Vec<String> = items.map(|i| i.to_string()).collect();
+    match items.len() {
+        0 => "none".to_owned(),
+        n if n <= 5 => items.join(", "),
+        n => format!("{} … ({n} in all)", items[..5].join(", ")),
+    }
+}
