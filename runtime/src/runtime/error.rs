@@ -109,7 +109,7 @@ pub enum RuntimeError {
 
 impl RuntimeError {
     /// Whether trying again may cure it: the dedup store or JetStream did
-    /// not answer in time (a server restarting, a cluster electing
+    /// not answer (as opposed to answering with an error) (a server restarting, a cluster electing
     /// leaders). Start-up retries these for a while; everything else is a
     /// configuration to fix.
     ///
@@ -124,23 +124,22 @@ impl RuntimeError {
                 source: StoreError::Unavailable { .. },
                 ..
             } => true,
-            RuntimeError::JetStream { source, .. } => timed_out(source.as_ref()),
+            RuntimeError::JetStream { source, .. } => unanswered(source.as_ref()),
             _ => false,
         }
     }
 }
 
-/// Whether a timeout is among an error's causes.
-fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
+/// Whether the server never answered: no JetStream API error (the server's
+/// considered "no") among the causes — a timeout, no responders, a broken
+/// connection.
+fn unanswered(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut next = Some(error);
     while let Some(e) = next {
-        if e.is::<tokio::time::error::Elapsed>()
-            || e.downcast_ref::<std::io::Error>()
-                .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
-        {
-            return true;
+        if e.is::<async_nats::jetstream::Error>() {
+            return false;
         }
         next = e.source();
     }
-    false
+    true
 }
