@@ -21,8 +21,8 @@ pub enum Decision {
     },
     /// Done with the same payload: acknowledge without running.
     Duplicate,
-    /// Done with another payload under the same key: never run; dead-letter
-    /// with reason `key_conflict`.
+    /// Done — or claimed and expired — with another payload under the same
+    /// key: never run; dead-letter with reason `key_conflict`.
     Conflict {
         /// The fingerprint the key was completed with.
         stored: Option<Fingerprint>,
@@ -73,21 +73,35 @@ pub fn decide(
 ) -> Decision {
     match record.state {
         ClaimState::Released => Decision::Claim,
+        // An expired claim for another payload: its owner may have had its
+        // effect, so that payload owns the key; taking it over would apply
+        // a second, different payload (found by the fault suite's soak).
         ClaimState::Pending { lease_until } if lease_until <= now => {
-            Decision::Reclaim { from: record.owner }
+            if conflicts(record.fingerprint.as_ref(), fingerprint) {
+                Decision::Conflict {
+                    stored: record.fingerprint,
+                }
+            } else {
+                Decision::Reclaim { from: record.owner }
+            }
         }
         ClaimState::Pending { lease_until } => Decision::InFlight {
             owner: record.owner,
             retry_after: lease_until.saturating_since(now),
         },
-        ClaimState::Done => match (record.fingerprint.as_ref(), fingerprint) {
-            (Some(stored), Some(mine)) if stored != mine => Decision::Conflict {
+        ClaimState::Done if conflicts(record.fingerprint.as_ref(), fingerprint) => {
+            Decision::Conflict {
                 stored: record.fingerprint,
-            },
-            _ => Decision::Duplicate,
-        },
+            }
+        }
+        ClaimState::Done => Decision::Duplicate,
         ClaimState::Dead => Decision::Dead,
     }
+}
+
+/// Both payloads are known and differ.
+fn conflicts(stored: Option<&Fingerprint>, mine: Option<&Fingerprint>) -> bool {
+    matches!((stored, mine), (Some(stored), Some(mine)) if stored != mine)
 }
 
 #[cfg(test)]
@@ -135,12 +149,16 @@ mod tests {
                     retry_after: Duration::from_millis(1_500)
                 }
             );
-            // Pending, lease ended (a deadline equal to now has ended): reclaim.
+            // Pending, lease ended (a deadline equal to now has ended):
+            // reclaim, unless the payload differs (the old owner may have
+            // applied its own).
             let lapsed = record(expired, stored);
-            assert_eq!(
-                decide(&lapsed, NOW, mine.as_ref()),
+            let expected = if conflict {
+                Decision::Conflict { stored }
+            } else {
                 Decision::Reclaim { from: lapsed.owner }
-            );
+            };
+            assert_eq!(decide(&lapsed, NOW, mine.as_ref()), expected);
             // Done: duplicate, or conflict when both fingerprints exist and differ.
             let expected = if conflict {
                 Decision::Conflict { stored }

@@ -224,6 +224,7 @@ macro_rules! conformance_tests {
             same_key_with_another_payload_is_a_key_conflict,
             valid_lease_elsewhere_is_in_flight,
             expired_lease_is_reclaimed,
+            expired_claim_for_another_payload_is_a_key_conflict,
             racing_takeovers_have_exactly_one_winner,
             fenced_out_owner_cannot_write,
             release_then_claim_again,
@@ -253,6 +254,7 @@ pub async fn run_all<F: Fixture>(f: &F) {
     same_key_with_another_payload_is_a_key_conflict(f).await;
     valid_lease_elsewhere_is_in_flight(f).await;
     expired_lease_is_reclaimed(f).await;
+    expired_claim_for_another_payload_is_a_key_conflict(f).await;
     racing_takeovers_have_exactly_one_winner(f).await;
     fenced_out_owner_cannot_write(f).await;
     release_then_claim_again(f).await;
@@ -433,6 +435,23 @@ pub async fn expired_lease_is_reclaimed<F: Fixture>(f: &F) {
     let (state, owner, _) = record_state(&a, &key).await;
     assert!(matches!(state, ClaimState::Pending { .. }));
     assert_eq!(owner, b.owner());
+}
+
+/// An expired claim is not taken over for another payload: its owner may
+/// have applied its own, so the other payload is a key conflict (found by
+/// the fault suite's soak, where both payloads of a reused key were
+/// applied).
+pub async fn expired_claim_for_another_payload_is_a_key_conflict<F: Fixture>(f: &F) {
+    let (a, b) = (f.store(Owner::random()), f.store(Owner::random()));
+    let key = key("reclaim-other-payload");
+    claimed(&a, &key, f.lease()).await;
+    f.clock().advance(f.lease());
+    match b.claim(&key, payload_b(), f.lease()).await.expect("claim") {
+        ClaimOutcome::KeyConflict { stored } => assert_eq!(stored, payload_a()),
+        other => panic!("expected KeyConflict, got {other:?}"),
+    }
+    let (_, owner, _) = record_state(&a, &key).await;
+    assert_eq!(owner, a.owner(), "the record is left to its owner");
 }
 
 /// Sixteen owners race for one expired lease: exactly one wins.
