@@ -60,6 +60,7 @@ pub mod outbox;
 pub mod publisher;
 pub mod retry;
 pub mod runtime;
+mod server_error;
 pub mod store;
 pub mod subject;
 #[cfg(feature = "postgres")]

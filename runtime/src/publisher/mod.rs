@@ -352,19 +352,8 @@ enum Resolve {
 /// Whether the server answered "duplicate message id is in process" (10158):
 /// a resend that overtook the replication of its first copy.
 fn in_process(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut next = Some(error);
-    while let Some(e) = next {
-        if e.downcast_ref::<async_nats::jetstream::Error>()
-            .is_some_and(|js| {
-                js.error_code()
-                    == async_nats::jetstream::ErrorCode::STREAM_DUPLICATE_MESSAGE_CONFLICT
-            })
-        {
-            return true;
-        }
-        next = e.source();
-    }
-    false
+    crate::server_error::codes(error)
+        .any(|code| code == async_nats::jetstream::ErrorCode::STREAM_DUPLICATE_MESSAGE_CONFLICT)
 }
 
 #[cfg(test)]

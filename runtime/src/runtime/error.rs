@@ -134,12 +134,5 @@ impl RuntimeError {
 /// considered "no") among the causes — a timeout, no responders, a broken
 /// connection.
 fn unanswered(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut next = Some(error);
-    while let Some(e) = next {
-        if e.is::<async_nats::jetstream::Error>() {
-            return false;
-        }
-        next = e.source();
-    }
-    true
+    crate::server_error::codes(error).next().is_none()
 }

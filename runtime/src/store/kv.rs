@@ -178,19 +178,10 @@ impl KvBucket {
 /// error's sources (10071 on publish, 10164 on newer servers' KV paths,
 /// which the client files under "other").
 fn is_cas_conflict(error: &(dyn StdError + 'static)) -> bool {
-    let mut next = Some(error);
-    while let Some(e) = next {
-        if let Some(js) = e.downcast_ref::<jetstream::Error>() {
-            let code = js.error_code();
-            if code == ErrorCode::STREAM_WRONG_LAST_SEQUENCE
-                || code == ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT
-            {
-                return true;
-            }
-        }
-        next = e.source();
-    }
-    false
+    crate::server_error::codes(error).any(|code| {
+        code == ErrorCode::STREAM_WRONG_LAST_SEQUENCE
+            || code == ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT
+    })
 }
 
 impl KvBucket {
