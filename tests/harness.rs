@@ -66,17 +66,7 @@ async fn stream_message_survives_kill_and_restart() {
 #[tokio::test]
 async fn client_sees_disconnect_on_kill_and_reconnects_after_restart() {
     let mut server = NatsServer::start().await.expect("nats-server");
-    let (events_tx, mut events) = mpsc::unbounded_channel();
-    let client = async_nats::ConnectOptions::new()
-        .event_callback(move |event| {
-            let events_tx = events_tx.clone();
-            async move {
-                let _ = events_tx.send(event);
-            }
-        })
-        .connect(server.client_url())
-        .await
-        .expect("connect");
+    let (client, mut events) = client_with_events(server.client_url()).await;
     let port = server.port();
 
     server.kill().expect("SIGKILL");
@@ -292,9 +282,9 @@ async fn cluster_elects_a_leader_for_r3_and_keeps_writing_when_it_is_killed() {
     }
 }
 
-/// A client connected through a proxy, with its connection events.
-async fn proxied_client(
-    proxy: &Proxy,
+/// A client connected to `url`, with its connection events.
+async fn client_with_events(
+    url: String,
 ) -> (
     async_nats::Client,
     mpsc::UnboundedReceiver<async_nats::Event>,
@@ -307,9 +297,9 @@ async fn proxied_client(
                 let _ = events_tx.send(event);
             }
         })
-        .connect(proxy.url())
+        .connect(&url)
         .await
-        .expect("connect through the proxy");
+        .unwrap_or_else(|e| panic!("connect to {url}: {e}"));
     (client, events)
 }
 
@@ -317,7 +307,7 @@ async fn proxied_client(
 async fn proxy_stall_holds_requests_until_opened() {
     let server = NatsServer::start().await.expect("nats-server");
     let proxy = Proxy::start(server.client_addr()).await.expect("proxy");
-    let (client, _events) = proxied_client(&proxy).await;
+    let (client, _events) = client_with_events(proxy.url()).await;
     let js = jetstream::new(client);
     file_stream(&js, "STALLED", 1).await;
 
@@ -359,7 +349,7 @@ async fn proxy_stall_holds_requests_until_opened() {
 async fn proxy_hold_replies_then_cut_loses_the_puback_but_not_the_message() {
     let server = NatsServer::start().await.expect("nats-server");
     let proxy = Proxy::start(server.client_addr()).await.expect("proxy");
-    let (client, mut events) = proxied_client(&proxy).await;
+    let (client, mut events) = client_with_events(proxy.url()).await;
     let js = jetstream::new(client);
     file_stream(&js, "HELD", 1).await;
     let direct = jetstream::new(server.connect().await.expect("direct client"));
@@ -390,7 +380,7 @@ async fn proxy_hold_replies_then_cut_loses_the_puback_but_not_the_message() {
 async fn proxy_refuse_keeps_clients_out_until_opened() {
     let server = NatsServer::start().await.expect("nats-server");
     let proxy = Proxy::start(server.client_addr()).await.expect("proxy");
-    let (client, mut events) = proxied_client(&proxy).await;
+    let (client, mut events) = client_with_events(proxy.url()).await;
 
     proxy.refuse();
     proxy.cut();
