@@ -144,18 +144,11 @@ impl Deployment {
         let ledger = Ledger::new(database.schema());
         ledger.create(database.pool()).await?;
 
-        let mut producer_links = Vec::new();
-        for addr in &addrs {
-            producer_links.push(Proxy::start(*addr).await?);
-        }
+        let producer_links = proxies(&addrs).await?;
         let producer = connect_through(&producer_links).await?;
         let mut links = Vec::new();
         for _ in 0..workers {
-            let mut slot = Vec::new();
-            for addr in &addrs {
-                slot.push(Proxy::start(*addr).await?);
-            }
-            links.push(slot);
+            links.push(proxies(&addrs).await?);
         }
         let mut deployment = Self {
             servers,
@@ -432,6 +425,15 @@ impl Deployment {
     pub fn keep_logs(self) -> PathBuf {
         self.dir.keep()
     }
+}
+
+/// A proxy in front of each server.
+async fn proxies(addrs: &[SocketAddr]) -> Fallible<Vec<Proxy>> {
+    let mut proxies = Vec::with_capacity(addrs.len());
+    for addr in addrs {
+        proxies.push(Proxy::start(*addr).await?);
+    }
+    Ok(proxies)
 }
 
 async fn connect_through(links: &[Proxy]) -> Fallible<async_nats::Client> {

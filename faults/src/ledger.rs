@@ -48,12 +48,13 @@ pub struct Ledger {
 impl Ledger {
     /// The ledger in `schema` (created by [`create`](Self::create)).
     pub fn new(schema: &str) -> Self {
-        let table = format!("\"{}\".effects", schema.replace('"', "\"\""));
+        let schema = format!("\"{}\"", schema.replace('"', "\"\""));
+        let table = format!("{schema}.effects");
         let insert_sql = format!(
             "INSERT INTO {table} (handler, key, value, worker, started_us, ended_us) \
              VALUES ($1, $2, $3, $4, $5, $6)"
         );
-        let started = format!("\"{}\".started", schema.replace('"', "\"\""));
+        let started = format!("{schema}.started");
         Self {
             table,
             insert_sql,

@@ -37,6 +37,21 @@ impl Effects {
         tokio::time::sleep(Duration::from_millis(order.work_ms)).await;
         Ok(started)
     }
+
+    /// Writes the effect on its own, outside any transaction: once written
+    /// it stays, whatever idem does next.
+    async fn write_alone(
+        &self,
+        level: Level,
+        order: &Order,
+        started: i64,
+    ) -> Result<(), sqlx::Error> {
+        self.ledger
+            .insert(level, order, &self.worker, started)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
 }
 
 /// Work this long is announced (see [`Ledger::note_started`]).
@@ -49,11 +64,7 @@ async fn kv_effect(
     State(effects): State<Effects>,
 ) -> Result<(), HandlerError> {
     let started = effects.work(&order).await?;
-    effects
-        .ledger
-        .insert(Level::Kv, &order, &effects.worker, started)
-        .execute(&effects.pool)
-        .await?;
+    effects.write_alone(Level::Kv, &order, started).await?;
     Ok(())
 }
 
@@ -81,11 +92,7 @@ async fn off_effect(
 ) -> Result<(), HandlerError> {
     let started = now_us();
     tokio::time::sleep(Duration::from_millis(order.work_ms)).await;
-    effects
-        .ledger
-        .insert(Level::Off, &order, &effects.worker, started)
-        .execute(&effects.pool)
-        .await?;
+    effects.write_alone(Level::Off, &order, started).await?;
     Ok(())
 }
 
