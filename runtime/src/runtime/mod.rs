@@ -300,7 +300,11 @@ impl RuntimeBuilder {
     }
 
     /// Provisions everything (streams, consumers, buckets, dead-letter
-    /// stream) and returns the runtime, ready to run.
+    /// stream) and returns the runtime, ready to run. Requests the servers
+    /// do not answer (a restart, a cluster electing leaders) are retried
+    /// for up to 60 s; an error the server answers with, or a
+    /// configuration error, is returned at once
+    /// ([`RuntimeError::is_transient`]).
     pub async fn build(self) -> Result<Runtime, RuntimeError> {
         if self.handlers.is_empty() {
             return Err(RuntimeError::NoHandlers);
