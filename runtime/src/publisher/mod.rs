@@ -97,6 +97,10 @@ struct Shared {
     backoff: Retry,
     /// Subjects whose stream and duplicate window were checked.
     streams: Mutex<HashSet<String>>,
+    /// Held while a subject is looked up: the first burst of sends to a new
+    /// subject (say, `publish_all`'s whole window) waits for one lookup
+    /// instead of each making its own.
+    lookup: tokio::sync::Mutex<()>,
 }
 
 /// What one attempt came to.
@@ -124,6 +128,7 @@ impl Publisher {
                 config,
                 backoff,
                 streams: Mutex::default(),
+                lookup: tokio::sync::Mutex::new(()),
             }),
         }
     }
@@ -292,6 +297,10 @@ impl Publisher {
     /// Finds the stream capturing `subject` and checks its duplicate window
     /// against the deadline, once per subject.
     async fn check_stream(&self, subject: &str) -> Result<(), Resolve> {
+        if self.known_subjects().contains(subject) {
+            return Ok(());
+        }
+        let _looking = self.inner.lookup.lock().await;
         if self.known_subjects().contains(subject) {
             return Ok(());
         }
