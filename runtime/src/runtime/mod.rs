@@ -19,6 +19,7 @@
 mod dead_letter;
 mod error;
 mod faults;
+mod pace;
 mod process;
 mod provision;
 mod stats;

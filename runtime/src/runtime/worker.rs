@@ -10,11 +10,12 @@ use async_nats::jetstream::AckKind;
 use async_nats::jetstream::consumer::PullConsumer;
 use futures::StreamExt;
 use tokio::sync::Semaphore;
-use tokio::time::{sleep, timeout};
+use tokio::time::{Instant, sleep, timeout};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
+use super::pace::Pace;
 use super::process::Shared;
 use crate::handler::Handler;
 
@@ -76,14 +77,14 @@ impl<H: Handler> HandlerWorker<H> {
             tokio::spawn(purge);
         }
         let permits = Arc::new(Semaphore::new(self.shared.config.concurrency));
+        let pace = Arc::new(Pace::default());
         let tasks = TaskTracker::new();
         let mut pull_failures = 0u32;
         'fetching: while !shutdown.is_cancelled() {
-            // A pull per handler's worth of messages, issued while the last
-            // ones still run (so the pull's round trip overlaps the work);
-            // the permits below bound how many run at once, and a fetched
-            // message waits at most one handler's run for its permit.
-            let wanted = self.shared.config.concurrency.clamp(1, MAX_BATCH);
+            // A pull issued while the last messages still run (so its round
+            // trip overlaps the work), for as many as can start soon (see
+            // `pace`); the permits below bound how many run at once.
+            let wanted = pace.pull_size(self.shared.config.concurrency, MAX_BATCH);
             let batch = tokio::select! {
                 batch = self.consumer.fetch().max_messages(wanted).expires(PULL_EXPIRES).messages() => batch,
                 () = shutdown.cancelled() => break,
@@ -128,9 +129,11 @@ impl<H: Handler> HandlerWorker<H> {
                         break 'fetching;
                     }
                 };
-                let shared = self.shared.clone();
+                let (shared, pace) = (self.shared.clone(), pace.clone());
                 tasks.spawn(async move {
+                    let began = Instant::now();
                     shared.handle(message).await;
+                    pace.record(began.elapsed());
                     drop(permit);
                 });
             }
