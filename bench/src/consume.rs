@@ -217,7 +217,8 @@ impl Bench {
         let took = started.elapsed();
         let _ = stop.send(());
         running.await??;
-        Ok(Figures::new(messages, took, &mut self.spans.take()))
+        let mut spans = self.spans.take();
+        Ok(Figures::new(messages, took, &mut spans))
     }
 
     async fn raw(
@@ -227,12 +228,13 @@ impl Bench {
         messages: usize,
     ) -> Result<Figures, BoxError> {
         let stream = self.js.get_stream(workload::STREAM).await?;
+        // As idem provisions its consumers.
+        let max_ack_pending = (concurrency * 4).max(64);
         let consumer = stream
             .create_consumer(pull::Config {
                 durable_name: Some("raw".into()),
                 ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                // As idem provisions its consumers.
-                max_ack_pending: (concurrency * 4).max(64) as i64,
+                max_ack_pending: max_ack_pending as i64,
                 ..Default::default()
             })
             .await?;
@@ -248,7 +250,9 @@ impl Bench {
         let started = Instant::now();
         let mut pulled = consumer
             .stream()
-            .max_messages_per_batch(concurrency.clamp(1, 256))
+            // Pull ahead as far as the consumer lets messages be pending (a
+            // batch of one waits out each pull's round trip and expiry).
+            .max_messages_per_batch(max_ack_pending.min(256))
             .messages()
             .await?
             .take(messages);

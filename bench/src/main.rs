@@ -27,11 +27,10 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use idem::testing::NatsServer;
-use tracing_subscriber::filter::filter_fn;
 use tracing_subscriber::prelude::*;
 
 use cli::{Cli, Group, Role};
-use measure::{Figures, Latencies, MESSAGE_SPAN, SpanTimer, percentile};
+use measure::{Figures, Latencies, SpanTimer, percentile};
 use postgres::Postgres;
 use report::{Latency, MemoryRow, Report, Row, Target, micros};
 
@@ -104,7 +103,7 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
     }
     let spans = Latencies::default();
     tracing_subscriber::registry()
-        .with(SpanTimer::new(spans.clone()).with_filter(filter_fn(|m| m.name() == MESSAGE_SPAN)))
+        .with(SpanTimer::new(spans.clone()))
         .try_init()?;
     let binary = server::choose(cli.server.as_deref())?;
     let server = NatsServer::start_with(&binary).await?;

@@ -4,7 +4,8 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use tracing::span;
+use tracing::subscriber::Interest;
+use tracing::{Metadata, span};
 use tracing_subscriber::Layer;
 use tracing_subscriber::layer::Context;
 use tracing_subscriber::registry::LookupSpan;
@@ -75,8 +76,8 @@ impl Latencies {
 pub const MESSAGE_SPAN: &str = "idem.message";
 
 /// A tracing layer that times every [`MESSAGE_SPAN`] from creation to close.
-/// Installed with a filter that enables nothing else, so the runtime's other
-/// instrumentation stays off as it would in production without a subscriber.
+/// It enables nothing else (a global filter: the runtime's and sqlx's other
+/// instrumentation stays off, as in production without a subscriber).
 pub struct SpanTimer {
     latencies: Latencies,
 }
@@ -93,6 +94,18 @@ impl<S> Layer<S> for SpanTimer
 where
     S: tracing::Subscriber + for<'a> LookupSpan<'a>,
 {
+    fn register_callsite(&self, meta: &'static Metadata<'static>) -> Interest {
+        if meta.name() == MESSAGE_SPAN {
+            Interest::always()
+        } else {
+            Interest::never()
+        }
+    }
+
+    fn enabled(&self, meta: &Metadata<'_>, _: Context<'_, S>) -> bool {
+        meta.name() == MESSAGE_SPAN
+    }
+
     fn on_new_span(&self, _: &span::Attributes<'_>, id: &span::Id, ctx: Context<'_, S>) {
         if let Some(span) = ctx.span(id) {
             span.extensions_mut().insert(Opened(Instant::now()));
