@@ -295,6 +295,78 @@ async fn a_resend_with_a_new_message_id_runs_the_effect_once() {
 }
 
 #[tokio::test]
+async fn a_duplicate_arriving_while_its_original_runs_waits_and_is_answered_as_a_duplicate() {
+    let setup = Setup::new().await;
+    let running = setup.start(|b| b.handler(kv_handler)).await;
+    let slow = Order {
+        sleep_ms: 400,
+        ..order("o-slow")
+    };
+    setup
+        .publish("orders.kv", &slow, Some("original"), None)
+        .await;
+    setup
+        .publish("orders.kv", &slow, Some("resend"), None)
+        .await;
+    setup.drained("kv_handler").await;
+    until("both deliveries answered", || {
+        running.count("kv_handler", Outcome::Processed)
+            + running.count("kv_handler", Outcome::Duplicate)
+            == 2
+    })
+    .await;
+    assert_eq!(setup.effects.runs("o-slow").len(), 1);
+    assert_eq!(running.count("kv_handler", Outcome::Duplicate), 1);
+    assert_eq!(
+        running.count("kv_handler", Outcome::InFlightElsewhere),
+        0,
+        "the resend waited for the original in this process instead of a NAK and a redelivery"
+    );
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn a_duplicate_of_a_key_this_process_completed_is_answered_from_memory() {
+    let setup = Setup::new().await;
+    let running = setup.start(|b| b.handler(kv_handler)).await;
+    setup
+        .publish("orders.kv", &order("o-mem"), Some("first"), None)
+        .await;
+    until("the original processed", || {
+        running.count("kv_handler", Outcome::Processed) == 1
+    })
+    .await;
+    // With the record gone from the store, only this process's memory can
+    // still say the key is done.
+    let key = record_key("kv_handler", "o-mem");
+    setup.claims().await.forget(&key).await.expect("forget");
+    setup
+        .publish("orders.kv", &order("o-mem"), Some("second"), None)
+        .await;
+    until("the resend answered", || {
+        running.count("kv_handler", Outcome::Duplicate) == 1
+    })
+    .await;
+    assert_eq!(setup.effects.runs("o-mem").len(), 1);
+    running.stop().await;
+
+    // A process that remembers nothing asks the store, which no longer has
+    // the key: the effect runs again (what `recent_completions(0)` is for).
+    let forgetful = setup
+        .start(|b| b.handler_with(kv_handler, |c| c.recent_completions(0)))
+        .await;
+    setup
+        .publish("orders.kv", &order("o-mem"), Some("third"), None)
+        .await;
+    until("the third copy processed", || {
+        forgetful.count("kv_handler", Outcome::Processed) == 1
+    })
+    .await;
+    assert_eq!(setup.effects.runs("o-mem").len(), 2);
+    forgetful.stop().await;
+}
+
+#[tokio::test]
 async fn a_redelivery_after_a_lost_ack_runs_the_effect_once() {
     let setup = Setup::new().await;
     // Every ack of a success is lost: each message comes back after ack_wait (1 s).

@@ -156,6 +156,10 @@ pub struct HandlerConfig {
     pub fingerprint: FingerprintSource,
     /// Whether the `Ok` value is stored for duplicates.
     pub store_result: bool,
+    /// How many keys this process completed are remembered in memory, so
+    /// that their duplicates are answered without asking the store
+    /// (default: 16,384; 0 turns it off). `dedup = kv` only.
+    pub recent_completions: usize,
 }
 
 impl HandlerConfig {
@@ -175,6 +179,7 @@ impl HandlerConfig {
             on_missing_key: OnMissingKey::default(),
             fingerprint: FingerprintSource::default(),
             store_result: false,
+            recent_completions: 16_384,
         }
     }
 
@@ -241,6 +246,27 @@ impl HandlerConfig {
     /// Stores the handler's `Ok` value for duplicates.
     pub fn store_result(mut self, store: bool) -> Self {
         self.store_result = store;
+        self
+    }
+
+    /// How many completed keys this process remembers, to answer their
+    /// duplicates without a round trip to the store; 0 turns it off.
+    ///
+    /// Only completions the store confirmed are remembered, each no longer
+    /// than the record lives (`retention`); a different payload under a
+    /// remembered key still goes to the store and is dead-lettered as a
+    /// `key_conflict`. Turn it off if operators delete records by hand to
+    /// make a key run again: this process would keep answering its
+    /// duplicates until the entry is evicted.
+    ///
+    /// ```
+    /// use idem::handler::HandlerConfig;
+    ///
+    /// let config = HandlerConfig::new("issue_card", "PAYMENTS").recent_completions(100_000);
+    /// assert_eq!(config.recent_completions, 100_000);
+    /// ```
+    pub fn recent_completions(mut self, capacity: usize) -> Self {
+        self.recent_completions = capacity;
         self
     }
 

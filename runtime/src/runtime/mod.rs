@@ -22,6 +22,7 @@ mod faults;
 mod pace;
 mod process;
 mod provision;
+mod recent;
 mod stats;
 #[cfg(feature = "postgres")]
 mod transactional;
@@ -47,6 +48,7 @@ use crate::key::HandlerName;
 use crate::store::KvStoreConfig;
 use faults::Faults;
 use process::Shared;
+use recent::Recent;
 use worker::{HandlerWorker, Worker};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -104,8 +106,11 @@ impl<H: Handler> Registration for Registered<H> {
                 consumer,
             } = patiently(&config, || provision_handler(&ctx, &config)).await?;
             info!(handler = %config.name, stream = %config.stream, consumer = %config.consumer, dedup = ?config.dedup, "handler ready");
+            // The claim bucket keeps records for the handler's retention.
+            let recent = Recent::new(config.recent_completions, config.retention);
             let shared = Shared {
                 handler,
+                recent,
                 name,
                 counters: ctx.stats.counters(&config.name),
                 config,

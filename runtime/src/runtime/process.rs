@@ -3,17 +3,19 @@
 //! Executes the design notes' steps; the decisions themselves are made by
 //! the claim state machine and the retry policy.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, Message};
-use tokio::time::{Instant, MissedTickBehavior, interval_at, sleep};
+use tokio::sync::watch;
+use tokio::time::{Instant, MissedTickBehavior, interval_at, sleep, timeout_at};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span, error, field, info_span, warn};
 
 use super::dead_letter::{self, Reason};
 use super::faults::Faults;
+use super::recent::Recent;
 use super::stats::{Counters, Outcome};
 use crate::claim::{Claim, ClaimOutcome, Transition};
 use crate::extract::StateMap;
@@ -37,8 +39,11 @@ pub(crate) struct Shared<H> {
     /// Cancelled when the shutdown deadline has passed: running handlers
     /// are abandoned, their claims released.
     pub(crate) hard_stop: CancellationToken,
-    /// Keys this process is working on right now.
-    pub(crate) active: Mutex<HashSet<RecordKey>>,
+    /// Keys this process is working on right now, each with a channel that
+    /// closes when the work ends.
+    pub(crate) active: Mutex<HashMap<RecordKey, watch::Receiver<()>>>,
+    /// Keys this process completed recently.
+    pub(super) recent: Recent,
     /// The inbox of a `dedup = transactional` handler.
     #[cfg(feature = "postgres")]
     pub(crate) inbox: Option<super::transactional::TxInbox>,
@@ -46,20 +51,29 @@ pub(crate) struct Shared<H> {
 
 /// Marks a key as worked on by this process for as long as it lives.
 struct ActiveKey<'a> {
-    active: &'a Mutex<HashSet<RecordKey>>,
+    active: &'a Mutex<HashMap<RecordKey, watch::Receiver<()>>>,
     key: RecordKey,
+    /// Dropped last: whoever waits on the key wakes once it is free.
+    _working: watch::Sender<()>,
 }
 
 impl<'a> ActiveKey<'a> {
-    /// `None` if the key is already being worked on here.
-    fn enter(active: &'a Mutex<HashSet<RecordKey>>, key: &RecordKey) -> Option<Self> {
-        let fresh = active
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(key.clone());
-        fresh.then(|| ActiveKey {
+    /// Marks `key`, or, if another delivery here is working on it, hands
+    /// back a receiver whose `changed()` returns once that work has ended.
+    fn enter(
+        active: &'a Mutex<HashMap<RecordKey, watch::Receiver<()>>>,
+        key: &RecordKey,
+    ) -> Result<Self, watch::Receiver<()>> {
+        let mut keys = active.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(busy) = keys.get(key) {
+            return Err(busy.clone());
+        }
+        let (working, finished) = watch::channel(());
+        keys.insert(key.clone(), finished);
+        Ok(ActiveKey {
             active,
             key: key.clone(),
+            _working: working,
         })
     }
 }
@@ -148,13 +162,14 @@ impl<H: Handler> Shared<H> {
             };
         };
         let key = RecordKey::new(&self.name, &prepared.key);
-        // A redelivery of a key this process is still working on (say, still
-        // retrying its completion after an outage) must not reclaim it from
-        // ourselves once the lease has run out.
-        let Some(_working) = ActiveKey::enter(&self.active, &key) else {
+        let Some(_working) = self.work_on(&key).await else {
             self.count(Outcome::InFlightElsewhere);
             return nak(message, in_flight_delay(attempt, self.config.lease)).await;
         };
+        if self.recent.is_done(&key, prepared.fingerprint) {
+            self.count(Outcome::Duplicate);
+            return ack_recorded(message).await;
+        }
         let claim = match store
             .claim(&key, prepared.fingerprint, self.config.lease)
             .await
@@ -172,7 +187,7 @@ impl<H: Handler> Shared<H> {
             }
             Ok(ClaimOutcome::Duplicate { .. } | ClaimOutcome::Dead) => {
                 self.count(Outcome::Duplicate);
-                return ack(message).await;
+                return ack_recorded(message).await;
             }
             Ok(ClaimOutcome::KeyConflict { stored }) => {
                 return self.key_conflict(message, delivery, stored).await;
@@ -184,6 +199,30 @@ impl<H: Handler> Shared<H> {
         };
         self.run_claimed(message, delivery, store, claim, prepared.args, attempt)
             .await;
+    }
+
+    /// Marks `key` as worked on here. If another delivery in this process
+    /// has it (a duplicate arriving while its original runs, or a
+    /// redelivery while completion is still being retried after an outage),
+    /// waits for that to end — at most a lease, and never past shutdown —
+    /// rather than claim the key from ourselves or NAK a duplicate that is
+    /// about to be answered. `None`: still held.
+    async fn work_on(&self, key: &RecordKey) -> Option<ActiveKey<'_>> {
+        let deadline = Instant::now() + self.config.lease;
+        loop {
+            let mut finished = match ActiveKey::enter(&self.active, key) {
+                Ok(entered) => return Some(entered),
+                Err(finished) => finished,
+            };
+            tokio::select! {
+                ended = timeout_at(deadline, finished.changed()) => {
+                    if ended.is_err() {
+                        return None;
+                    }
+                }
+                () = self.hard_stop.cancelled() => return None,
+            }
+        }
     }
 
     async fn run_claimed(
@@ -215,8 +254,12 @@ impl<H: Handler> Shared<H> {
         } else {
             None
         };
+        let sent = Instant::now();
         match self.complete(message, store, &claim, stored).await {
-            Some(Transition::Applied) => self.succeeded(message, true).await,
+            Some(Transition::Applied) => {
+                self.recent.remember(&claim.key, claim.fingerprint, sent);
+                self.succeeded(message, true).await;
+            }
             Some(Transition::LeaseLost { current_owner }) => {
                 warn!(
                     event = "lease_lost",
@@ -312,11 +355,10 @@ impl<H: Handler> Shared<H> {
         if self.faults.drop_this_ack() {
             return;
         }
-        if !recorded {
-            return ack(message).await;
-        }
-        if let Err(e) = message.ack().await {
-            warn!(error = %e, "could not acknowledge; the redelivery will be a duplicate");
+        if recorded {
+            ack_recorded(message).await;
+        } else {
+            ack(message).await;
         }
     }
 
@@ -457,6 +499,15 @@ pub(super) async fn ack(message: &Message) {
             }
             Err(_) => sleep(pause).await,
         }
+    }
+}
+
+/// A plain ack for a message whose key the store holds as done: a lost ack
+/// only costs a redelivery that is answered as a duplicate, so waiting for
+/// the server's confirmation buys nothing.
+pub(super) async fn ack_recorded(message: &Message) {
+    if let Err(e) = message.ack().await {
+        warn!(error = %e, "could not acknowledge; the redelivery will be a duplicate");
     }
 }
 

@@ -234,7 +234,9 @@ mod path {
     use super::{TxClaim, TxInbox};
     use crate::handler::{Handler, prepare};
     use crate::key::RecordKey;
-    use crate::runtime::process::{Failure, Shared, ack, in_flight_delay, nak, store_backoff};
+    use crate::runtime::process::{
+        Failure, Shared, ack_recorded, in_flight_delay, nak, store_backoff,
+    };
     use crate::runtime::stats::Outcome;
     use crate::{Delivery, Tx};
 
@@ -303,7 +305,7 @@ mod path {
                 return match other {
                     TxClaim::Duplicate | TxClaim::Dead => {
                         self.count(Outcome::Duplicate);
-                        ack(message).await
+                        ack_recorded(message).await
                     }
                     TxClaim::Busy => {
                         self.count(Outcome::InFlightElsewhere);
