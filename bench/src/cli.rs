@@ -32,6 +32,16 @@ pub struct Cli {
     #[arg(long)]
     pub server: Option<String>,
 
+    /// Only the scenarios with these ids (e.g. `idem_kv,raw_double_ack`),
+    /// say to profile one; ratios need their baseline in the list.
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
+
+    /// Concurrencies for the consumer scenarios (default 1,16,64,256;
+    /// 1,64 with `--quick`).
+    #[arg(long, value_delimiter = ',')]
+    pub concurrency: Vec<usize>,
+
     /// Runs per figure; the median is reported.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=15))]
     pub runs: u32,
@@ -87,6 +97,11 @@ pub enum Role {
 }
 
 impl Cli {
+    /// Whether the scenario with this id runs.
+    pub fn runs_scenario(&self, id: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|o| o == id)
+    }
+
     /// Whether a group runs.
     pub fn runs_group(&self, group: Group) -> bool {
         self.scenario.is_empty() || self.scenario.contains(&group)

@@ -16,6 +16,7 @@ use tokio::sync::Semaphore;
 use crate::measure::{Figures, Latencies};
 use crate::workload::{self, Order};
 use crate::{BoxError, Postgres};
+use tracing::Instrument;
 
 /// One consumer scenario.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -243,7 +244,7 @@ impl Bench {
         } else {
             None
         };
-        let latencies = Latencies::default();
+        self.spans.take();
         let permits = Arc::new(Semaphore::new(concurrency));
         let done = Arc::new(AtomicUsize::new(0));
         let failed = Arc::new(AtomicUsize::new(0));
@@ -259,10 +260,10 @@ impl Bench {
         while let Some(message) = pulled.next().await {
             let message = message?;
             let permit = permits.clone().acquire_owned().await?;
-            let (kv, done, failed, latencies) =
-                (kv.clone(), done.clone(), failed.clone(), latencies.clone());
+            let (kv, done, failed) = (kv.clone(), done.clone(), failed.clone());
             tokio::spawn(async move {
-                let began = Instant::now();
+                // Timed exactly as idem's deliveries are: a span of the same
+                // name, from permit to acknowledgement.
                 let result: Result<(), BoxError> = async {
                     match kv {
                         None if scenario == Scenario::RawAck => message.ack().await?,
@@ -278,8 +279,8 @@ impl Bench {
                     }
                     Ok(())
                 }
+                .instrument(tracing::info_span!("idem.message"))
                 .await;
-                latencies.record(began.elapsed());
                 if let Err(e) = result {
                     eprintln!("bench message failed: {e}");
                     failed.fetch_add(1, Ordering::SeqCst);
@@ -295,6 +296,6 @@ impl Bench {
         if failed.load(Ordering::SeqCst) > 0 {
             return Err(format!("{}: messages failed in a bench run", scenario.name()).into());
         }
-        Ok(Figures::new(messages, took, &mut latencies.take()))
+        Ok(Figures::new(messages, took, &mut self.spans.take()))
     }
 }

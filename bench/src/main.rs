@@ -48,6 +48,14 @@ struct Plan {
 
 impl Plan {
     fn for_cli(cli: &Cli) -> Self {
+        let mut plan = Self::sized(cli);
+        if !cli.concurrency.is_empty() {
+            plan.concurrencies = cli.concurrency.clone();
+        }
+        plan
+    }
+
+    fn sized(cli: &Cli) -> Self {
         if cli.quick {
             Plan {
                 concurrencies: vec![1, 64],
@@ -127,14 +135,14 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
             spans,
         };
         if cli.runs_group(Group::Consume) {
-            consumers(&bench, &plan, cli.runs, &mut report).await?;
+            consumers(&bench, &plan, &cli, &mut report).await?;
         }
         if cli.runs_group(Group::Latency) {
             report.latency = Some(latency(&bench, &plan, cli.runs, &report.consume).await?);
         }
     }
     if cli.runs_group(Group::Produce) {
-        producers(&client, &plan, cli.runs, &mut report).await?;
+        producers(&client, &plan, &cli, &mut report).await?;
     }
     if cli.runs_group(Group::Memory) {
         println!(
@@ -176,22 +184,10 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
     Ok(())
 }
 
-async fn median<F, Fut>(runs: u32, mut once: F) -> Result<Figures, BoxError>
-where
-    F: FnMut(usize) -> Fut,
-    Fut: Future<Output = Result<Figures, BoxError>>,
-{
-    let mut figures = Vec::with_capacity(runs as usize);
-    for run in 0..runs as usize {
-        figures.push(once(run).await?);
-    }
-    Ok(Figures::median(&figures))
-}
-
 async fn consumers(
     bench: &consume::Bench,
     plan: &Plan,
-    runs: u32,
+    cli: &Cli,
     report: &mut Report,
 ) -> Result<(), BoxError> {
     println!(
@@ -199,11 +195,26 @@ async fn consumers(
         plan.messages,
         Row::markdown_header(true)
     );
+    let scenarios: Vec<consume::Scenario> = consume::Scenario::ALL
+        .into_iter()
+        .filter(|s| cli.runs_scenario(s.id()))
+        .collect();
     for &c in &plan.concurrencies {
-        let mut baseline = None;
-        for scenario in consume::Scenario::ALL {
-            let figures = median(runs, |_| bench.run(scenario, c, plan.messages)).await?;
-            let base = *baseline.get_or_insert(figures.rate);
+        // Runs take turns (A B C, A B C, …) so that drift on a shared
+        // machine spreads over every scenario alike.
+        let mut runs = vec![Vec::new(); scenarios.len()];
+        for _ in 0..cli.runs {
+            for (scenario, figures) in scenarios.iter().zip(&mut runs) {
+                figures.push(bench.run(*scenario, c, plan.messages).await?);
+            }
+        }
+        let medians: Vec<Figures> = runs.iter().map(|r| Figures::median(r)).collect();
+        // Without its baseline in the run (`--only`), no ratio.
+        let base = scenarios
+            .iter()
+            .position(|s| *s == consume::Scenario::RawDoubleAck)
+            .map_or(f64::NAN, |i| medians[i].rate);
+        for (scenario, figures) in scenarios.iter().zip(medians) {
             let row = Row::new(
                 (scenario.id(), scenario.name()),
                 Some(c),
@@ -221,32 +232,43 @@ async fn consumers(
 async fn producers(
     client: &async_nats::Client,
     plan: &Plan,
-    runs: u32,
+    cli: &Cli,
     report: &mut Report,
 ) -> Result<(), BoxError> {
     println!(
         "\nproducers: 128 B payloads\n{}",
         Row::markdown_header(false)
     );
-    let mut rates = std::collections::HashMap::new();
-    for scenario in produce::Scenario::ALL {
-        let messages = if scenario.sequential() {
+    let scenarios: Vec<produce::Scenario> = produce::Scenario::ALL
+        .into_iter()
+        .filter(|s| cli.runs_scenario(s.id()))
+        .collect();
+    let messages = |scenario: produce::Scenario| {
+        if scenario.sequential() {
             plan.sequential
         } else {
             plan.pipelined
-        };
-        let figures = median(runs, |run| produce::run(client, scenario, messages, run)).await?;
-        rates.insert(scenario, figures.rate);
+        }
+    };
+    let mut runs = vec![Vec::new(); scenarios.len()];
+    for run in 0..cli.runs as usize {
+        for (scenario, figures) in scenarios.iter().zip(&mut runs) {
+            figures.push(produce::run(client, *scenario, messages(*scenario), run).await?);
+        }
+    }
+    let medians: Vec<Figures> = runs.iter().map(|r| Figures::median(r)).collect();
+    for (scenario, figures) in scenarios.iter().zip(&medians) {
         let baseline = scenario.baseline();
+        let base = scenarios
+            .iter()
+            .position(|s| *s == baseline)
+            .map_or(f64::NAN, |i| medians[i].rate);
         let row = Row::new(
             (scenario.id(), scenario.name()),
             None,
-            messages,
-            figures,
-            (
-                baseline.id(),
-                rates.get(&baseline).copied().unwrap_or(figures.rate),
-            ),
+            messages(*scenario),
+            *figures,
+            (baseline.id(), base),
         );
         println!("{}", row.markdown());
         report.produce.push(row);
@@ -270,27 +292,36 @@ async fn latency(
         async move {
             match found {
                 Some(us) => Ok::<f64, BoxError>(us),
-                None => median(runs, |_| bench.run(scenario, 1, plan.messages))
-                    .await?
-                    .p50
-                    .map(micros)
-                    .ok_or_else(|| "no latency samples".into()),
+                None => {
+                    let mut figures = Vec::new();
+                    for _ in 0..runs {
+                        figures.push(bench.run(scenario, 1, plan.messages).await?);
+                    }
+                    Figures::median(&figures)
+                        .p50
+                        .map(micros)
+                        .ok_or_else(|| "no latency samples".into())
+                }
             }
         }
     };
     let raw = p50(consume::Scenario::RawDoubleAck).await?;
     let kv = p50(consume::Scenario::IdemKv).await?;
     let (rtt, echo) = round_trips(&bench.client).await?;
+    // The round trip: a plain request measured alone, or the raw double
+    // ack (itself one round trip) measured in the run — whichever is
+    // shorter, so that the added latency is not understated.
+    let round_trip = micros(rtt).min(raw);
     let latency = Latency {
         rtt_us: micros(rtt),
         echo_us: micros(echo),
         raw_double_ack_p50_us: raw,
         idem_kv_p50_us: kv,
         added_us: kv - raw,
-        added_rtt: (kv - raw) / micros(rtt).max(f64::MIN_POSITIVE),
+        added_rtt: (kv - raw) / round_trip,
     };
     println!(
-        "\nlatency at c = 1: idem kv p50 {kv:.0} µs, raw double ack p50 {raw:.0} µs, request RTT {:.0} µs → {:.2} RTT added",
+        "\nlatency at c = 1: idem kv p50 {kv:.0} µs, raw double ack p50 {raw:.0} µs, request RTT {:.0} µs → {:.2} round trips added",
         latency.rtt_us, latency.added_rtt
     );
     Ok(latency)
@@ -397,7 +428,7 @@ fn targets(report: &Report) -> Vec<Target> {
     }
     if let Some(l) = &report.latency {
         targets.push(Target::at_most(
-            "added p50 latency at c = 1, in request RTTs".into(),
+            "added p50 latency at c = 1, in round trips".into(),
             l.added_rtt,
             3.0,
         ));

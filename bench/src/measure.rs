@@ -72,7 +72,9 @@ impl Latencies {
 }
 
 /// The span the runtime opens around each delivery: from the moment a
-/// message has its permit until it is acknowledged (or NAKed).
+/// message has its permit until it is acknowledged (or NAKed). The raw
+/// scenarios open one of the same name around the same work, so that every
+/// scenario is timed by the same code at the same cost.
 pub const MESSAGE_SPAN: &str = "idem.message";
 
 /// A tracing layer that times every [`MESSAGE_SPAN`] from creation to close.
