@@ -35,6 +35,7 @@ pub fn consumers(rows: &[Row], path: &Path) -> Result<(), BoxError> {
     let labels = concurrencies.clone();
     chart
         .configure_mesh()
+        .disable_x_mesh()
         .x_desc("concurrency")
         .y_desc("msgs/s")
         .x_labels(concurrencies.len().max(2))

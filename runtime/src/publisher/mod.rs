@@ -186,7 +186,11 @@ impl Publisher {
                 .attempt_timeout
                 .min(self.inner.config.deadline.saturating_sub(started.elapsed()));
             let attempt = async {
-                self.check_stream(&message.subject).await?;
+                if !self.known_subjects().contains(&message.subject) {
+                    // Once per subject: boxed, so that every send does not
+                    // carry the lookup's state around.
+                    Box::pin(self.check_stream(&message.subject)).await?;
+                }
                 self.attempt(&message).await
             };
             let outcome = match timeout(limit, attempt).await {
