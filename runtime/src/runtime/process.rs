@@ -143,12 +143,14 @@ impl<H: Handler> Shared<H> {
     async fn process(&self, message: &Message, delivery: &Delivery) {
         #[cfg(feature = "postgres")]
         if let Some(inbox) = &self.inbox {
-            return self.process_transactional(inbox, message, delivery).await;
+            // Boxed: a kv handler's every message would otherwise carry the
+            // transactional path's state.
+            return Box::pin(self.process_transactional(inbox, message, delivery)).await;
         }
         let attempt = u32::try_from(delivery.delivered()).unwrap_or(u32::MAX);
         let prepared = match prepare(&self.handler, delivery, &self.state) {
             Ok(prepared) => prepared,
-            Err(rejected) => return self.rejected(message, delivery, rejected).await,
+            Err(rejected) => return Box::pin(self.rejected(message, delivery, rejected)).await,
         };
         Span::current().record("key", field::debug(&prepared.key));
         let Some(store) = &self.store else {
@@ -158,7 +160,7 @@ impl<H: Handler> Shared<H> {
             return match result {
                 None => self.interrupted(message, None).await,
                 Some(Ok(_)) => self.succeeded(message, false).await,
-                Some(Err(e)) => self.failed(message, delivery, e, attempt, None).await,
+                Some(Err(e)) => Box::pin(self.failed(message, delivery, e, attempt, None)).await,
             };
         };
         let key = RecordKey::new(&self.name, &prepared.key);
@@ -190,7 +192,7 @@ impl<H: Handler> Shared<H> {
                 return ack_recorded(message).await;
             }
             Ok(ClaimOutcome::KeyConflict { stored }) => {
-                return self.key_conflict(message, delivery, stored).await;
+                return Box::pin(self.key_conflict(message, delivery, stored)).await;
             }
             Ok(ClaimOutcome::InFlight { retry_after, .. }) => {
                 self.count(Outcome::InFlightElsewhere);
@@ -240,8 +242,8 @@ impl<H: Handler> Shared<H> {
         let output = match result {
             None => return self.interrupted(message, Some((store, &claim))).await,
             Some(Err(e)) => {
-                return self
-                    .failed(message, delivery, e, attempt, Some((store, &claim)))
+                // The failure paths are boxed: rare, and large (dead letters).
+                return Box::pin(self.failed(message, delivery, e, attempt, Some((store, &claim))))
                     .await;
             }
             Some(Ok(output)) => output,
