@@ -166,6 +166,18 @@ fn own_rss() -> Result<(u64, u64), BoxError> {
     Ok((field("VmRSS:")?, field("VmHWM:")?))
 }
 
+/// A child's report to the bench: one JSON line on stdout.
+fn tell_peak(idle_kib: u64, held: usize) -> Result<(), BoxError> {
+    let (_, peak_kib) = own_rss()?;
+    let rss = Rss {
+        idle_kib,
+        peak_kib,
+        held,
+    };
+    println!("{}", serde_json::to_string(&rss)?);
+    Ok(())
+}
+
 /// Counts handlers that have started and holds them until released.
 #[derive(Clone)]
 struct Gate {
@@ -216,15 +228,7 @@ pub async fn worker_role(url: &str, in_flight: usize) -> Result<(), BoxError> {
             gate.entered.load(Ordering::SeqCst)
         )
     })?;
-    let (_, peak_kib) = own_rss()?;
-    println!(
-        "{}",
-        serde_json::to_string(&Rss {
-            idle_kib,
-            peak_kib,
-            held: in_flight
-        })?
-    );
+    tell_peak(idle_kib, in_flight)?;
     gate.release.send_replace(true);
     timeout(STEP, async {
         while (stats
@@ -268,16 +272,7 @@ pub async fn producer_role(url: &str, messages: usize, dir: &Path) -> Result<(),
             .collect::<Result<Vec<_>, _>>()?;
         outbox.enqueue_all(batch).await?;
     }
-    let held = outbox.stats().await?.pending;
-    let (_, peak_kib) = own_rss()?;
-    println!(
-        "{}",
-        serde_json::to_string(&Rss {
-            idle_kib,
-            peak_kib,
-            held
-        })?
-    );
+    tell_peak(idle_kib, outbox.stats().await?.pending)?;
     wait_for(&mut stdin, "resumed").await?;
     timeout(STEP, outbox.flush())
         .await
