@@ -172,9 +172,10 @@ impl<H: Handler> Shared<H> {
             self.count(Outcome::Duplicate);
             return ack_recorded(message).await;
         }
-        let claim = match store
-            .claim(&key, prepared.fingerprint, self.config.lease)
-            .await
+        // The store's futures are boxed here and below: a delivery's task
+        // lives as long as its handler runs, and would otherwise carry their
+        // state (several KB) all that time.
+        let claim = match Box::pin(store.claim(&key, prepared.fingerprint, self.config.lease)).await
         {
             Err(e) => {
                 warn!(error = %e, "dedup store unavailable: the handler was not run");
@@ -294,7 +295,7 @@ impl<H: Handler> Shared<H> {
     ) -> Option<Transition> {
         let mut pause = Duration::from_millis(50);
         loop {
-            match store.complete(claim, result.clone()).await {
+            match Box::pin(store.complete(claim, result.clone())).await {
                 Ok(transition) => return Some(transition),
                 Err(e) => {
                     warn!(error = %e, ?pause, "could not record completion; retrying");
@@ -330,11 +331,11 @@ impl<H: Handler> Shared<H> {
                 result = &mut call => return Some(result),
                 () = self.hard_stop.cancelled() => return None,
                 _ = keepalive.tick() => {
-                    if let Err(e) = message.ack_with(AckKind::Progress).await {
+                    if let Err(e) = Box::pin(message.ack_with(AckKind::Progress)).await {
                         warn!(error = %e, "could not send an in-progress ack");
                     }
                     if let Some((store, claim)) = claim.as_mut() {
-                        match store.renew(claim).await {
+                        match Box::pin(store.renew(claim)).await {
                             Ok(Transition::Applied) => {}
                             Ok(Transition::LeaseLost { current_owner }) => {
                                 warn!(?current_owner, "lease lost while the handler runs");
