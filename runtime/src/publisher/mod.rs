@@ -299,11 +299,10 @@ impl Publisher {
     }
 
     /// Finds the stream capturing `subject` and checks its duplicate window
-    /// against the deadline, once per subject.
+    /// against the deadline, once per subject: the caller skips subjects
+    /// already known, and a send that waited here for another's lookup of
+    /// the same subject finds it known.
     async fn check_stream(&self, subject: &str) -> Result<(), Resolve> {
-        if self.known_subjects().contains(subject) {
-            return Ok(());
-        }
         let _looking = self.inner.lookup.lock().await;
         if self.known_subjects().contains(subject) {
             return Ok(());
