@@ -117,6 +117,26 @@ async fn unclaimed_handler(
     Ok(())
 }
 
+/// Panics on a poison order, after counting the attempt.
+#[idempotent(
+    stream = "ORDERS",
+    subject = "orders.panic",
+    key = order.id,
+    lease = "1s",
+    retry = Retry::fixed("100ms").attempts(3),
+)]
+async fn panicking_handler(
+    Json(order): Json<Order>,
+    State(effects): State<Effects>,
+) -> Result<(), HandlerError> {
+    effects.record(&format!("attempt:{}", order.id));
+    if order.poison {
+        panic!("order {} exploded", order.id);
+    }
+    effects.record(&order.id);
+    Ok(())
+}
+
 struct Running {
     stats: Stats,
     stop: oneshot::Sender<()>,
@@ -239,6 +259,37 @@ impl Setup {
             );
             sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// The reasons of every dead letter stored on `subject`, in order.
+    async fn dead_reasons(&self, subject: &str) -> Vec<(String, String)> {
+        let Ok(mut dead) = self.js.get_stream(DEAD_LETTER_STREAM).await else {
+            return Vec::new();
+        };
+        let last = dead
+            .info()
+            .await
+            .expect("dead-letter stream info")
+            .state
+            .last_sequence;
+        let mut reasons = Vec::new();
+        for sequence in 1..=last {
+            let Ok(letter) = dead.get_raw_message(sequence).await else {
+                continue;
+            };
+            if letter.subject.as_str() != subject {
+                continue;
+            }
+            let header = |name: &str| {
+                letter
+                    .headers
+                    .get(name)
+                    .map(|v| v.to_string())
+                    .unwrap_or_default()
+            };
+            reasons.push((header(headers::REASON), header(headers::ERROR)));
+        }
+        reasons
     }
 
     async fn claims(&self) -> KvStore {
@@ -554,47 +605,6 @@ async fn a_handler_running_three_ack_waits_completes_without_redelivery() {
 }
 
 #[tokio::test]
-async fn shutdown_mid_handler_loses_nothing_and_leaves_no_pending_claim() {
-    let setup = Setup::new().await;
-    let running = setup.start(|b| b.handler(kv_handler)).await;
-    let slow = Order {
-        sleep_ms: 5_000,
-        ..order("cut")
-    };
-    setup.publish("orders.kv", &slow, None, None).await;
-    until("the handler started", || {
-        setup.effects.runs("attempt:cut").len() == 1
-    })
-    .await;
-    running.stop().await; // grace 300 ms: the handler is interrupted
-
-    let claims = setup.claims().await;
-    let record = claims
-        .inspect(&record_key("kv_handler", "cut"))
-        .await
-        .expect("inspect")
-        .expect("record");
-    assert_eq!(
-        record.record.state,
-        ClaimState::Released,
-        "the claim was given back, not left pending"
-    );
-    assert_eq!(setup.effects.runs("cut").len(), 0);
-
-    // A new worker finishes it.
-    let running = setup.start(|b| b.handler(kv_handler)).await;
-    setup.drained("kv_handler").await;
-    assert_eq!(setup.effects.runs("cut").len(), 1);
-    let record = claims
-        .inspect(&record_key("kv_handler", "cut"))
-        .await
-        .expect("inspect")
-        .expect("record");
-    assert_eq!(record.record.state, ClaimState::Done);
-    running.stop().await;
-}
-
-#[tokio::test]
 async fn a_server_restart_mid_stream_loses_nothing_and_doubles_nothing() {
     let mut setup = Setup::new().await;
     let running = setup.start(|b| b.handler(kv_handler)).await;
@@ -727,6 +737,7 @@ async fn start_up_fails_at_once_on_a_missing_stream() {
     let server = NatsServer::start().await.expect("nats-server");
     let began = Instant::now();
     let error = Runtime::builder(server.connect().await.expect("connect"))
+        .state(Effects::default())
         .handler(unclaimed_handler)
         .build()
         .await
@@ -742,4 +753,206 @@ async fn start_up_fails_at_once_on_a_missing_stream() {
         "not retried: {:?}",
         began.elapsed()
     );
+}
+
+// ---- Handlers that misbehave, and operations on a running worker ----
+
+#[tokio::test]
+async fn a_panicking_handler_is_retried_then_dead_lettered_and_the_worker_keeps_serving() {
+    let setup = Setup::new().await;
+    let running = setup.start(|b| b.handler(panicking_handler)).await;
+    let boom = Order {
+        poison: true,
+        ..order("boom")
+    };
+    setup.publish("orders.panic", &boom, None, None).await;
+    setup
+        .publish("orders.panic", &order("fine"), None, None)
+        .await;
+    let deadline = Instant::now() + SETTLE;
+    let letters = loop {
+        let letters = setup.dead_reasons("idem.dead.panicking_handler").await;
+        if !letters.is_empty() {
+            break letters;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the panicking message was never dead-lettered"
+        );
+        sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].0, "panic");
+    assert!(letters[0].1.contains("order boom exploded"), "{letters:?}");
+    setup.drained("panicking_handler").await;
+    assert_eq!(
+        setup.effects.runs("attempt:boom").len(),
+        3,
+        "the policy's three attempts"
+    );
+    assert_eq!(
+        setup.effects.runs("fine").len(),
+        1,
+        "the worker kept serving"
+    );
+    assert_eq!(running.count("panicking_handler", Outcome::Panicked), 3);
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn a_corrected_payload_under_a_dead_key_is_a_key_conflict_not_a_duplicate() {
+    let setup = Setup::new().await;
+    let running = setup.start(|b| b.handler(kv_handler)).await;
+    let poison = Order {
+        poison: true,
+        ..order("p-9")
+    };
+    setup.publish("orders.kv", &poison, None, None).await;
+    setup.drained("kv_handler").await;
+    until("dead-lettered", || {
+        running.count("kv_handler", Outcome::DeadLettered) == 1
+    })
+    .await;
+    // The producer fixes the payload and resubmits under the same key.
+    setup.publish("orders.kv", &order("p-9"), None, None).await;
+    setup.drained("kv_handler").await;
+    until("the corrected payload answered", || {
+        running.count("kv_handler", Outcome::Duplicate)
+            + running.count("kv_handler", Outcome::KeyConflict)
+            == 1
+    })
+    .await;
+    assert_eq!(running.count("kv_handler", Outcome::KeyConflict), 1);
+    assert_eq!(setup.effects.runs("p-9").len(), 0, "never applied");
+    let reasons: Vec<String> = setup
+        .dead_reasons("idem.dead.kv_handler")
+        .await
+        .into_iter()
+        .map(|(reason, _)| reason)
+        .collect();
+    assert_eq!(reasons, ["handler_error", "key_conflict"]);
+    // The same poison payload again is still a plain duplicate.
+    setup.publish("orders.kv", &poison, None, None).await;
+    setup.drained("kv_handler").await;
+    until("the resend answered", || {
+        running.count("kv_handler", Outcome::Duplicate) == 1
+    })
+    .await;
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn a_handler_cut_off_at_shutdown_keeps_its_claim_and_its_rerun_is_counted() {
+    let setup = Setup::new().await;
+    let running = setup.start(|b| b.handler(kv_handler)).await;
+    // The handler has begun its effect (attempt:cut) when the deploy stops it.
+    let slow = Order {
+        sleep_ms: 5_000,
+        ..order("cut")
+    };
+    setup.publish("orders.kv", &slow, None, None).await;
+    until("the handler started", || {
+        setup.effects.runs("attempt:cut").len() == 1
+    })
+    .await;
+    running.stop().await; // grace 300 ms: the handler is cut off
+    let claims = setup.claims().await;
+    let record = claims
+        .inspect(&record_key("kv_handler", "cut"))
+        .await
+        .expect("inspect")
+        .expect("record");
+    assert!(
+        matches!(record.record.state, ClaimState::Pending { .. }),
+        "the claim stays with the worker that may have had its effect: {:?}",
+        record.record.state
+    );
+    // The replacement takes it over once the lease has run out — counted.
+    let running = setup.start(|b| b.handler(kv_handler)).await;
+    setup.drained("kv_handler").await;
+    until("completed by the replacement", || {
+        setup.effects.runs("cut").len() == 1
+    })
+    .await;
+    assert_eq!(running.count("kv_handler", Outcome::Reclaimed), 1);
+    assert_eq!(setup.effects.runs("attempt:cut").len(), 2);
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn naks_for_a_key_held_elsewhere_do_not_use_up_the_retry_budget() {
+    let setup = Setup::new().await;
+    let claims = setup.claims().await;
+    let held = match claims
+        .claim(
+            &record_key("kv_handler", "held"),
+            None,
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("claim")
+    {
+        idem::claim::ClaimOutcome::Claimed(claim) => claim,
+        other => panic!("expected a claim, got {other:?}"),
+    };
+    let running = setup.start(|b| b.handler(kv_handler)).await;
+    // Fails once, then succeeds: within kv_handler's 4 attempts.
+    let flaky = Order {
+        fail_times: 1,
+        ..order("held")
+    };
+    setup.publish("orders.kv", &flaky, None, None).await;
+    until("several deliveries found the key held", || {
+        running.count("kv_handler", Outcome::InFlightElsewhere) >= 5
+    })
+    .await;
+    claims.release(&held).await.expect("release");
+    setup.drained("kv_handler").await;
+    until("applied", || setup.effects.runs("held").len() == 1).await;
+    assert_eq!(running.count("kv_handler", Outcome::DeadLettered), 0);
+    assert_eq!(setup.effects.runs("attempt:held").len(), 2);
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn a_missing_state_is_refused_at_build_naming_its_type() {
+    #[derive(Clone)]
+    struct Mailer;
+    #[idempotent(stream = "ORDERS", subject = "orders.mail", key = order.id)]
+    async fn needs_a_mailer(
+        Json(order): Json<Order>,
+        State(mailer): State<Mailer>,
+    ) -> Result<(), HandlerError> {
+        let _ = (order, mailer);
+        Ok(())
+    }
+    let setup = Setup::new().await;
+    let error = Runtime::builder(setup.server.connect().await.expect("connect"))
+        .handler(needs_a_mailer)
+        .build()
+        .await
+        .err()
+        .expect("a handler whose state is missing must not start");
+    assert!(error.to_string().contains("Mailer"), "{error}");
+    assert!(error.to_string().contains(".state("), "{error}");
+}
+
+#[tokio::test]
+async fn a_worker_whose_consumer_is_deleted_stops_the_runtime_with_the_error() {
+    let setup = Setup::new().await;
+    let running = setup.start(|b| b.handler(unclaimed_handler)).await;
+    setup
+        .js
+        .get_stream(STREAM)
+        .await
+        .expect("stream")
+        .delete_consumer("unclaimed_handler")
+        .await
+        .expect("delete the consumer");
+    let ended = tokio::time::timeout(SETTLE, running.task)
+        .await
+        .expect("the runtime stops by itself")
+        .expect("task");
+    let error = ended.expect_err("a lost consumer is an error, not a clean stop");
+    assert!(error.to_string().contains("unclaimed_handler"), "{error}");
 }

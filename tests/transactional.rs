@@ -24,6 +24,13 @@ struct Transfer {
     fail_times: u32,
     #[serde(default)]
     sleep_ms: u64,
+    /// Fails permanently (after its writes).
+    #[serde(default)]
+    poison: bool,
+    /// Ignores a failed statement and returns `Ok` while the attempt is
+    /// within this many.
+    #[serde(default)]
+    swallow_times: u32,
 }
 
 /// The test's schema, and how often each transfer was attempted.
@@ -49,6 +56,15 @@ async fn apply_transfer(
     State(ledger): State<Ledger>,
 ) -> Result<(), HandlerError> {
     let s = &ledger.schema;
+    let attempt = {
+        let mut attempts = ledger
+            .attempts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let n = attempts.entry(transfer.id.clone()).or_default();
+        *n += 1;
+        *n
+    };
     let mut conn = tx.conn().await?;
     for (account, delta) in [
         (&transfer.from, -transfer.amount),
@@ -68,16 +84,18 @@ async fn apply_transfer(
     .bind(&transfer.id)
     .execute(&mut *conn)
     .await?;
+    if attempt <= transfer.swallow_times {
+        // A bug in user code: the failed statement aborts the transaction,
+        // and the error is ignored.
+        let _ = sqlx::query("SELECT 1 / 0").execute(&mut *conn).await;
+    }
     drop(conn);
-    let attempt = {
-        let mut attempts = ledger
-            .attempts
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let n = attempts.entry(transfer.id.clone()).or_default();
-        *n += 1;
-        *n
-    };
+    if transfer.poison {
+        return Err(HandlerError::permanent(format!(
+            "transfer {} is poison",
+            transfer.id
+        )));
+    }
     if attempt <= transfer.fail_times {
         return Err(HandlerError::retryable(format!(
             "transient failure {attempt}"
@@ -105,6 +123,14 @@ impl Worker {
     async fn stop(self) {
         let _ = self.stop.send(());
         self.task.await.expect("task").expect("runtime");
+    }
+
+    async fn wait_for(&self, what: &str, mut done: impl FnMut(&Self) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !done(self) {
+            assert!(Instant::now() < deadline, "{what}: not within 30 s");
+            sleep(Duration::from_millis(20)).await;
+        }
     }
 
     fn count(&self, outcome: Outcome) -> u64 {
@@ -253,6 +279,8 @@ fn transfer(id: &str, amount: i64) -> Transfer {
         amount,
         fail_times: 0,
         sleep_ms: 0,
+        poison: false,
+        swallow_times: 0,
     }
 }
 
@@ -417,4 +445,111 @@ async fn a_crash_after_commit_before_the_ack_is_answered_as_a_duplicate() {
     assert_eq!(setup.applied("t-commit").await, 1, "no second effect");
     assert_eq!(setup.balances().await, (600, 1400));
     next.stop().await;
+}
+
+#[tokio::test]
+async fn a_handler_that_swallows_a_failed_statement_is_retried_not_committed_as_success() {
+    let setup = Setup::new().await;
+    let worker = setup.worker(setup.db.pool().clone()).await;
+    let sloppy = Transfer {
+        swallow_times: 1,
+        ..transfer("t-swallow", 40)
+    };
+    setup.publish(&sloppy, "swallow").await;
+    setup.drained().await;
+    worker
+        .wait_for("processed", |w| w.count(Outcome::Processed) == 1)
+        .await;
+    assert_eq!(
+        worker.count(Outcome::Retried),
+        1,
+        "the aborted transaction is a failure"
+    );
+    assert_eq!(setup.applied("t-swallow").await, 1);
+    assert_eq!(setup.balances().await, (960, 1040));
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_dead_letter_that_cannot_be_stored_keeps_the_message_until_it_can() {
+    let setup = Setup::new().await;
+    let worker = setup.worker(setup.db.pool().clone()).await;
+    // The dead-letter stream is gone for a while.
+    setup
+        .js
+        .delete_stream(idem::runtime::DEAD_LETTER_STREAM)
+        .await
+        .expect("delete the dead-letter stream");
+    let poison = Transfer {
+        poison: true,
+        ..transfer("t-poison", 10)
+    };
+    setup.publish(&poison, "poison").await;
+    worker
+        .wait_for("a dead letter failed", |w| {
+            w.count(Outcome::DeadLetterFailed) >= 1
+        })
+        .await;
+    setup
+        .js
+        .create_stream(stream::Config {
+            name: idem::runtime::DEAD_LETTER_STREAM.into(),
+            subjects: vec!["idem.dead.>".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("the dead-letter stream is back");
+    worker
+        .wait_for("the message answered", |w| {
+            w.count(Outcome::DeadLettered) + w.count(Outcome::Duplicate) >= 1
+        })
+        .await;
+    assert_eq!(
+        worker.count(Outcome::Duplicate),
+        0,
+        "a message whose dead letter was never stored must not be acked as a duplicate"
+    );
+    assert_eq!(worker.count(Outcome::DeadLettered), 1);
+    let letter = setup
+        .js
+        .get_stream(idem::runtime::DEAD_LETTER_STREAM)
+        .await
+        .expect("stream")
+        .get_last_raw_message_by_subject("idem.dead.apply_transfer")
+        .await
+        .expect("the dead letter is stored");
+    assert_eq!(
+        letter
+            .headers
+            .get(idem::runtime::headers::REASON)
+            .map(|v| v.to_string())
+            .as_deref(),
+        Some("handler_error")
+    );
+    assert_eq!(setup.applied("t-poison").await, 0);
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_corrected_payload_under_a_dead_transactional_key_is_a_key_conflict() {
+    let setup = Setup::new().await;
+    let worker = setup.worker(setup.db.pool().clone()).await;
+    let poison = Transfer {
+        poison: true,
+        ..transfer("t-fixed", 10)
+    };
+    setup.publish(&poison, "poison").await;
+    worker
+        .wait_for("dead-lettered", |w| w.count(Outcome::DeadLettered) == 1)
+        .await;
+    setup.publish(&transfer("t-fixed", 10), "corrected").await;
+    setup.drained().await;
+    worker
+        .wait_for("the corrected payload answered", |w| {
+            w.count(Outcome::Duplicate) + w.count(Outcome::KeyConflict) == 1
+        })
+        .await;
+    assert_eq!(worker.count(Outcome::KeyConflict), 1);
+    assert_eq!(setup.applied("t-fixed").await, 0);
+    worker.stop().await;
 }

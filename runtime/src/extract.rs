@@ -59,6 +59,11 @@ impl StateMap {
         self.0.insert(TypeId::of::<T>(), Arc::new(value));
     }
 
+    /// Whether state of the type with this id is registered.
+    pub fn contains(&self, type_id: TypeId) -> bool {
+        self.0.contains_key(&type_id)
+    }
+
     /// A clone of the state of type `T`.
     pub fn get<T: Clone + Send + Sync + 'static>(&self) -> Option<T> {
         self.0.get(&TypeId::of::<T>())?.downcast_ref::<T>().cloned()
@@ -81,6 +86,44 @@ pub trait FromDelivery: Sized + Send + 'static {
 
     /// Makes the value, or rejects the delivery.
     fn from_delivery(delivery: &Delivery, state: &StateMap) -> Result<Self, Rejection>;
+
+    /// The state this extractor takes from the runtime, so that a missing
+    /// one is refused at start-up rather than found at the first message.
+    /// Extractors that take none (the default) add nothing.
+    fn required_state(needs: &mut Vec<StateNeed>) {
+        let _ = needs;
+    }
+}
+
+/// A type of state an extractor takes from the runtime.
+///
+/// ```
+/// use idem::extract::{FromDelivery, Json, State};
+///
+/// #[derive(Clone)]
+/// struct Mailer;
+///
+/// let mut needs = Vec::new();
+/// <(Json<u64>, State<Mailer>)>::required_state(&mut needs);
+/// assert_eq!(needs.len(), 1);
+/// assert!(needs[0].type_name.ends_with("Mailer"));
+/// ```
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct StateNeed {
+    /// The state's type.
+    pub type_id: TypeId,
+    /// Its name, for the error.
+    pub type_name: &'static str,
+}
+
+impl StateNeed {
+    /// The need for state of type `T`.
+    pub fn of<T: 'static>() -> Self {
+        Self {
+            type_id: TypeId::of::<T>(),
+            type_name: type_name::<T>(),
+        }
+    }
 }
 
 /// The payload decoded from JSON (serde_json).
@@ -173,6 +216,10 @@ impl<T: Clone + Send + Sync + 'static> FromDelivery for State<T> {
             type_name: type_name::<T>(),
         })
     }
+
+    fn required_state(needs: &mut Vec<StateNeed>) {
+        needs.push(StateNeed::of::<T>());
+    }
 }
 
 macro_rules! tuple_extractors {
@@ -183,6 +230,11 @@ macro_rules! tuple_extractors {
             #[allow(unused_variables)]
             fn from_delivery(delivery: &Delivery, state: &StateMap) -> Result<Self, Rejection> {
                 Ok(($($name::from_delivery(delivery, state)?,)*))
+            }
+
+            #[allow(unused_variables)]
+            fn required_state(needs: &mut Vec<StateNeed>) {
+                $($name::required_state(needs);)*
             }
         }
     };

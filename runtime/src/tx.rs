@@ -12,7 +12,7 @@ use sqlx::{PgConnection, Postgres, Transaction};
 use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
 
 use crate::Delivery;
-use crate::extract::{FromDelivery, Rejection, StateMap};
+use crate::extract::{FromDelivery, Rejection, StateMap, StateNeed};
 
 type Slot = Arc<Mutex<Option<Transaction<'static, Postgres>>>>;
 
@@ -75,6 +75,13 @@ impl Tx {
             .map_err(|_| TxClosed)
     }
 
+    /// The connection if nobody holds it right now (the runtime's keepalive
+    /// while the handler runs).
+    pub(crate) fn try_conn(&self) -> Option<TxConn<'_>> {
+        let guard = self.0.try_lock().ok()?;
+        MutexGuard::try_map(guard, Option::as_mut).ok().map(TxConn)
+    }
+
     /// Takes the transaction back (the runtime, to commit or roll back).
     pub(crate) async fn take(&self) -> Option<Transaction<'static, Postgres>> {
         self.0.lock().await.take()
@@ -88,5 +95,10 @@ impl FromDelivery for Tx {
         state.get::<Tx>().ok_or(Rejection::MissingState {
             type_name: "idem::Tx (only handlers with dedup = transactional get a transaction)",
         })
+    }
+
+    /// The runtime provides it to `dedup = transactional` handlers only.
+    fn required_state(needs: &mut Vec<StateNeed>) {
+        needs.push(StateNeed::of::<Tx>());
     }
 }

@@ -21,8 +21,8 @@ pub enum Decision {
     },
     /// Done with the same payload: acknowledge without running.
     Duplicate,
-    /// Done — or claimed and expired — with another payload under the same
-    /// key: never run; dead-letter with reason `key_conflict`.
+    /// Done, dead, or claimed and expired — with another payload under the
+    /// same key: never run; dead-letter with reason `key_conflict`.
     Conflict {
         /// The fingerprint the key was completed with.
         stored: Option<Fingerprint>,
@@ -35,7 +35,7 @@ pub enum Decision {
         /// The rest of its lease.
         retry_after: Duration,
     },
-    /// Dead-lettered before: acknowledge.
+    /// Dead-lettered before, with the same payload: acknowledge.
     Dead,
 }
 
@@ -89,7 +89,12 @@ pub fn decide(
             owner: record.owner,
             retry_after: lease_until.saturating_since(now),
         },
-        ClaimState::Done if conflicts(record.fingerprint.as_ref(), fingerprint) => {
+        // The first payload to claim a key owns it, whether it completed or
+        // was dead-lettered: a corrected payload under a dead key is not its
+        // duplicate.
+        ClaimState::Done | ClaimState::Dead
+            if conflicts(record.fingerprint.as_ref(), fingerprint) =>
+        {
             Decision::Conflict {
                 stored: record.fingerprint,
             }
@@ -169,10 +174,15 @@ mod tests {
                 decide(&record(ClaimState::Done, stored), NOW, mine.as_ref()),
                 expected
             );
-            // Dead: acknowledge.
+            // Dead: acknowledge the same payload; another is a conflict.
+            let expected = if conflict {
+                Decision::Conflict { stored }
+            } else {
+                Decision::Dead
+            };
             assert_eq!(
                 decide(&record(ClaimState::Dead, stored), NOW, mine.as_ref()),
-                Decision::Dead
+                expected
             );
         }
     }

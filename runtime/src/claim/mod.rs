@@ -181,7 +181,8 @@ pub enum ClaimOutcome {
         /// About the rest of its lease.
         retry_after: Duration,
     },
-    /// Dead-lettered before: acknowledge.
+    /// Dead-lettered before with the same payload: acknowledge. (Another
+    /// payload under a dead key is a [`KeyConflict`](Self::KeyConflict).)
     Dead,
 }
 

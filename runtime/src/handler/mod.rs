@@ -8,12 +8,14 @@
 //! acks, retries — is the runtime's.
 
 mod config;
+mod reason;
 
 use std::future::Future;
 
 use bytes::Bytes;
 
 pub use config::{ConfigError, Dedup, FingerprintSource, HandlerConfig, OnMissingKey};
+pub use reason::DeadLetterReason;
 
 use crate::extract::{FromDelivery, Rejection, StateMap};
 use crate::fingerprint::Fingerprint;
@@ -112,11 +114,13 @@ pub enum PrepareError {
 
 impl PrepareError {
     /// The dead letter's `Idem-Reason`.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> DeadLetterReason {
         match self {
-            PrepareError::Rejected(Rejection::MissingState { .. }) => "missing_state",
-            PrepareError::Rejected(_) => "decode",
-            PrepareError::Key(_) => "missing_key",
+            PrepareError::Rejected(Rejection::MissingState { .. }) => {
+                DeadLetterReason::MissingState
+            }
+            PrepareError::Rejected(_) => DeadLetterReason::Decode,
+            PrepareError::Key(_) => DeadLetterReason::MissingKey,
         }
     }
 }
@@ -142,7 +146,7 @@ impl PrepareError {
 /// assert_eq!(ready.key.as_bytes(), b"9");
 ///
 /// let garbage = prepare(&IssueCard, &Delivery::new("payments", "not json"), &StateMap::default());
-/// assert_eq!(garbage.err().map(|e| e.reason()), Some("decode"));
+/// assert_eq!(garbage.err().map(|e| e.reason().as_str()), Some("decode"));
 /// # Ok::<(), idem::handler::PrepareError>(())
 /// ```
 pub fn prepare<H: Handler>(

@@ -6,18 +6,18 @@ use async_nats::jetstream;
 
 use crate::BoxError;
 use crate::Delivery;
-use crate::handler::HandlerConfig;
+use crate::handler::{DeadLetterReason, HandlerConfig};
 
 /// Headers every dead letter carries.
 pub mod headers {
     /// The handler that gave up.
     pub const HANDLER: &str = "Idem-Handler";
-    /// Why: `handler_error`, `retries_exhausted`, `decode`, `missing_key`,
-    /// `key_conflict`, `missing_state`.
+    /// Why: a [`DeadLetterReason`](crate::handler::DeadLetterReason) as text.
     pub const REASON: &str = "Idem-Reason";
     /// The error's text (one line).
     pub const ERROR: &str = "Idem-Error";
-    /// How many deliveries were made.
+    /// How many times the handler ran (its attempts, counted in the claim
+    /// record; JetStream's delivery count where there is no record).
     pub const ATTEMPTS: &str = "Idem-Attempts";
     /// The original subject.
     pub const SUBJECT: &str = "Idem-Original-Subject";
@@ -29,12 +29,12 @@ pub mod headers {
     pub const MESSAGE_ID: &str = "Idem-Original-Msg-Id";
 }
 
-/// Why a message is dead-lettered.
-pub struct Reason<'a> {
+/// Why a message is dead-lettered, with the error for `Idem-Error`.
+pub(crate) struct Reason<'a> {
     /// The `Idem-Reason` value.
-    pub code: &'static str,
+    pub(crate) code: DeadLetterReason,
     /// The error, for `Idem-Error`.
-    pub error: &'a (dyn std::fmt::Display + Sync),
+    pub(crate) error: &'a (dyn std::fmt::Display + Sync),
 }
 
 /// Stores the dead letter and waits for the broker's acknowledgement. Its
@@ -45,6 +45,7 @@ pub(crate) async fn publish(
     config: &HandlerConfig,
     delivery: &Delivery,
     reason: Reason<'_>,
+    attempts: u32,
 ) -> Result<(), BoxError> {
     let mut out = HeaderMap::new();
     for (name, values) in delivery.headers().iter() {
@@ -59,9 +60,9 @@ pub(crate) async fn publish(
         out.insert(headers::MESSAGE_ID, id);
     }
     out.insert(headers::HANDLER, config.name.as_str());
-    out.insert(headers::REASON, reason.code);
+    out.insert(headers::REASON, reason.code.as_str());
     out.insert(headers::ERROR, one_line(&reason.error.to_string()).as_str());
-    out.insert(headers::ATTEMPTS, delivery.delivered().to_string().as_str());
+    out.insert(headers::ATTEMPTS, attempts.to_string().as_str());
     out.insert(headers::SUBJECT, delivery.subject());
     out.insert(headers::STREAM, delivery.stream());
     out.insert(

@@ -105,6 +105,38 @@ pub enum RuntimeError {
     /// No handler was registered.
     #[error("no handlers registered: add one with `.handler(name)`")]
     NoHandlers,
+    /// A handler takes `State<T>` (or `Tx`) that the runtime does not
+    /// provide: every message would be dead-lettered `missing_state`.
+    #[error("handler `{handler}` takes {type_name}, which the runtime does not provide: {remedy}")]
+    MissingState {
+        /// The handler.
+        handler: String,
+        /// The state's type.
+        type_name: &'static str,
+        /// What to do about it.
+        remedy: &'static str,
+    },
+    /// A handler's durable consumer (or its stream) was deleted while the
+    /// runtime ran: it stopped rather than pull from nothing.
+    #[error(
+        "handler `{handler}`: consumer `{consumer}` on stream `{stream}` no longer exists (deleted while running);          the runtime stopped: restart it to provision the consumer again"
+    )]
+    ConsumerGone {
+        /// The handler.
+        handler: String,
+        /// The stream.
+        stream: String,
+        /// The consumer.
+        consumer: String,
+    },
+    /// A handler's worker task ended abnormally (a panic in the runtime).
+    #[error("handler `{handler}`: its worker stopped abnormally: {reason}")]
+    WorkerFailed {
+        /// The handler.
+        handler: String,
+        /// What happened.
+        reason: String,
+    },
 }
 
 impl RuntimeError {

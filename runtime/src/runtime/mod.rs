@@ -16,13 +16,16 @@
 //! # Ok(()) }
 //! ```
 
+mod active;
+mod backend;
 mod dead_letter;
 mod error;
 mod faults;
 mod pace;
-mod process;
+mod pipeline;
 mod provision;
 mod recent;
+mod settle;
 mod stats;
 #[cfg(feature = "postgres")]
 mod transactional;
@@ -37,17 +40,19 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+pub use crate::handler::DeadLetterReason;
 pub use dead_letter::headers;
 pub use error::RuntimeError;
 pub use provision::DEAD_LETTER_STREAM;
 pub use stats::{Counts, Outcome, Stats};
 
-use crate::extract::StateMap;
+use crate::extract::{FromDelivery, StateMap, StateNeed};
 use crate::handler::{Dedup, Handler, HandlerConfig};
 use crate::key::HandlerName;
 use crate::store::KvStoreConfig;
+use backend::Backend;
 use faults::Faults;
-use process::Shared;
+use pipeline::Shared;
 use recent::Recent;
 use worker::{HandlerWorker, Worker};
 
@@ -93,18 +98,15 @@ impl<H: Handler> Registration for Registered<H> {
             let config = self.config();
             let handler = self.handler;
             config.validate()?;
+            check_state::<H::Args>(&config, &ctx.state)?;
             let name = HandlerName::new(&config.name).map_err(|source| {
                 crate::handler::ConfigError::Name {
                     handler: config.name.clone(),
                     source,
                 }
             })?;
-            let Provisioned {
-                store,
-                #[cfg(feature = "postgres")]
-                inbox,
-                consumer,
-            } = patiently(&config, || provision_handler(&ctx, &config)).await?;
+            let Provisioned { backend, consumer } =
+                patiently(&config, || provision_handler(&ctx, &config)).await?;
             info!(handler = %config.name, stream = %config.stream, consumer = %config.consumer, dedup = ?config.dedup, "handler ready");
             // The claim bucket keeps records for the handler's retention.
             let recent = Recent::new(config.recent_completions, config.retention);
@@ -114,14 +116,12 @@ impl<H: Handler> Registration for Registered<H> {
                 name,
                 counters: ctx.stats.counters(&config.name),
                 config,
-                store,
+                backend,
                 js: ctx.js,
                 state: ctx.state,
                 faults: ctx.faults,
                 hard_stop: CancellationToken::new(),
-                active: std::sync::Mutex::default(),
-                #[cfg(feature = "postgres")]
-                inbox,
+                active: active::ActiveKeys::default(),
             };
             let worker: Box<dyn Worker> = Box::new(HandlerWorker {
                 shared: Arc::new(shared),
@@ -132,11 +132,44 @@ impl<H: Handler> Registration for Registered<H> {
     }
 }
 
+/// Refuses a handler whose extractors take state the runtime does not
+/// provide: found here, not as a dead letter per message.
+#[expect(
+    clippy::result_large_err,
+    reason = "start-up only; the public API returns RuntimeError as it is"
+)]
+fn check_state<A: FromDelivery>(
+    config: &HandlerConfig,
+    state: &StateMap,
+) -> Result<(), RuntimeError> {
+    let mut needs = Vec::new();
+    A::required_state(&mut needs);
+    for StateNeed { type_id, type_name } in needs {
+        #[cfg(feature = "postgres")]
+        if type_id == std::any::TypeId::of::<crate::Tx>() {
+            if config.dedup == Dedup::Transactional {
+                continue;
+            }
+            return Err(RuntimeError::MissingState {
+                handler: config.name.clone(),
+                type_name: "idem::Tx",
+                remedy: "only handlers with `dedup = transactional` get a transaction",
+            });
+        }
+        if !state.contains(type_id) {
+            return Err(RuntimeError::MissingState {
+                handler: config.name.clone(),
+                type_name,
+                remedy: "register a value with `.state(value)` on the runtime builder",
+            });
+        }
+    }
+    Ok(())
+}
+
 /// What a handler needs from the servers before its first fetch.
 struct Provisioned {
-    store: Option<crate::store::KvStore>,
-    #[cfg(feature = "postgres")]
-    inbox: Option<transactional::TxInbox>,
+    backend: Backend,
     consumer: async_nats::jetstream::consumer::PullConsumer,
 }
 
@@ -146,42 +179,35 @@ async fn provision_handler(
     ctx: &StartContext,
     config: &HandlerConfig,
 ) -> Result<Provisioned, RuntimeError> {
-    let store = match config.dedup {
-        Dedup::Kv => Some(provision::claims(&ctx.js, &ctx.kv, config).await?),
-        Dedup::Off | Dedup::Transactional => None,
-    };
-    #[cfg(feature = "postgres")]
-    let inbox = match (config.dedup, &ctx.postgres) {
-        (Dedup::Transactional, Some((pool, schema))) => Some(
-            transactional::TxInbox::open(pool.clone(), schema)
+    let backend = match config.dedup {
+        Dedup::Off => Backend::Off,
+        Dedup::Kv => Backend::Kv(Box::new(provision::claims(&ctx.js, &ctx.kv, config).await?)),
+        #[cfg(feature = "postgres")]
+        Dedup::Transactional => {
+            let Some((pool, schema)) = &ctx.postgres else {
+                return Err(RuntimeError::PostgresMissing {
+                    handler: config.name.clone(),
+                });
+            };
+            let inbox = transactional::TxInbox::open(pool.clone(), schema)
                 .await
                 .map_err(|source| RuntimeError::Store {
                     handler: config.name.clone(),
                     source,
-                })?,
-        ),
-        (Dedup::Transactional, None) => {
-            return Err(RuntimeError::PostgresMissing {
+                })?;
+            Backend::Transactional(inbox)
+        }
+        #[cfg(not(feature = "postgres"))]
+        Dedup::Transactional => {
+            return Err(RuntimeError::TransactionalUnsupported {
                 handler: config.name.clone(),
             });
         }
-        _ => None,
     };
-    #[cfg(not(feature = "postgres"))]
-    if config.dedup == Dedup::Transactional {
-        return Err(RuntimeError::TransactionalUnsupported {
-            handler: config.name.clone(),
-        });
-    }
     let stream = provision::stream(&ctx.js, config, ctx.create_streams).await?;
     provision::dead_letters(&ctx.js, config).await?;
     let consumer = provision::consumer(&stream, config).await?;
-    Ok(Provisioned {
-        store,
-        #[cfg(feature = "postgres")]
-        inbox,
-        consumer,
-    })
+    Ok(Provisioned { backend, consumer })
 }
 
 /// How long start-up keeps trying while the servers do not answer (a
@@ -391,20 +417,63 @@ impl Runtime {
 
     /// Handles messages until the shutdown signal, then stops fetching, lets
     /// running handlers finish within the grace period, and returns.
+    ///
+    /// If a handler's worker fails (its consumer was deleted, or it stopped
+    /// abnormally), every other worker is shut down the same way and the
+    /// first failure is returned.
+    #[expect(
+        clippy::result_large_err,
+        reason = "a worker's error ends the runtime once; the public API returns RuntimeError as it is"
+    )]
     pub async fn run(self) -> Result<(), RuntimeError> {
         let stop = CancellationToken::new();
-        let running: Vec<_> = self
-            .workers
-            .into_iter()
-            .map(|worker| tokio::spawn(worker.run(stop.clone(), self.grace)))
-            .collect();
-        self.shutdown.await;
-        info!("shutting down: no more fetches; waiting for running handlers");
-        stop.cancel();
-        for worker in running {
-            let _ = worker.await;
+        let mut running = tokio::task::JoinSet::new();
+        for worker in self.workers {
+            let handler = worker.name().to_owned();
+            let run = std::panic::AssertUnwindSafe(worker.run(stop.clone(), self.grace));
+            running.spawn(async move {
+                futures::FutureExt::catch_unwind(run)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(RuntimeError::WorkerFailed {
+                            handler,
+                            reason: "its fetch loop panicked".into(),
+                        })
+                    })
+            });
         }
-        Ok(())
+        let mut shutdown = self.shutdown;
+        let mut failure = None;
+        while failure.is_none() && !running.is_empty() {
+            tokio::select! {
+                () = &mut shutdown => break,
+                ended = running.join_next() => failure = ended.and_then(failed_worker),
+            }
+        }
+        match &failure {
+            None => info!("shutting down: no more fetches; waiting for running handlers"),
+            Some(e) => tracing::error!(error = %e, "a worker failed: shutting the others down"),
+        }
+        stop.cancel();
+        while let Some(ended) = running.join_next().await {
+            if let Some(e) = failed_worker(ended) {
+                failure.get_or_insert(e);
+            }
+        }
+        failure.map_or(Ok(()), Err)
+    }
+}
+
+/// The error a worker's task ended with, if any.
+fn failed_worker(
+    ended: Result<Result<(), RuntimeError>, tokio::task::JoinError>,
+) -> Option<RuntimeError> {
+    match ended {
+        Ok(result) => result.err(),
+        Err(e) => Some(RuntimeError::WorkerFailed {
+            handler: "(a worker task)".into(),
+            reason: e.to_string(),
+        }),
     }
 }
 

@@ -40,11 +40,14 @@ pub enum Outcome {
     /// The dead letter could not be stored: the original was NAKed, not
     /// terminated.
     DeadLetterFailed,
+    /// The handler panicked: a failed attempt, retried under the handler's
+    /// policy, then dead-lettered with reason `panic`.
+    Panicked,
 }
 
 impl Outcome {
     /// Every outcome, in counter order.
-    pub const ALL: [Outcome; 13] = [
+    pub const ALL: [Outcome; 14] = [
         Outcome::Processed,
         Outcome::Duplicate,
         Outcome::InFlightElsewhere,
@@ -58,6 +61,7 @@ impl Outcome {
         Outcome::Rejected,
         Outcome::Interrupted,
         Outcome::DeadLetterFailed,
+        Outcome::Panicked,
     ];
 
     /// The counter's name.
@@ -76,6 +80,7 @@ impl Outcome {
             Outcome::Rejected => "rejected",
             Outcome::Interrupted => "interrupted",
             Outcome::DeadLetterFailed => "dead_letter_failed",
+            Outcome::Panicked => "panicked",
         }
     }
 }

@@ -6,6 +6,9 @@
 //! (up to `lock_timeout` = the lease), then sees it done: a duplicate. If
 //! the first transaction rolls back, the row vanishes with the effect and
 //! the waiter claims it.
+//!
+//! This module owns the inbox's SQL; what the pipeline does with each
+//! answer is in `backend` and `pipeline`, shared with `dedup = kv`.
 
 use std::time::Duration;
 
@@ -13,16 +16,20 @@ use bytes::Bytes;
 use sqlx::postgres::PgPool;
 use sqlx::{PgConnection, Row};
 
-use crate::claim::Owner;
-use crate::clock::{Clock, SystemClock};
+use crate::claim::{Claim, ClaimOutcome, Owner};
+use crate::clock::{Clock, SystemClock, UnixMillis};
 use crate::fingerprint::Fingerprint;
 use crate::key::RecordKey;
 use crate::store::{
-    PgStore, StoreError, fingerprint_column, key_columns, migrated_schema, revision_sequence,
+    PgStore, StoreError, StoreOp, fingerprint_column, key_columns, migrated_schema,
+    revision_sequence,
 };
 
 /// PostgreSQL's "lock not available" (a `lock_timeout` ran out).
 const LOCK_NOT_AVAILABLE: &str = "55P03";
+/// PostgreSQL's "current transaction is aborted, commands ignored until end
+/// of transaction block": a statement in the transaction failed earlier.
+const IN_FAILED_TRANSACTION: &str = "25P02";
 
 /// The inbox table transactional handlers claim in.
 #[derive(Clone, Debug)]
@@ -34,22 +41,28 @@ pub(crate) struct TxInbox {
     owner: Owner,
 }
 
-/// What the claim inside a transaction found.
-pub(crate) enum TxClaim {
-    /// The row is ours in this transaction: run the handler.
-    Claimed,
-    /// Completed before with the same payload.
-    Duplicate,
-    /// Completed before with another payload.
-    Conflict(Option<Fingerprint>),
-    /// Dead-lettered before.
-    Dead,
-    /// Another worker's transaction holds the key longer than the lease.
-    Busy,
+/// Why the claim row could not be sealed before `COMMIT`.
+pub(crate) enum SealError {
+    /// The handler left the transaction aborted (it ignored a failed
+    /// statement): committing would silently roll back effect and claim.
+    Aborted(sqlx::Error),
+    /// The database did not answer.
+    Database(sqlx::Error),
 }
 
 fn millis_now() -> i64 {
     i64::try_from(SystemClock.now().0).unwrap_or(i64::MAX)
+}
+
+fn unavailable(op: StoreOp) -> impl FnOnce(sqlx::Error) -> StoreError {
+    move |e| StoreError::unavailable(op, e)
+}
+
+fn has_code(error: &sqlx::Error, code: &str) -> bool {
+    error
+        .as_database_error()
+        .and_then(|e| e.code())
+        .is_some_and(|c| c == code)
 }
 
 impl TxInbox {
@@ -65,45 +78,86 @@ impl TxInbox {
         })
     }
 
-    /// Claims `key` inside the transaction on `conn`.
+    /// A claim on a row of this inbox, as the pipeline holds it.
+    fn granted(
+        &self,
+        key: &RecordKey,
+        fingerprint: Option<Fingerprint>,
+        row: &sqlx::postgres::PgRow,
+        lease: Duration,
+    ) -> Result<Claim, sqlx::Error> {
+        let revision: i64 = row.try_get("revision")?;
+        let attempt: i32 = row.try_get("attempt")?;
+        let created_at: i64 = row.try_get("created_at")?;
+        let now = UnixMillis(u64::try_from(millis_now()).unwrap_or_default());
+        Ok(Claim {
+            key: key.clone(),
+            owner: self.owner,
+            revision: u64::try_from(revision).unwrap_or_default(),
+            lease,
+            lease_until: now + lease,
+            attempt: u32::try_from(attempt).unwrap_or(1),
+            fingerprint,
+            created_at: UnixMillis(u64::try_from(created_at).unwrap_or_default()),
+        })
+    }
+
+    /// Claims `key` inside the transaction on `conn`. The row is written as
+    /// `done` in this transaction: it commits with the handler's effect or
+    /// vanishes with it. The attempt counts the handler's runs: failed ones
+    /// are recorded apart ([`record_attempt`](Self::record_attempt)).
     pub(crate) async fn claim(
         &self,
         conn: &mut PgConnection,
         key: &RecordKey,
         fingerprint: Option<Fingerprint>,
-        attempt: u32,
         lease: Duration,
         retention: Duration,
-    ) -> Result<TxClaim, sqlx::Error> {
+    ) -> Result<ClaimOutcome, StoreError> {
         let (handler, rest) = key_columns(key.as_str());
         let now = millis_now();
-        sqlx::query(&format!(
-            "SET LOCAL lock_timeout = {}",
-            lease.as_millis().max(1)
-        ))
+        let busy = ClaimOutcome::InFlight {
+            owner: None,
+            retry_after: lease,
+        };
+        // A worker frozen inside its transaction must not hold the key (and
+        // its row lock) for as long as it stays frozen: the server ends a
+        // transaction idle for a lease, and nothing of it commits.
+        let lease_ms = lease.as_millis().max(1);
+        sqlx::query(
+            "SELECT set_config('lock_timeout', $1, true), \
+             set_config('idle_in_transaction_session_timeout', $1, true)",
+        )
+        .bind(lease_ms.to_string())
         .execute(&mut *conn)
-        .await?;
+        .await
+        .map_err(unavailable(StoreOp::Create))?;
         let inserted = sqlx::query(&format!(
             "INSERT INTO {} (handler, key, state, owner, attempt, fingerprint, created_at, updated_at) \
-             VALUES ($1, $2, 'done', $3, $4, $5, $6, $6) ON CONFLICT (handler, key) DO NOTHING",
+             VALUES ($1, $2, 'done', $3, 1, $4, $5, $5) ON CONFLICT (handler, key) DO NOTHING \
+             RETURNING revision, attempt, created_at",
             self.table
         ))
         .bind(handler)
         .bind(rest)
         .bind(*self.owner.as_uuid())
-        .bind(i32::try_from(attempt).unwrap_or(i32::MAX))
         .bind(fingerprint.map(|f| f.as_bytes().to_vec()))
         .bind(now)
-        .execute(&mut *conn)
+        .fetch_optional(&mut *conn)
         .await;
         match inserted {
-            Ok(done) if done.rows_affected() == 1 => return Ok(TxClaim::Claimed),
-            Ok(_) => {}
-            Err(e) if is_lock_timeout(&e) => return Ok(TxClaim::Busy),
-            Err(e) => return Err(e),
+            Ok(Some(row)) => {
+                let claim = self
+                    .granted(key, fingerprint, &row, lease)
+                    .map_err(unavailable(StoreOp::Create))?;
+                return Ok(ClaimOutcome::Claimed(claim));
+            }
+            Ok(None) => {}
+            Err(e) if has_code(&e, LOCK_NOT_AVAILABLE) => return Ok(busy),
+            Err(e) => return Err(StoreError::unavailable(StoreOp::Create, e)),
         }
         let row = sqlx::query(&format!(
-            "SELECT state, fingerprint, updated_at FROM {} WHERE handler = $1 AND key = $2 FOR UPDATE",
+            "SELECT state, fingerprint, result, updated_at FROM {} WHERE handler = $1 AND key = $2 FOR UPDATE",
             self.table
         ))
         .bind(handler)
@@ -113,19 +167,23 @@ impl TxInbox {
         let row = match row {
             Ok(Some(row)) => row,
             // Deleted in between (forgotten): the next delivery inserts it.
-            Ok(None) => return Ok(TxClaim::Busy),
-            Err(e) if is_lock_timeout(&e) => return Ok(TxClaim::Busy),
-            Err(e) => return Err(e),
+            Ok(None) => return Ok(busy),
+            Err(e) if has_code(&e, LOCK_NOT_AVAILABLE) => return Ok(busy),
+            Err(e) => return Err(StoreError::unavailable(StoreOp::Read, e)),
         };
-        let state: String = row.try_get("state")?;
-        let stored: Option<Vec<u8>> = row.try_get("fingerprint")?;
-        let updated_at: i64 = row.try_get("updated_at")?;
+        let read = |e| StoreError::unavailable(StoreOp::Read, e);
+        let state: String = row.try_get("state").map_err(read)?;
+        let stored: Option<Vec<u8>> = row.try_get("fingerprint").map_err(read)?;
+        let result: Option<Vec<u8>> = row.try_get("result").map_err(read)?;
+        let updated_at: i64 = row.try_get("updated_at").map_err(read)?;
         let expired = updated_at
             <= now.saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
         if expired || state == "pending" || state == "released" {
-            sqlx::query(&format!(
-                "UPDATE {} SET state = 'done', owner = $3, lease_until = NULL, attempt = attempt + 1, fingerprint = $4, \
-                 result = NULL, updated_at = $5, revision = nextval('{}') WHERE handler = $1 AND key = $2",
+            let row = sqlx::query(&format!(
+                "UPDATE {} SET state = 'done', owner = $3, lease_until = NULL, \
+                 attempt = CASE WHEN $6 THEN 1 ELSE attempt + 1 END, fingerprint = $4, \
+                 result = NULL, updated_at = $5, revision = nextval('{}') \
+                 WHERE handler = $1 AND key = $2 RETURNING revision, attempt, created_at",
                 self.table, self.sequence
             ))
             .bind(handler)
@@ -133,68 +191,102 @@ impl TxInbox {
             .bind(*self.owner.as_uuid())
             .bind(fingerprint.map(|f| f.as_bytes().to_vec()))
             .bind(now)
-            .execute(&mut *conn)
-            .await?;
-            return Ok(TxClaim::Claimed);
-        }
-        if state == "dead" {
-            return Ok(TxClaim::Dead);
+            .bind(expired)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(unavailable(StoreOp::Update))?;
+            let claim = self
+                .granted(key, fingerprint, &row, lease)
+                .map_err(unavailable(StoreOp::Update))?;
+            return Ok(ClaimOutcome::Claimed(claim));
         }
         let stored = fingerprint_column(stored);
-        Ok(match (stored, fingerprint) {
-            (Some(stored), Some(mine)) if stored != mine => TxClaim::Conflict(Some(stored)),
-            _ => TxClaim::Duplicate,
+        if let (Some(stored), Some(mine)) = (stored, fingerprint)
+            && stored != mine
+        {
+            return Ok(ClaimOutcome::KeyConflict {
+                stored: Some(stored),
+            });
+        }
+        Ok(if state == "dead" {
+            ClaimOutcome::Dead
+        } else {
+            ClaimOutcome::Duplicate {
+                result: result.map(Bytes::from),
+            }
         })
     }
 
-    /// Stores the handler's result in the claim row (same transaction).
-    pub(crate) async fn set_result(
+    /// Stores the handler's result in the claim row, in the same
+    /// transaction, just before `COMMIT`. A statement on the claim row fails
+    /// in an aborted transaction — which PostgreSQL would answer `COMMIT`
+    /// with `ROLLBACK` and sqlx report as success — so this is also the
+    /// check that the effect is about to commit.
+    pub(crate) async fn seal(
         &self,
         conn: &mut PgConnection,
         key: &RecordKey,
-        result: Bytes,
-    ) -> Result<(), sqlx::Error> {
+        result: Option<Bytes>,
+    ) -> Result<(), SealError> {
         let (handler, rest) = key_columns(key.as_str());
-        sqlx::query(&format!(
+        let sealed = sqlx::query(&format!(
             "UPDATE {} SET result = $3 WHERE handler = $1 AND key = $2",
             self.table
         ))
         .bind(handler)
         .bind(rest)
-        .bind(result.to_vec())
+        .bind(result.map(|r| r.to_vec()))
         .execute(&mut *conn)
-        .await
-        .map(drop)
+        .await;
+        match sealed {
+            Ok(_) => Ok(()),
+            Err(e) if has_code(&e, IN_FAILED_TRANSACTION) => Err(SealError::Aborted(e)),
+            Err(e) => Err(SealError::Database(e)),
+        }
     }
 
-    /// Records that the key was dead-lettered (its own transaction).
-    pub(crate) async fn mark_dead(&self, key: &RecordKey, attempt: u32) -> Result<(), sqlx::Error> {
-        let (handler, rest) = key_columns(key.as_str());
-        let now = millis_now();
+    /// Records a failed attempt after its transaction rolled back (its own
+    /// transaction): the key is free again, and the next claim counts on
+    /// from `attempt`.
+    pub(crate) async fn record_attempt(&self, claim: &Claim) -> Result<(), sqlx::Error> {
+        self.settle(claim, "released").await
+    }
+
+    /// Records that the key was dead-lettered (its own transaction), with
+    /// the payload's fingerprint: a later payload under the key is then a
+    /// conflict, the same one a duplicate.
+    pub(crate) async fn mark_dead(&self, claim: &Claim) -> Result<(), sqlx::Error> {
+        self.settle(claim, "dead").await
+    }
+
+    async fn settle(&self, claim: &Claim, state: &str) -> Result<(), sqlx::Error> {
+        let (handler, rest) = key_columns(claim.key.as_str());
         sqlx::query(&format!(
-            "INSERT INTO {t} AS inbox (handler, key, state, owner, attempt, created_at, updated_at) \
-             VALUES ($1, $2, 'dead', $3, $4, $5, $5) \
-             ON CONFLICT (handler, key) DO UPDATE SET state = 'dead', updated_at = $5 WHERE inbox.state <> 'done'",
-            t = self.table
+            "INSERT INTO {t} AS inbox (handler, key, state, owner, attempt, fingerprint, created_at, updated_at) \
+             VALUES ($1, $2, $6, $3, $4, $5, $7, $7) \
+             ON CONFLICT (handler, key) DO UPDATE SET state = $6, owner = $3, attempt = $4, \
+             fingerprint = $5, updated_at = $7, revision = nextval('{s}') \
+             WHERE inbox.state NOT IN ('done', 'dead')",
+            t = self.table,
+            s = self.sequence,
         ))
         .bind(handler)
         .bind(rest)
         .bind(*self.owner.as_uuid())
-        .bind(i32::try_from(attempt).unwrap_or(i32::MAX))
-        .bind(now)
+        .bind(i32::try_from(claim.attempt).unwrap_or(i32::MAX))
+        .bind(claim.fingerprint.map(|f| f.as_bytes().to_vec()))
+        .bind(state)
+        .bind(millis_now())
         .execute(&self.pool)
         .await
         .map(drop)
     }
-}
 
-impl TxInbox {
     /// Deletes the handler's completed rows past the retention, every
     /// quarter of the retention (at least every minute, at most every hour),
     /// until `stop`.
     pub(crate) async fn purge_loop(
         self,
-        schema: String,
         handler: String,
         retention: Duration,
         stop: tokio_util::sync::CancellationToken,
@@ -205,7 +297,7 @@ impl TxInbox {
                 () = tokio::time::sleep(every) => {}
                 () = stop.cancelled() => return,
             }
-            match PgStore::purge(&self.pool, &schema, Some(&handler), retention, 1_000).await {
+            match PgStore::purge(&self.pool, &self.schema, Some(&handler), retention, 1_000).await {
                 Ok(0) => {}
                 Ok(purged) => tracing::info!(
                     handler,
@@ -213,174 +305,6 @@ impl TxInbox {
                     "purged completed inbox rows past their retention"
                 ),
                 Err(e) => tracing::warn!(handler, error = %e, "could not purge the inbox"),
-            }
-        }
-    }
-}
-
-fn is_lock_timeout(error: &sqlx::Error) -> bool {
-    error
-        .as_database_error()
-        .and_then(|e| e.code())
-        .is_some_and(|code| code == LOCK_NOT_AVAILABLE)
-}
-
-mod path {
-    //! The transactional path of one delivery.
-
-    use async_nats::jetstream::Message;
-    use tracing::{Span, field, warn};
-
-    use super::{TxClaim, TxInbox};
-    use crate::handler::{Handler, prepare};
-    use crate::key::RecordKey;
-    use crate::runtime::process::{
-        Failure, Shared, ack_recorded, in_flight_delay, nak, store_backoff,
-    };
-    use crate::runtime::stats::Outcome;
-    use crate::{Delivery, Tx};
-
-    /// Rolls the message's transaction back, if it is still open.
-    async fn roll_back(tx: &Tx) {
-        if let Some(open) = tx.take().await
-            && let Err(e) = open.rollback().await
-        {
-            warn!(error = %e, "rollback failed; the connection discards the transaction");
-        }
-    }
-
-    impl<H: Handler> Shared<H> {
-        pub(in crate::runtime) async fn process_transactional(
-            &self,
-            inbox: &TxInbox,
-            message: &Message,
-            delivery: &Delivery,
-        ) {
-            let attempt = u32::try_from(delivery.delivered()).unwrap_or(u32::MAX);
-            let tx = match inbox.pool.begin().await {
-                Ok(open) => Tx::new(open),
-                Err(e) => {
-                    warn!(error = %e, "database unavailable: the handler was not run");
-                    self.count(Outcome::StoreUnavailable);
-                    return nak(message, store_backoff(attempt)).await;
-                }
-            };
-            let mut state = self.state.clone();
-            state.insert(tx.clone());
-            let prepared = match prepare(&self.handler, delivery, &state) {
-                Ok(prepared) => prepared,
-                Err(rejected) => {
-                    roll_back(&tx).await;
-                    return self.rejected(message, delivery, rejected).await;
-                }
-            };
-            Span::current().record("key", field::debug(&prepared.key));
-            let key = RecordKey::new(&self.name, &prepared.key);
-            let claimed = match tx.conn().await {
-                Ok(mut conn) => inbox
-                    .claim(
-                        &mut conn,
-                        &key,
-                        prepared.fingerprint,
-                        attempt,
-                        self.config.lease,
-                        self.config.retention,
-                    )
-                    .await
-                    .map_err(|e| e.to_string()),
-                Err(closed) => Err(closed.to_string()),
-            };
-            let outcome = match claimed {
-                Ok(TxClaim::Claimed) => None,
-                Ok(other) => Some(other),
-                Err(e) => {
-                    warn!(error = %e, "database error while claiming: the handler was not run");
-                    roll_back(&tx).await;
-                    self.count(Outcome::StoreUnavailable);
-                    return nak(message, store_backoff(attempt)).await;
-                }
-            };
-            if let Some(other) = outcome {
-                roll_back(&tx).await;
-                return match other {
-                    TxClaim::Duplicate | TxClaim::Dead => {
-                        self.count(Outcome::Duplicate);
-                        ack_recorded(message).await
-                    }
-                    TxClaim::Busy => {
-                        self.count(Outcome::InFlightElsewhere);
-                        nak(message, in_flight_delay(attempt, self.config.lease)).await
-                    }
-                    TxClaim::Conflict(stored) => self.key_conflict(message, delivery, stored).await,
-                    TxClaim::Claimed => {}
-                };
-            }
-
-            let result = self
-                .run(message, None, self.handler.call(prepared.args))
-                .await;
-            let output = match result {
-                None => {
-                    roll_back(&tx).await;
-                    return self.interrupted(message, None).await;
-                }
-                Some(Err(error)) => {
-                    // Effect and claim vanish together.
-                    roll_back(&tx).await;
-                    match self.after_failure(&error, attempt) {
-                        Failure::Retry(delay) => {
-                            warn!(%error, ?delay, "handler failed; rolled back, retrying");
-                            self.count(Outcome::Retried);
-                            return nak(message, delay).await;
-                        }
-                        Failure::DeadLetter(code) => {
-                            self.dead_letter(message, delivery, code, &error, None)
-                                .await
-                        }
-                    }
-                    if let Err(e) = inbox.mark_dead(&key, attempt).await {
-                        warn!(error = %e, "could not mark the key dead in the inbox");
-                    }
-                    return;
-                }
-                Some(Ok(output)) => output,
-            };
-            if self.config.store_result {
-                match self.handler.encode_result(&output) {
-                    Ok(Some(bytes)) => {
-                        let stored = match tx.conn().await {
-                            Ok(mut conn) => inbox
-                                .set_result(&mut conn, &key, bytes)
-                                .await
-                                .map_err(|e| e.to_string()),
-                            Err(closed) => Err(closed.to_string()),
-                        };
-                        if let Err(e) = stored {
-                            warn!(error = %e, "could not store the result; rolled back");
-                            roll_back(&tx).await;
-                            self.count(Outcome::StoreUnavailable);
-                            return nak(message, store_backoff(attempt)).await;
-                        }
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        warn!(error = %e, "could not serialize the result; duplicates will get none")
-                    }
-                }
-            }
-            let committed = match tx.take().await {
-                Some(open) => open.commit().await.map_err(|e| e.to_string()),
-                None => Err("the transaction was closed by the handler".to_owned()),
-            };
-            match committed {
-                Ok(()) => self.succeeded(message, true).await,
-                // Unknown outcome: the redelivery finds the row (duplicate)
-                // or not (runs again) — never both effects.
-                Err(e) => {
-                    warn!(error = %e, "commit failed; the message will be redelivered");
-                    self.count(Outcome::StoreUnavailable);
-                    nak(message, store_backoff(attempt)).await;
-                }
             }
         }
     }

@@ -15,8 +15,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
+use super::RuntimeError;
 use super::pace::Pace;
-use super::process::Shared;
+use super::pipeline::Shared;
 use crate::handler::Handler;
 
 /// The most messages one pull asks for.
@@ -41,11 +42,16 @@ where
 /// A handler's loop with its type erased, so that handlers of different
 /// types run in one runtime.
 pub(crate) trait Worker: Send {
+    /// The handler's name.
+    fn name(&self) -> &str;
+
+    /// Fetches and handles until `shutdown` (then lets running handlers
+    /// finish within `grace`), or until the consumer is gone.
     fn run(
         self: Box<Self>,
         shutdown: CancellationToken,
         grace: Duration,
-    ) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+    ) -> Pin<Box<dyn Future<Output = Result<(), RuntimeError>> + Send>>;
 }
 
 pub(crate) struct HandlerWorker<H> {
@@ -54,28 +60,60 @@ pub(crate) struct HandlerWorker<H> {
 }
 
 impl<H: Handler> Worker for HandlerWorker<H> {
+    fn name(&self) -> &str {
+        &self.shared.config.name
+    }
+
     fn run(
         self: Box<Self>,
         shutdown: CancellationToken,
         grace: Duration,
-    ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+    ) -> Pin<Box<dyn Future<Output = Result<(), RuntimeError>> + Send>> {
         Box::pin(self.fetch_loop(shutdown, grace))
     }
 }
 
+/// How many pulls in a row must find the consumer gone before the worker
+/// gives up on it (a cluster electing a leader can answer oddly once).
+const GONE_AFTER: u32 = 3;
+
 impl<H: Handler> HandlerWorker<H> {
-    async fn fetch_loop(self: Box<Self>, shutdown: CancellationToken, grace: Duration) {
+    /// Whether the server says the consumer (or its stream) does not exist.
+    async fn consumer_gone(&self) -> bool {
+        use async_nats::jetstream::context::ConsumerInfoErrorKind;
+        match self.consumer.get_info().await {
+            Ok(_) => false,
+            Err(e) => matches!(
+                e.kind(),
+                ConsumerInfoErrorKind::NotFound | ConsumerInfoErrorKind::StreamNotFound
+            ),
+        }
+    }
+
+    fn gone(&self) -> RuntimeError {
+        let config = &self.shared.config;
+        RuntimeError::ConsumerGone {
+            handler: config.name.clone(),
+            stream: config.stream.clone(),
+            consumer: config.consumer.clone(),
+        }
+    }
+
+    async fn fetch_loop(
+        self: Box<Self>,
+        shutdown: CancellationToken,
+        grace: Duration,
+    ) -> Result<(), RuntimeError> {
         #[cfg(feature = "postgres")]
-        if let Some(inbox) = &self.shared.inbox {
+        if let super::backend::Backend::Transactional(inbox) = &self.shared.backend {
             let config = &self.shared.config;
-            let purge = inbox.clone().purge_loop(
-                inbox.schema.clone(),
-                config.name.clone(),
-                config.retention,
-                shutdown.clone(),
-            );
+            let purge =
+                inbox
+                    .clone()
+                    .purge_loop(config.name.clone(), config.retention, shutdown.clone());
             tokio::spawn(purge);
         }
+        let mut result = Ok(());
         let permits = Arc::new(Semaphore::new(self.shared.config.concurrency));
         let pace = Arc::new(Pace::default());
         let tasks = TaskTracker::new();
@@ -90,17 +128,19 @@ impl<H: Handler> HandlerWorker<H> {
                 () = shutdown.cancelled() => break,
             };
             let mut batch = match batch {
-                Ok(batch) => {
-                    pull_failures = 0;
-                    batch
-                }
+                Ok(batch) => batch,
                 Err(e) => {
                     pull_failures += 1;
+                    if pull_failures >= GONE_AFTER && self.consumer_gone().await {
+                        result = Err(self.gone());
+                        break;
+                    }
                     let pause = Duration::from_millis(100 * u64::from(pull_failures.min(20)));
                     warn!(handler = %self.shared.config.name, error = %e, ?pause, "pull failed; retrying");
                     tokio::select! { () = sleep(pause) => continue, () = shutdown.cancelled() => break }
                 }
             };
+            let mut pulled_any = false;
             loop {
                 let message = tokio::select! {
                     message = batch.next() => message,
@@ -110,13 +150,29 @@ impl<H: Handler> HandlerWorker<H> {
                     }
                 };
                 let message = match message {
-                    None => break,
-                    Some(Ok(message)) => message,
-                    Some(Err(e)) => {
-                        debug!(handler = %self.shared.config.name, error = %e, "pull ended early");
+                    None => {
+                        pull_failures = 0;
                         break;
                     }
+                    Some(Ok(message)) => message,
+                    Some(Err(e)) => {
+                        // The pull was refused (e.g. no responders: the
+                        // consumer is gone); pause before the next.
+                        pull_failures += 1;
+                        debug!(handler = %self.shared.config.name, error = %e, pull_failures, "pull ended early");
+                        if pulled_any {
+                            break;
+                        }
+                        if pull_failures >= GONE_AFTER && self.consumer_gone().await {
+                            result = Err(self.gone());
+                            break 'fetching;
+                        }
+                        let pause = Duration::from_millis(100 * u64::from(pull_failures.min(20)));
+                        tokio::select! { () = sleep(pause) => break, () = shutdown.cancelled() => break 'fetching }
+                    }
                 };
+                pulled_any = true;
+                pull_failures = 0;
                 let permit = tokio::select! {
                     permit = permits.clone().acquire_owned() => match permit {
                         Ok(permit) => permit,
@@ -145,5 +201,6 @@ impl<H: Handler> HandlerWorker<H> {
             self.shared.hard_stop.cancel();
             tasks.wait().await;
         }
+        result
     }
 }

@@ -228,7 +228,7 @@ macro_rules! conformance_tests {
             racing_takeovers_have_exactly_one_winner,
             fenced_out_owner_cannot_write,
             release_then_claim_again,
-            dead_record_is_dead,
+            dead_record_is_dead_for_its_payload_only,
             renewal_keeps_the_lease,
             transitions_survive_a_lost_answer,
             forget_makes_the_key_new,
@@ -258,7 +258,7 @@ pub async fn run_all<F: Fixture>(f: &F) {
     racing_takeovers_have_exactly_one_winner(f).await;
     fenced_out_owner_cannot_write(f).await;
     release_then_claim_again(f).await;
-    dead_record_is_dead(f).await;
+    dead_record_is_dead_for_its_payload_only(f).await;
     renewal_keeps_the_lease(f).await;
     transitions_survive_a_lost_answer(f).await;
     forget_makes_the_key_new(f).await;
@@ -518,8 +518,10 @@ pub async fn release_then_claim_again<F: Fixture>(f: &F) {
     assert_eq!((again.owner(), again.attempt()), (b.owner(), 2));
 }
 
-/// A dead key answers `Dead` to every later claim, whatever the payload.
-pub async fn dead_record_is_dead<F: Fixture>(f: &F) {
+/// A dead key answers `Dead` to its own payload (and to a claimer without a
+/// fingerprint); another payload under it is a key conflict, as for a done
+/// key: a corrected payload is never taken for a duplicate.
+pub async fn dead_record_is_dead_for_its_payload_only<F: Fixture>(f: &F) {
     let (a, b) = (f.store(Owner::random()), f.store(Owner::random()));
     let key = key("dead");
     let claim = claimed(&a, &key, f.lease()).await;
@@ -527,12 +529,18 @@ pub async fn dead_record_is_dead<F: Fixture>(f: &F) {
         a.mark_dead(&claim).await.expect("mark_dead"),
         Transition::Applied
     );
-    for payload in [payload_a(), payload_b(), None] {
+    for payload in [payload_a(), None] {
         assert_eq!(
             b.claim(&key, payload, f.lease()).await.expect("claim"),
             ClaimOutcome::Dead
         );
     }
+    assert_eq!(
+        b.claim(&key, payload_b(), f.lease()).await.expect("claim"),
+        ClaimOutcome::KeyConflict {
+            stored: payload_a()
+        }
+    );
 }
 
 /// Renewing moves the deadline: the owner keeps the key past its first lease

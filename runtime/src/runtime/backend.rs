@@ -1,0 +1,331 @@
+//! The three dedup levels behind one interface: where a delivery's claim
+//! is made, and what completing, releasing or dead-lettering it means.
+//!
+//! The pipeline (`pipeline.rs`) is written once against [`Backend`] and
+//! [`Held`]; each level differs only here:
+//!
+//! | step       | `Off`   | `Kv`                       | `Transactional`                           |
+//! |------------|---------|----------------------------|-------------------------------------------|
+//! | claim      | —       | create / CAS in the bucket | row in the handler's transaction          |
+//! | renew      | —       | CAS, every lease / 3       | — (the transaction holds the row)         |
+//! | complete   | —       | CAS to `done`              | seal the row, `COMMIT`                    |
+//! | release    | —       | CAS to `released`          | `ROLLBACK`, record the attempt            |
+//! | mark dead  | —       | CAS to `dead`              | `ROLLBACK`, row `dead` with the payload   |
+//! | cut off    | —       | kept pending (a takeover is counted) | `ROLLBACK` (nothing committed) |
+
+use bytes::Bytes;
+use tracing::warn;
+
+use crate::Delivery;
+use crate::claim::{Claim, ClaimOutcome, Transition};
+use crate::fingerprint::Fingerprint;
+use crate::key::RecordKey;
+use crate::store::{DedupStore, KvStore, StoreError, StoreOp};
+
+/// The transaction begun for a delivery before its claim (`dedup =
+/// transactional`); always `None` elsewhere.
+#[cfg(feature = "postgres")]
+pub(crate) type Begun = Option<crate::Tx>;
+/// The transaction begun for a delivery before its claim; without the
+/// `postgres` feature there never is one.
+#[cfg(not(feature = "postgres"))]
+pub(crate) type Begun = Option<std::convert::Infallible>;
+
+/// Where a handler's claims live.
+pub(crate) enum Backend {
+    /// `dedup = off`: no claims.
+    Off,
+    /// `dedup = kv`: the claim bucket (boxed: the store's handle is large,
+    /// and the other levels would carry its size).
+    Kv(Box<KvStore>),
+    /// `dedup = transactional`: the inbox table, in the handler's transaction.
+    #[cfg(feature = "postgres")]
+    Transactional(super::transactional::TxInbox),
+}
+
+/// What a delivery holds while its handler runs.
+pub(crate) enum Held {
+    /// Nothing to hold (`dedup = off`, or a delivery that never got a claim).
+    Nothing,
+    /// A claim in the bucket.
+    Kv(Claim),
+    /// The claim row in the open transaction.
+    #[cfg(feature = "postgres")]
+    Tx {
+        /// The transaction, shared with the handler's `Tx` argument.
+        tx: crate::Tx,
+        /// The claim row.
+        claim: Claim,
+    },
+}
+
+/// What completing a held claim came to.
+pub(crate) enum Completion {
+    /// Recorded: acknowledge.
+    Recorded,
+    /// The claim had moved on to another owner: the effect may have run
+    /// twice (count `lease_lost`); acknowledge.
+    LeaseLost(Transition),
+    /// The handler's transaction was aborted by a statement it ignored:
+    /// nothing committed; a failed attempt.
+    #[cfg_attr(
+        not(feature = "postgres"),
+        expect(dead_code, reason = "transactional only")
+    )]
+    Aborted(crate::BoxError),
+    /// Not recorded, outcome known to be safe to redeliver (store down past
+    /// the shutdown deadline, commit failed): NAK.
+    #[cfg_attr(
+        not(feature = "postgres"),
+        expect(dead_code, reason = "transactional only")
+    )]
+    NotRecorded(crate::BoxError),
+}
+
+impl Backend {
+    /// Whether this level records claims at all.
+    pub(crate) fn claims(&self) -> bool {
+        !matches!(self, Backend::Off)
+    }
+
+    /// Begins what the handler's arguments need before the claim: the
+    /// transaction of `dedup = transactional`.
+    pub(crate) async fn begin(&self) -> Result<Begun, StoreError> {
+        match self {
+            #[cfg(feature = "postgres")]
+            Backend::Transactional(inbox) => inbox
+                .pool
+                .begin()
+                .await
+                .map(|open| Some(crate::Tx::new(open)))
+                .map_err(|e| StoreError::unavailable(StoreOp::Create, e)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Claims `key` (never asked of `dedup = off`, which holds nothing).
+    pub(crate) async fn claim(
+        &self,
+        key: &RecordKey,
+        fingerprint: Option<Fingerprint>,
+        config: &crate::handler::HandlerConfig,
+        begun: &Begun,
+    ) -> Result<ClaimOutcome, StoreError> {
+        let _ = begun;
+        match self {
+            Backend::Off => Err(StoreError::unavailable(
+                StoreOp::Create,
+                "dedup = off keeps no claims",
+            )),
+            // Boxed: a delivery's task lives as long as its handler runs,
+            // and would otherwise carry the store's state all that time.
+            Backend::Kv(store) => Box::pin(store.claim(key, fingerprint, config.lease)).await,
+            #[cfg(feature = "postgres")]
+            Backend::Transactional(inbox) => {
+                let Some(tx) = begun else {
+                    return Err(StoreError::unavailable(
+                        StoreOp::Create,
+                        "no transaction was begun for a transactional claim",
+                    ));
+                };
+                let mut conn = tx
+                    .conn()
+                    .await
+                    .map_err(|e| StoreError::unavailable(StoreOp::Create, e))?;
+                Box::pin(inbox.claim(&mut conn, key, fingerprint, config.lease, config.retention))
+                    .await
+            }
+        }
+    }
+}
+
+impl Held {
+    /// What a delivery holds once `claim` was granted, in the transaction
+    /// it began (if any).
+    pub(crate) fn granted(claim: Claim, begun: Begun) -> Held {
+        match begun {
+            #[cfg(feature = "postgres")]
+            Some(tx) => Held::Tx { tx, claim },
+            None => Held::Kv(claim),
+        }
+    }
+
+    /// The attempt this run is: the handler's runs counted in the claim
+    /// record; JetStream's delivery count where there is none.
+    pub(crate) fn attempt(&self, delivery: &Delivery) -> u32 {
+        match self {
+            Held::Nothing => u32::try_from(delivery.delivered()).unwrap_or(u32::MAX),
+            Held::Kv(claim) => claim.attempt,
+            #[cfg(feature = "postgres")]
+            Held::Tx { claim, .. } => claim.attempt,
+        }
+    }
+
+    /// The claim, if any.
+    pub(crate) fn claim(&self) -> Option<&Claim> {
+        match self {
+            Held::Nothing => None,
+            Held::Kv(claim) => Some(claim),
+            #[cfg(feature = "postgres")]
+            Held::Tx { claim, .. } => Some(claim),
+        }
+    }
+
+    /// Extends the lease. A KV claim is renewed by CAS. A transaction holds
+    /// its row by itself, but the server ends one that stays idle for a
+    /// lease (so that a frozen worker cannot block its keys): a statement
+    /// on it tells the server this worker lives — unless the handler holds
+    /// the connection right now, in which case it is the handler's to use.
+    pub(crate) async fn renew(&mut self, backend: &Backend) -> Result<Transition, StoreError> {
+        match (self, backend) {
+            (Held::Kv(claim), Backend::Kv(store)) => Box::pin(store.renew(claim)).await,
+            #[cfg(feature = "postgres")]
+            (Held::Tx { tx, .. }, _) => {
+                if let Some(mut conn) = tx.try_conn() {
+                    sqlx::query("SELECT 1")
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(|e| StoreError::unavailable(StoreOp::Update, e))?;
+                }
+                Ok(Transition::Applied)
+            }
+            _ => Ok(Transition::Applied),
+        }
+    }
+
+    /// Records completion with the handler's result, once. (Retries of a
+    /// KV completion are the pipeline's: they keep the message in progress.)
+    pub(crate) async fn complete(
+        &self,
+        backend: &Backend,
+        result: Option<Bytes>,
+    ) -> Result<Completion, StoreError> {
+        match (self, backend) {
+            (Held::Kv(claim), Backend::Kv(store)) => {
+                match Box::pin(store.complete(claim, result)).await? {
+                    Transition::Applied => Ok(Completion::Recorded),
+                    lost => Ok(Completion::LeaseLost(lost)),
+                }
+            }
+            #[cfg(feature = "postgres")]
+            (Held::Tx { tx, claim }, Backend::Transactional(inbox)) => {
+                Ok(Box::pin(commit(inbox, tx, claim, result)).await)
+            }
+            _ => Ok(Completion::Recorded),
+        }
+    }
+
+    /// Gives the claim back after a failed attempt so that the next delivery
+    /// can take it at once, keeping the attempt count.
+    pub(crate) async fn release(self, backend: &Backend) {
+        match (self, backend) {
+            (Held::Kv(claim), Backend::Kv(store)) => {
+                log_transition("release the claim", store.release(&claim).await);
+            }
+            #[cfg(feature = "postgres")]
+            (Held::Tx { tx, claim }, Backend::Transactional(inbox)) => {
+                roll_back(&tx).await;
+                if let Err(e) = inbox.record_attempt(&claim).await {
+                    warn!(error = %e, "could not record the failed attempt; the next run counts from the last recorded one");
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Marks the key dead after its dead letter was stored.
+    pub(crate) async fn mark_dead(self, backend: &Backend) {
+        match (self, backend) {
+            (Held::Kv(claim), Backend::Kv(store)) => {
+                log_transition("mark the key dead", store.mark_dead(&claim).await);
+            }
+            #[cfg(feature = "postgres")]
+            (Held::Tx { tx, claim }, Backend::Transactional(inbox)) => {
+                roll_back(&tx).await;
+                if let Err(e) = inbox.mark_dead(&claim).await {
+                    warn!(error = %e, "could not mark the key dead; its redelivery is dead-lettered again (same dead-letter id)");
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Leaves the claim as the shutdown deadline found it. A KV claim stays
+    /// pending: the handler may have had its effect, so the next owner takes
+    /// it over only after the lease, and counts it (`reclaimed`). A
+    /// transaction is rolled back: nothing of it committed.
+    pub(crate) async fn abandon(self) {
+        #[cfg(feature = "postgres")]
+        if let Held::Tx { tx, .. } = self {
+            roll_back(&tx).await;
+        }
+    }
+}
+
+fn log_transition(what: &str, result: Result<Transition, StoreError>) {
+    match result {
+        Ok(Transition::Applied) => {}
+        Ok(lost @ Transition::LeaseLost { .. }) => {
+            warn!(?lost, "could not {what}: the claim was taken over")
+        }
+        Err(e) => warn!(error = %e, "could not {what}; the lease frees it when it ends"),
+    }
+}
+
+/// Seals the claim row and commits. A statement on the row fails in an
+/// aborted transaction: then nothing commits and the attempt failed.
+#[cfg(feature = "postgres")]
+async fn commit(
+    inbox: &super::transactional::TxInbox,
+    tx: &crate::Tx,
+    claim: &Claim,
+    result: Option<Bytes>,
+) -> Completion {
+    use super::transactional::SealError;
+    let sealed = match tx.conn().await {
+        Ok(mut conn) => inbox.seal(&mut conn, &claim.key, result).await,
+        Err(closed) => return Completion::NotRecorded(closed.into()),
+    };
+    match sealed {
+        Ok(()) => {}
+        Err(SealError::Aborted(e)) => {
+            roll_back(tx).await;
+            return Completion::Aborted(
+                format!("the handler returned Ok, but its transaction was aborted by a failed statement it ignored: {e}").into(),
+            );
+        }
+        Err(SealError::Database(e)) => {
+            roll_back(tx).await;
+            return Completion::NotRecorded(e.into());
+        }
+    }
+    match tx.take().await {
+        // Unknown outcome if this fails: the redelivery finds the row
+        // (duplicate) or not (runs again) — never both effects.
+        Some(open) => match open.commit().await {
+            Ok(()) => Completion::Recorded,
+            Err(e) => Completion::NotRecorded(e.into()),
+        },
+        None => Completion::NotRecorded(crate::tx::TxClosed.into()),
+    }
+}
+
+/// Rolls the message's transaction back, if it is still open.
+#[cfg(feature = "postgres")]
+pub(crate) async fn roll_back(tx: &crate::Tx) {
+    if let Some(open) = tx.take().await
+        && let Err(e) = open.rollback().await
+    {
+        warn!(error = %e, "rollback failed; the connection discards the transaction");
+    }
+}
+
+/// Rolls back a transaction begun for a delivery that never ran its handler.
+pub(crate) async fn discard(begun: Begun) {
+    #[cfg(feature = "postgres")]
+    if let Some(tx) = begun {
+        roll_back(&tx).await;
+    }
+    #[cfg(not(feature = "postgres"))]
+    let _ = begun;
+}

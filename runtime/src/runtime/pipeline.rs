@@ -1,0 +1,351 @@
+//! One delivery, start to finish, for every dedup level: prepare → claim →
+//! run (lease renewal, progress acks, panics caught) → finish → acknowledge
+//! — or retry, or dead-letter (`settle.rs`). Executes the design notes'
+//! steps; the decisions are the claim state machine's and the retry
+//! policy's, and what each level does at each step is `backend.rs`'s.
+
+use std::borrow::Cow;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, Message};
+use futures::FutureExt;
+use tokio::time::{Instant, MissedTickBehavior, interval_at, sleep, timeout_at};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, Span, error, field, info_span, warn};
+
+use super::active::{ActiveKey, ActiveKeys};
+use super::backend::{Backend, Begun, Completion, Held, discard};
+use super::faults::Faults;
+use super::recent::Recent;
+use super::settle::{ack_recorded, deliveries, in_flight_delay, nak};
+use super::stats::{Counters, Outcome};
+use crate::claim::{ClaimOutcome, Transition};
+use crate::extract::StateMap;
+use crate::handler::{Handler, HandlerConfig, prepare};
+use crate::key::{HandlerName, RecordKey};
+use crate::{Delivery, HandlerError};
+
+/// Everything a handler's messages share.
+pub(crate) struct Shared<H> {
+    pub(crate) handler: H,
+    pub(crate) name: HandlerName,
+    pub(crate) config: HandlerConfig,
+    pub(crate) backend: Backend,
+    pub(crate) js: jetstream::Context,
+    pub(crate) state: StateMap,
+    pub(crate) counters: Arc<Counters>,
+    pub(crate) faults: Faults,
+    /// Cancelled when the shutdown deadline has passed: running handlers
+    /// are abandoned.
+    pub(crate) hard_stop: CancellationToken,
+    /// Keys this process is working on right now.
+    pub(crate) active: ActiveKeys,
+    /// Keys this process completed recently (`dedup = kv`).
+    pub(crate) recent: Recent,
+}
+
+/// How a handler's run ended.
+pub(super) enum Ran<T> {
+    /// It returned `Ok`.
+    Returned(T),
+    /// It returned `Err`, or panicked.
+    Failed(HandlerError),
+    /// The shutdown deadline cut it off.
+    CutOff,
+}
+
+/// A handler's panic, as the failure it is counted as.
+#[derive(Debug, thiserror::Error)]
+#[error("the handler panicked: {0}")]
+pub(crate) struct HandlerPanicked(pub(crate) String);
+
+impl HandlerPanicked {
+    fn from_payload(payload: &(dyn std::any::Any + Send)) -> Self {
+        let text = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".to_owned());
+        Self(text)
+    }
+}
+
+/// A boxed, `Send` future: keeps a rare or large step's state out of every
+/// delivery's task, and tells the compiler the step is `Send` where it
+/// cannot see it through the handler's generic future.
+pub(super) fn boxed<'a, T>(
+    step: impl Future<Output = T> + Send + 'a,
+) -> std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>> {
+    Box::pin(step)
+}
+
+/// The state a delivery's extractors see: the runtime's, plus the
+/// transaction begun for it.
+fn state_with<'a>(state: &'a StateMap, begun: &Begun) -> Cow<'a, StateMap> {
+    match begun {
+        #[cfg(feature = "postgres")]
+        Some(tx) => {
+            let mut state = state.clone();
+            state.insert(tx.clone());
+            Cow::Owned(state)
+        }
+        #[cfg(not(feature = "postgres"))]
+        Some(never) => match *never {},
+        None => Cow::Borrowed(state),
+    }
+}
+
+impl<H: Handler> Shared<H> {
+    /// Handles one delivery inside its tracing span.
+    pub(crate) async fn handle(self: Arc<Self>, message: Message) {
+        let delivery = Delivery::from_jetstream(&message);
+        let span = info_span!(
+            "idem.message",
+            handler = %self.config.name,
+            stream_sequence = delivery.stream_sequence(),
+            delivered = delivery.delivered(),
+            key = field::Empty,
+            outcome = field::Empty,
+        );
+        self.process(&message, &delivery).instrument(span).await;
+    }
+
+    pub(super) fn count(&self, outcome: Outcome) {
+        Span::current().record("outcome", outcome.name());
+        self.counters.count(outcome);
+    }
+
+    async fn process(&self, message: &Message, delivery: &Delivery) {
+        let begun = match self.backend.begin().await {
+            Ok(begun) => begun,
+            Err(e) => return self.store_unavailable(message, delivery, e).await,
+        };
+        let prepared = prepare(&self.handler, delivery, &state_with(&self.state, &begun));
+        let prepared = match prepared {
+            Ok(prepared) => prepared,
+            Err(rejected) => {
+                discard(begun).await;
+                return Box::pin(self.rejected(message, delivery, rejected)).await;
+            }
+        };
+        Span::current().record("key", field::debug(&prepared.key));
+        if !self.backend.claims() {
+            let mut held = Held::Nothing;
+            let attempt = held.attempt(delivery);
+            let ran = self
+                .run(message, &mut held, self.handler.call(prepared.args))
+                .await;
+            return boxed(self.finish(message, delivery, held, attempt, ran)).await;
+        }
+        let key = RecordKey::new(&self.name, &prepared.key);
+        // dedup = kv: one delivery per key at a time in this process, and
+        // duplicates of what it completed answered from memory.
+        let mut _working = None;
+        if let Backend::Kv(_) = self.backend {
+            let Some(working) = self.work_on(&key).await else {
+                self.count(Outcome::InFlightElsewhere);
+                return nak(
+                    message,
+                    in_flight_delay(deliveries(delivery), self.config.lease),
+                )
+                .await;
+            };
+            if self.recent.is_done(&key, prepared.fingerprint) {
+                self.count(Outcome::Duplicate);
+                return ack_recorded(message).await;
+            }
+            _working = Some(working);
+        }
+        let claimed = boxed(
+            self.backend
+                .claim(&key, prepared.fingerprint, &self.config, &begun),
+        )
+        .await;
+        let mut held = match claimed {
+            Ok(ClaimOutcome::Claimed(claim)) => Held::granted(claim, begun),
+            Ok(ClaimOutcome::Reclaimed { claim, from }) => {
+                warn!(event = "reclaimed", previous_owner = %from, "took over an expired claim: its owner may have had its effect");
+                self.counters.count(Outcome::Reclaimed);
+                Held::granted(claim, begun)
+            }
+            Ok(refused) => {
+                discard(begun).await;
+                return Box::pin(self.refused(message, delivery, refused)).await;
+            }
+            Err(e) => {
+                discard(begun).await;
+                return self.store_unavailable(message, delivery, e).await;
+            }
+        };
+        let attempt = held.attempt(delivery);
+        let ran = self
+            .run(message, &mut held, self.handler.call(prepared.args))
+            .await;
+        boxed(self.finish(message, delivery, held, attempt, ran)).await;
+    }
+
+    /// Marks `key` as worked on here. If another delivery in this process
+    /// has it (a duplicate arriving while its original runs, or a
+    /// redelivery while completion is still being retried after an outage),
+    /// waits for that to end — at most a lease, and never past shutdown —
+    /// rather than claim the key from ourselves or NAK a duplicate that is
+    /// about to be answered. `None`: still held.
+    async fn work_on(&self, key: &RecordKey) -> Option<ActiveKey<'_>> {
+        let deadline = Instant::now() + self.config.lease;
+        loop {
+            let mut finished = match self.active.enter(key) {
+                Ok(entered) => return Some(entered),
+                Err(finished) => finished,
+            };
+            tokio::select! {
+                ended = timeout_at(deadline, finished.changed()) => {
+                    if ended.is_err() {
+                        return None;
+                    }
+                }
+                () = self.hard_stop.cancelled() => return None,
+            }
+        }
+    }
+
+    /// Runs the handler while renewing the claim and telling the server the
+    /// message is in progress. A panic is caught and counted, and ends the
+    /// run as a failure.
+    pub(super) async fn run<T>(
+        &self,
+        message: &Message,
+        held: &mut Held,
+        call: impl Future<Output = Result<T, HandlerError>>,
+    ) -> Ran<T> {
+        let period = (self.config.lease / 3).max(Duration::from_millis(100));
+        let mut keepalive = interval_at(Instant::now() + period, period);
+        keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut call = std::pin::pin!(AssertUnwindSafe(call).catch_unwind());
+        loop {
+            tokio::select! {
+                biased;
+                result = &mut call => return match result {
+                    Ok(Ok(output)) => Ran::Returned(output),
+                    Ok(Err(e)) => Ran::Failed(e),
+                    Err(payload) => {
+                        let panicked = HandlerPanicked::from_payload(&*payload);
+                        error!(error = %panicked, "the handler panicked; counted as a failed attempt");
+                        self.counters.count(Outcome::Panicked);
+                        Ran::Failed(HandlerError::retryable(panicked))
+                    }
+                },
+                () = self.hard_stop.cancelled() => return Ran::CutOff,
+                _ = keepalive.tick() => {
+                    if let Err(e) = Box::pin(message.ack_with(AckKind::Progress)).await {
+                        warn!(error = %e, "could not send an in-progress ack");
+                    }
+                    match held.renew(&self.backend).await {
+                        Ok(Transition::Applied) => {}
+                        Ok(Transition::LeaseLost { current_owner }) => {
+                            warn!(?current_owner, "lease lost while the handler runs");
+                        }
+                        Err(e) => warn!(error = %e, "could not renew the lease"),
+                    }
+                }
+            }
+        }
+    }
+
+    /// What a run comes to: completion recorded and acknowledged, a retry,
+    /// a dead letter, or (cut off) a claim left for the next owner.
+    async fn finish(
+        &self,
+        message: &Message,
+        delivery: &Delivery,
+        held: Held,
+        attempt: u32,
+        ran: Ran<H::Output>,
+    ) {
+        let output = match ran {
+            Ran::Returned(output) => output,
+            Ran::CutOff => return self.interrupted(message, held).await,
+            // The failure paths are boxed: rare, and large (dead letters).
+            Ran::Failed(error) => {
+                return Box::pin(self.failed(message, delivery, error, attempt, held)).await;
+            }
+        };
+        let Some(claim) = held.claim() else {
+            return self.succeeded(message, false).await;
+        };
+        let stored = if self.config.store_result {
+            self.handler.encode_result(&output).unwrap_or_else(|e| {
+                warn!(error = %e, "could not serialize the result; duplicates will get none");
+                None
+            })
+        } else {
+            None
+        };
+        let sent = Instant::now();
+        match self.record_completion(message, &held, stored).await {
+            Some(Completion::Recorded) => {
+                if let Held::Kv(_) = held {
+                    self.recent.remember(&claim.key, claim.fingerprint, sent);
+                }
+                self.succeeded(message, true).await;
+            }
+            Some(Completion::LeaseLost(lost)) => {
+                warn!(
+                    event = "lease_lost",
+                    ?lost,
+                    "lease lost before completion: another worker took over, the effect may run twice"
+                );
+                self.counters.count(Outcome::LeaseLost);
+                self.succeeded(message, true).await;
+            }
+            Some(Completion::Aborted(e)) => {
+                let error = HandlerError::retryable(e);
+                Box::pin(self.failed(message, delivery, error, attempt, held)).await;
+            }
+            Some(Completion::NotRecorded(e)) => {
+                warn!(error = %e, "completion was not recorded; the message will be redelivered");
+                self.count(Outcome::StoreUnavailable);
+                nak(message, super::settle::store_backoff(attempt)).await;
+            }
+            // Shutdown: the claim stays pending; the next delivery after the
+            // lease reclaims it (counted as reclaimed there).
+            None => {
+                self.count(Outcome::StoreUnavailable);
+                held.abandon().await;
+                nak(message, self.config.lease).await;
+            }
+        }
+    }
+
+    /// Records completion, retrying while the store cannot be reached:
+    /// meanwhile nobody else can take the claim over, and the claim's
+    /// revision fences a retry that lands late. In-progress acks between
+    /// attempts keep the server from redelivering the message. Gives up
+    /// only at the shutdown deadline (`None`).
+    async fn record_completion(
+        &self,
+        message: &Message,
+        held: &Held,
+        result: Option<bytes::Bytes>,
+    ) -> Option<Completion> {
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match held.complete(&self.backend, result.clone()).await {
+                Ok(completion) => return Some(completion),
+                Err(e) => {
+                    warn!(error = %e, ?pause, "could not record completion; retrying");
+                    let _ = message.ack_with(AckKind::Progress).await;
+                    tokio::select! {
+                        () = sleep(pause) => {}
+                        () = self.hard_stop.cancelled() => {
+                            error!("shutdown before completion was recorded: the message will be redelivered and reclaimed");
+                            return None;
+                        }
+                    }
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+}

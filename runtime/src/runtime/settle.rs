@@ -1,0 +1,316 @@
+//! How a delivery ends when it does not complete: a retry, a dead letter,
+//! a key conflict, a rejection, an interruption — and the acknowledgements
+//! that carry each to the server.
+//!
+//! The order on the way to a dead letter is fixed: the dead letter is
+//! stored (its PubAck awaited), then the key is marked dead, then the
+//! original is terminated. A crash between any two steps leaves a
+//! redelivery or a dead letter with its record, never neither.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{AckKind, Message};
+use tracing::{error, warn};
+
+use super::backend::Held;
+use super::dead_letter::{self, Reason};
+use super::pipeline::{HandlerPanicked, Shared};
+use super::stats::Outcome;
+use crate::claim::ClaimOutcome;
+use crate::fingerprint::Fingerprint;
+use crate::handler::{DeadLetterReason, Handler, OnMissingKey, PrepareError};
+use crate::retry::{Retry, RetryDecision};
+use crate::store::StoreError;
+use crate::{Delivery, HandlerError};
+
+/// Backoff while the dedup store is unreachable.
+pub(super) fn store_backoff(attempt: u32) -> Duration {
+    match Retry::exponential(Duration::from_millis(250), Duration::from_secs(10))
+        .attempts(u32::MAX)
+        .jitter()
+        .after_failure(attempt)
+    {
+        RetryDecision::RetryAfter(delay) => delay.max(Duration::from_millis(50)),
+        RetryDecision::GiveUp => Duration::from_secs(10),
+    }
+}
+
+/// What a failed attempt leads to.
+pub(super) enum Failure {
+    /// NAK with this delay.
+    Retry(Duration),
+    /// Dead-letter with this reason.
+    DeadLetter(DeadLetterReason),
+}
+
+/// How many times JetStream has delivered the message: paces NAKs that are
+/// not the handler's failures (they never use up its attempts).
+pub(super) fn deliveries(delivery: &Delivery) -> u32 {
+    u32::try_from(delivery.delivered()).unwrap_or(u32::MAX)
+}
+
+/// How long a delivery whose key is held elsewhere waits: doubling from
+/// 50 ms with each delivery, never past the holder's lease. Most holders
+/// finish in milliseconds, so the duplicate is answered soon; a slow holder
+/// costs a handful of cheap claim attempts, not a storm.
+pub(super) fn in_flight_delay(delivered: u32, remaining_lease: Duration) -> Duration {
+    let backoff = Duration::from_millis(50)
+        .saturating_mul(2u32.saturating_pow(delivered.saturating_sub(1).min(16)));
+    backoff.min(remaining_lease).max(MIN_NAK_DELAY)
+}
+
+/// The shortest NAK delay: a redelivery storm helps nobody.
+const MIN_NAK_DELAY: Duration = Duration::from_millis(20);
+
+impl<H: Handler> Shared<H> {
+    /// Answers a claim that may not run: a duplicate, a conflict, a key
+    /// held elsewhere.
+    pub(super) async fn refused(
+        &self,
+        message: &Message,
+        delivery: &Delivery,
+        outcome: ClaimOutcome,
+    ) {
+        match outcome {
+            ClaimOutcome::Duplicate { .. } | ClaimOutcome::Dead => {
+                self.count(Outcome::Duplicate);
+                ack_recorded(message).await;
+            }
+            ClaimOutcome::KeyConflict { stored } => {
+                self.key_conflict(message, delivery, stored).await;
+            }
+            ClaimOutcome::InFlight { retry_after, .. } => {
+                self.count(Outcome::InFlightElsewhere);
+                nak(message, in_flight_delay(deliveries(delivery), retry_after)).await;
+            }
+            ClaimOutcome::Claimed(_) | ClaimOutcome::Reclaimed { .. } => {
+                error!("a granted claim was taken for a refusal; NAKed");
+                nak(message, MIN_NAK_DELAY).await;
+            }
+        }
+    }
+
+    /// The dedup store could not be reached: the handler was not run (fail
+    /// closed); NAK with backoff. Not an attempt.
+    pub(super) async fn store_unavailable(
+        &self,
+        message: &Message,
+        delivery: &Delivery,
+        error: StoreError,
+    ) {
+        warn!(error = %error, "dedup store unavailable: the handler was not run");
+        self.count(Outcome::StoreUnavailable);
+        nak(message, store_backoff(deliveries(delivery))).await;
+    }
+
+    /// Counts and acknowledges a success. With the completion recorded in
+    /// the store (`recorded`), a plain ack suffices: if it is lost, the
+    /// redelivery is answered as a duplicate, so the confirmed ack's extra
+    /// round trip buys nothing. Without a record (`dedup = off`) the
+    /// confirmed ack is what keeps a second run rare.
+    pub(super) async fn succeeded(&self, message: &Message, recorded: bool) {
+        self.count(Outcome::Processed);
+        if self.faults.drop_this_ack() {
+            return;
+        }
+        if recorded {
+            ack_recorded(message).await;
+        } else {
+            ack(message).await;
+        }
+    }
+
+    /// A failed attempt: release and retry, or dead-letter.
+    pub(super) async fn failed(
+        &self,
+        message: &Message,
+        delivery: &Delivery,
+        error: HandlerError,
+        attempt: u32,
+        held: Held,
+    ) {
+        match self.after_failure(&error, attempt) {
+            Failure::Retry(delay) => {
+                warn!(%error, attempt, ?delay, "handler failed; retrying");
+                held.release(&self.backend).await;
+                self.count(Outcome::Retried);
+                nak(message, delay).await;
+            }
+            Failure::DeadLetter(reason) => {
+                self.dead_letter(message, delivery, reason, &error, held, attempt)
+                    .await;
+            }
+        }
+    }
+
+    /// Retry per the policy, or dead-letter (permanent errors, last attempt).
+    pub(super) fn after_failure(&self, error: &HandlerError, attempt: u32) -> Failure {
+        if error.is_permanent() {
+            return Failure::DeadLetter(DeadLetterReason::HandlerError);
+        }
+        match self.config.retry.after_failure(attempt) {
+            RetryDecision::RetryAfter(delay) => Failure::Retry(delay),
+            RetryDecision::GiveUp if error.error().is::<HandlerPanicked>() => {
+                Failure::DeadLetter(DeadLetterReason::Panic)
+            }
+            RetryDecision::GiveUp => Failure::DeadLetter(DeadLetterReason::RetriesExhausted),
+        }
+    }
+
+    /// Dead-letters a payload that reuses a key first claimed by another.
+    pub(super) async fn key_conflict(
+        &self,
+        message: &Message,
+        delivery: &Delivery,
+        stored: Option<Fingerprint>,
+    ) {
+        let error = format!(
+            "key already claimed with another payload (stored fingerprint {})",
+            stored.map_or_else(|| "none".to_owned(), |f| f.to_string())
+        );
+        self.counters.count(Outcome::KeyConflict);
+        let attempts = deliveries(delivery);
+        self.dead_letter(
+            message,
+            delivery,
+            DeadLetterReason::KeyConflict,
+            &error,
+            Held::Nothing,
+            attempts,
+        )
+        .await;
+    }
+
+    /// A delivery that never reached its handler: no key, or arguments
+    /// that could not be made.
+    pub(super) async fn rejected(
+        &self,
+        message: &Message,
+        delivery: &Delivery,
+        rejected: PrepareError,
+    ) {
+        if matches!(rejected, PrepareError::Key(_))
+            && self.config.on_missing_key == OnMissingKey::Reject
+        {
+            warn!(error = %rejected, "no idempotency key: rejected");
+            self.count(Outcome::Rejected);
+            return ack(message).await;
+        }
+        if rejected.reason() == DeadLetterReason::Decode {
+            self.counters.count(Outcome::DecodeFailed);
+        }
+        let attempts = deliveries(delivery);
+        self.dead_letter(
+            message,
+            delivery,
+            rejected.reason(),
+            &rejected,
+            Held::Nothing,
+            attempts,
+        )
+        .await;
+    }
+
+    /// The shutdown deadline cut the handler off. Its claim is left as the
+    /// backend says (a KV claim stays pending: the effect may be under
+    /// way), and the message comes back once that claim may be taken over.
+    pub(super) async fn interrupted(&self, message: &Message, held: Held) {
+        let delay = match held {
+            Held::Kv(_) => self.config.lease,
+            _ => MIN_NAK_DELAY,
+        };
+        warn!(
+            ?delay,
+            "shutdown deadline passed while the handler ran: the message is NAKed; a kept claim is taken over after its lease"
+        );
+        held.abandon().await;
+        self.count(Outcome::Interrupted);
+        nak(message, delay).await;
+    }
+
+    /// Stores the dead letter, then marks the key dead and terminates the
+    /// original. If the dead letter cannot be stored, the claim is released
+    /// and the original NAKed: a message is never given up before its dead
+    /// letter exists.
+    pub(super) async fn dead_letter(
+        &self,
+        message: &Message,
+        delivery: &Delivery,
+        code: DeadLetterReason,
+        error: &(dyn std::fmt::Display + Sync),
+        held: Held,
+        attempts: u32,
+    ) {
+        let reason = Reason { code, error };
+        if let Err(e) =
+            dead_letter::publish(&self.js, &self.config, delivery, reason, attempts).await
+        {
+            error!(error = %e, reason = %code, subject = %self.config.dead_letter, "could not store the dead letter; the message is kept");
+            held.release(&self.backend).await;
+            self.count(Outcome::DeadLetterFailed);
+            return nak(message, store_backoff(deliveries(delivery))).await;
+        }
+        warn!(reason = %code, %error, subject = %self.config.dead_letter, "dead-lettered");
+        held.mark_dead(&self.backend).await;
+        self.count(Outcome::DeadLettered);
+        if let Err(e) = message.ack_with(AckKind::Term).await {
+            warn!(error = %e, "could not terminate the original; its redelivery will find the key dead");
+        }
+    }
+}
+
+/// A confirmed acknowledgement, retried briefly. Once completion is
+/// recorded a lost ack only costs a redelivery, answered as a duplicate.
+pub(super) async fn ack(message: &Message) {
+    for pause in [
+        Duration::from_millis(100),
+        Duration::from_millis(500),
+        Duration::ZERO,
+    ] {
+        match message.double_ack().await {
+            Ok(()) => return,
+            Err(e) if pause.is_zero() => {
+                warn!(error = %e, "could not acknowledge; the redelivery will be a duplicate")
+            }
+            Err(_) => tokio::time::sleep(pause).await,
+        }
+    }
+}
+
+/// A plain ack for a message whose key the store holds as done: a lost ack
+/// only costs a redelivery that is answered as a duplicate, so waiting for
+/// the server's confirmation buys nothing.
+pub(super) async fn ack_recorded(message: &Message) {
+    if let Err(e) = message.ack().await {
+        warn!(error = %e, "could not acknowledge; the redelivery will be a duplicate");
+    }
+}
+
+pub(super) async fn nak(message: &Message, delay: Duration) {
+    if let Err(e) = message
+        .ack_with(AckKind::Nak(Some(delay.max(MIN_NAK_DELAY))))
+        .await
+    {
+        warn!(error = %e, "could not NAK; the server redelivers after ack_wait");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_flight_delays_double_from_50ms_and_stop_at_the_lease() {
+        let lease = Duration::from_secs(30);
+        let delays: Vec<u128> = (1..=6)
+            .map(|a| in_flight_delay(a, lease).as_millis())
+            .collect();
+        assert_eq!(delays, [50, 100, 200, 400, 800, 1600]);
+        assert_eq!(in_flight_delay(40, lease), lease);
+        assert_eq!(
+            in_flight_delay(3, Duration::from_millis(120)),
+            Duration::from_millis(120)
+        );
+        assert_eq!(in_flight_delay(1, Duration::ZERO), MIN_NAK_DELAY);
+    }
+}
