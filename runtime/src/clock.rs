@@ -1,14 +1,20 @@
-//! Wall-clock time for leases and record timestamps, replaceable in tests.
+//! Time for leases and record timestamps, replaceable in tests.
 //!
-//! A lease is an absolute deadline written into the claim record by its owner
-//! and compared against the reader's clock, so workers' clocks must agree to
-//! within a small fraction of the lease (NTP does this). Tests swap in a
-//! [`ManualClock`] to expire leases without waiting.
+//! Two clocks, for two uses. Record timestamps (`created_at`, `updated_at`,
+//! a lease's `lease_until`) are wall-clock time, for humans and retention.
+//! Whether a lease has run out is never judged by comparing another
+//! machine's wall clock with ours: a reader that finds a pending record
+//! notes its revision on its own *monotonic* clock, and takes it over only
+//! once that revision has stood unchanged for a full lease of its own time
+//! (as client-go's leader election judges a lease by `observedTime`). So
+//! workers' wall clocks may disagree by any amount, and may step.
+//!
+//! Tests swap in a [`ManualClock`] to expire leases without waiting.
 
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -59,8 +65,12 @@ impl fmt::Display for UnixMillis {
 /// assert!(SystemClock.now().0 > 1_600_000_000_000);
 /// ```
 pub trait Clock: fmt::Debug + Send + Sync + 'static {
-    /// Now.
+    /// Now, on the wall clock.
     fn now(&self) -> UnixMillis;
+
+    /// Time elapsed since an arbitrary origin on a clock that never jumps
+    /// and is never set (for how long a reader has seen a record unchanged).
+    fn monotonic(&self) -> Duration;
 }
 
 /// The operating system's wall clock: the default everywhere.
@@ -74,9 +84,15 @@ impl Clock for SystemClock {
             .unwrap_or_default();
         UnixMillis(u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX))
     }
+
+    fn monotonic(&self) -> Duration {
+        static ORIGIN: OnceLock<Instant> = OnceLock::new();
+        ORIGIN.get_or_init(Instant::now).elapsed()
+    }
 }
 
-/// A clock that moves only when told to; clones share the same time.
+/// A clock that moves only when told to; clones share the same time. Its
+/// wall and monotonic readings move together.
 ///
 /// ```
 /// use idem::clock::{Clock, ManualClock};
@@ -106,5 +122,9 @@ impl ManualClock {
 impl Clock for ManualClock {
     fn now(&self) -> UnixMillis {
         UnixMillis(self.0.load(Ordering::SeqCst))
+    }
+
+    fn monotonic(&self) -> Duration {
+        Duration::from_millis(self.0.load(Ordering::SeqCst))
     }
 }

@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use super::{ClaimRecord, ClaimState, Owner};
-use crate::clock::UnixMillis;
 use crate::fingerprint::Fingerprint;
 
 /// What a claimer does about an existing record.
@@ -13,8 +12,9 @@ pub enum Decision {
     /// The claim was released after a retryable failure: take it with a CAS
     /// update and run.
     Claim,
-    /// The owner's lease ran out: take it over with a CAS update and run
-    /// (counted as `reclaimed`: the old owner may have had an effect).
+    /// The owner's lease ran out — the record stood unchanged for a full
+    /// lease of the reader's own time: take it over with a CAS update and
+    /// run (counted as `reclaimed`: the old owner may have had an effect).
     Reclaim {
         /// The owner whose lease expired.
         from: Owner,
@@ -39,8 +39,14 @@ pub enum Decision {
     Dead,
 }
 
-/// Decides what a claimer with payload `fingerprint` does at time `now` about
-/// `record`.
+/// Decides what a claimer with payload `fingerprint` does about `record`,
+/// which it has seen at the same revision for `observed` of its own
+/// monotonic time (zero at first sight).
+///
+/// A pending record's lease has run out once `observed` reaches the lease
+/// the owner took (`lease_until - updated_at`, both written by the owner, so
+/// no two machines' wall clocks are ever compared). A renewal writes a new
+/// revision, and the reader's observation starts again.
 ///
 /// Fingerprints are compared only when both sides have one (a handler with
 /// `fingerprint = none` accepts any payload under a completed key).
@@ -49,6 +55,7 @@ pub enum Decision {
 /// use idem::claim::{decide, ClaimRecord, ClaimState, Decision, Owner};
 /// use idem::clock::UnixMillis;
 /// use idem::fingerprint::Fingerprint;
+/// use std::time::Duration;
 ///
 /// let payload = Fingerprint::of(b"charge 100");
 /// let done = ClaimRecord {
@@ -60,15 +67,15 @@ pub enum Decision {
 ///     created_at: UnixMillis(0),
 ///     updated_at: UnixMillis(0),
 /// };
-/// assert_eq!(decide(&done, UnixMillis(5), Some(&payload)), Decision::Duplicate);
+/// assert_eq!(decide(&done, Duration::ZERO, Some(&payload)), Decision::Duplicate);
 /// assert!(matches!(
-///     decide(&done, UnixMillis(5), Some(&Fingerprint::of(b"charge 200"))),
+///     decide(&done, Duration::ZERO, Some(&Fingerprint::of(b"charge 200"))),
 ///     Decision::Conflict { .. }
 /// ));
 /// ```
 pub fn decide(
     record: &ClaimRecord,
-    now: UnixMillis,
+    observed: Duration,
     fingerprint: Option<&Fingerprint>,
 ) -> Decision {
     match record.state {
@@ -76,7 +83,7 @@ pub fn decide(
         // An expired claim for another payload: its owner may have had its
         // effect, so that payload owns the key; taking it over would apply
         // a second, different payload (found by the fault suite's soak).
-        ClaimState::Pending { lease_until } if lease_until <= now => {
+        ClaimState::Pending { lease_until } if lease_of(record, lease_until) <= observed => {
             if conflicts(record.fingerprint.as_ref(), fingerprint) {
                 Decision::Conflict {
                     stored: record.fingerprint,
@@ -87,7 +94,7 @@ pub fn decide(
         }
         ClaimState::Pending { lease_until } => Decision::InFlight {
             owner: record.owner,
-            retry_after: lease_until.saturating_since(now),
+            retry_after: lease_of(record, lease_until).saturating_sub(observed),
         },
         // The first payload to claim a key owns it, whether it completed or
         // was dead-lettered: a corrected payload under a dead key is not its
@@ -104,6 +111,12 @@ pub fn decide(
     }
 }
 
+/// The lease the owner took: its deadline less the time it wrote it, both
+/// on the owner's clock.
+fn lease_of(record: &ClaimRecord, lease_until: crate::clock::UnixMillis) -> Duration {
+    lease_until.saturating_since(record.updated_at)
+}
+
 /// Both payloads are known and differ.
 fn conflicts(stored: Option<&Fingerprint>, mine: Option<&Fingerprint>) -> bool {
     matches!((stored, mine), (Some(stored), Some(mine)) if stored != mine)
@@ -113,7 +126,11 @@ fn conflicts(stored: Option<&Fingerprint>, mine: Option<&Fingerprint>) -> bool {
 mod tests {
     use super::*;
 
-    const NOW: UnixMillis = UnixMillis(10_000);
+    use crate::clock::UnixMillis;
+
+    /// When the owner wrote the record, on its own clock.
+    const WRITTEN: UnixMillis = UnixMillis(10_000);
+    const LEASE: Duration = Duration::from_millis(1_500);
 
     fn record(state: ClaimState, fingerprint: Option<Fingerprint>) -> ClaimRecord {
         ClaimRecord {
@@ -123,7 +140,7 @@ mod tests {
             fingerprint,
             result: None,
             created_at: UnixMillis(0),
-            updated_at: UnixMillis(0),
+            updated_at: WRITTEN,
         }
     }
 
@@ -133,37 +150,39 @@ mod tests {
     fn exhaustive_table() {
         let a = Some(Fingerprint::of(b"a"));
         let b = Some(Fingerprint::of(b"b"));
-        let valid = ClaimState::Pending {
-            lease_until: UnixMillis(NOW.0 + 1_500),
+        let pending = ClaimState::Pending {
+            lease_until: WRITTEN + LEASE,
         };
-        let expired = ClaimState::Pending { lease_until: NOW };
         let fingerprints = [(a, a), (a, b), (a, None), (None, a), (None, None)];
         for (stored, mine) in fingerprints {
             let conflict = stored.is_some() && mine.is_some() && stored != mine;
             // Released: claim, whatever the payload (the last claimer's payload had no effect).
             assert_eq!(
-                decide(&record(ClaimState::Released, stored), NOW, mine.as_ref()),
+                decide(
+                    &record(ClaimState::Released, stored),
+                    Duration::ZERO,
+                    mine.as_ref()
+                ),
                 Decision::Claim
             );
-            // Pending, lease valid: in flight for the rest of the lease.
-            let held = record(valid, stored);
+            // Pending, seen for less than its lease: in flight for the rest
+            // of it.
+            let held = record(pending, stored);
             assert_eq!(
-                decide(&held, NOW, mine.as_ref()),
+                decide(&held, Duration::from_millis(500), mine.as_ref()),
                 Decision::InFlight {
                     owner: held.owner,
-                    retry_after: Duration::from_millis(1_500)
+                    retry_after: Duration::from_millis(1_000)
                 }
             );
-            // Pending, lease ended (a deadline equal to now has ended):
-            // reclaim, unless the payload differs (the old owner may have
-            // applied its own).
-            let lapsed = record(expired, stored);
+            // Pending, seen unchanged for a whole lease: reclaim, unless the
+            // payload differs (the old owner may have applied its own).
             let expected = if conflict {
                 Decision::Conflict { stored }
             } else {
-                Decision::Reclaim { from: lapsed.owner }
+                Decision::Reclaim { from: held.owner }
             };
-            assert_eq!(decide(&lapsed, NOW, mine.as_ref()), expected);
+            assert_eq!(decide(&held, LEASE, mine.as_ref()), expected);
             // Done: duplicate, or conflict when both fingerprints exist and differ.
             let expected = if conflict {
                 Decision::Conflict { stored }
@@ -171,7 +190,11 @@ mod tests {
                 Decision::Duplicate
             };
             assert_eq!(
-                decide(&record(ClaimState::Done, stored), NOW, mine.as_ref()),
+                decide(
+                    &record(ClaimState::Done, stored),
+                    Duration::ZERO,
+                    mine.as_ref()
+                ),
                 expected
             );
             // Dead: acknowledge the same payload; another is a conflict.
@@ -181,7 +204,11 @@ mod tests {
                 Decision::Dead
             };
             assert_eq!(
-                decide(&record(ClaimState::Dead, stored), NOW, mine.as_ref()),
+                decide(
+                    &record(ClaimState::Dead, stored),
+                    Duration::ZERO,
+                    mine.as_ref()
+                ),
                 expected
             );
         }
@@ -191,12 +218,35 @@ mod tests {
     fn a_lease_one_millisecond_from_its_end_is_still_held() {
         let held = record(
             ClaimState::Pending {
-                lease_until: UnixMillis(NOW.0 + 1),
+                lease_until: WRITTEN + LEASE,
             },
             None,
         );
+        let observed = LEASE - Duration::from_millis(1);
         assert!(
-            matches!(decide(&held, NOW, None), Decision::InFlight { retry_after, .. } if retry_after == Duration::from_millis(1))
+            matches!(decide(&held, observed, None), Decision::InFlight { retry_after, .. } if retry_after == Duration::from_millis(1))
         );
+    }
+
+    #[test]
+    fn the_owners_wall_clock_does_not_matter_only_the_readers_observation() {
+        // Written by an owner whose clock is a year ahead: its deadline is
+        // far in any reader's future, yet the lease is what it took.
+        let far = UnixMillis(WRITTEN.0 + 365 * 24 * 3_600_000);
+        let mut held = record(
+            ClaimState::Pending {
+                lease_until: far + LEASE,
+            },
+            None,
+        );
+        held.updated_at = far;
+        assert!(matches!(
+            decide(&held, Duration::ZERO, None),
+            Decision::InFlight { .. }
+        ));
+        assert!(matches!(
+            decide(&held, LEASE, None),
+            Decision::Reclaim { .. }
+        ));
     }
 }

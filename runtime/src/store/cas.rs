@@ -19,6 +19,43 @@ use crate::key::RecordKey;
 const CLAIM_ROUNDS: usize = 4;
 /// The delay suggested when a claim lost every round to other claimers.
 const CONTENDED_RETRY: Duration = Duration::from_millis(100);
+/// How many pending records of other owners a handle keeps watching. An
+/// observation evicted early only restarts that record's wait (never
+/// shortens it).
+const OBSERVATIONS: usize = 16_384;
+
+/// When this handle first saw each pending record at its current revision,
+/// on its own monotonic clock: a lease runs out on the reader's time.
+#[derive(Clone)]
+struct Observations(Arc<quick_cache::sync::Cache<RecordKey, (u64, Duration)>>);
+
+impl Observations {
+    fn new() -> Self {
+        Self(Arc::new(quick_cache::sync::Cache::new(OBSERVATIONS)))
+    }
+
+    /// How long `revision` of `key` has been seen unchanged (zero at first
+    /// sight, which starts the watch).
+    fn seen_for(&self, key: &RecordKey, revision: u64, now: Duration) -> Duration {
+        match self.0.get(key) {
+            Some((seen, since)) if seen == revision => now.saturating_sub(since),
+            _ => {
+                self.0.insert(key.clone(), (revision, now));
+                Duration::ZERO
+            }
+        }
+    }
+
+    fn forget(&self, key: &RecordKey) {
+        self.0.remove(key);
+    }
+}
+
+impl std::fmt::Debug for Observations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Observations({})", self.0.len())
+    }
+}
 
 /// The answer of a compare-and-set update.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -73,14 +110,19 @@ pub trait RevisionedMap: Clone + Send + Sync + 'static {
 /// A [`DedupStore`] over a [`RevisionedMap`]: claims are creates, every
 /// later transition is a compare-and-set on the revision the claim holds.
 ///
-/// Cloning is cheap and keeps the owner; [`as_owner`](Self::as_owner) makes
-/// a handle that writes as another worker (tests use it to play several
-/// workers against one storage).
+/// A pending record of another owner is taken over only after this handle
+/// has seen it at one revision for a full lease of its own monotonic time
+/// (see [`decide`]): workers' wall clocks never have to agree.
+///
+/// Cloning is cheap and keeps the owner (and what it has seen);
+/// [`as_owner`](Self::as_owner) makes a handle that writes as another worker
+/// (tests use it to play several workers against one storage).
 #[derive(Clone, Debug)]
 pub struct CasStore<M> {
     map: M,
     owner: Owner,
     clock: Arc<dyn Clock>,
+    observed: Observations,
 }
 
 impl<M: RevisionedMap> CasStore<M> {
@@ -90,21 +132,26 @@ impl<M: RevisionedMap> CasStore<M> {
             map,
             owner: Owner::random(),
             clock: Arc::new(SystemClock),
+            observed: Observations::new(),
         }
     }
 
-    /// The same storage, written as `owner`.
+    /// The same storage, written as `owner` (another worker: it has seen
+    /// nothing yet).
     pub fn as_owner(&self, owner: Owner) -> Self {
         Self {
             owner,
+            observed: Observations::new(),
             ..self.clone()
         }
     }
 
-    /// The same storage and owner, with lease deadlines on `clock`.
+    /// The same storage and owner, with timestamps and lease observations on
+    /// `clock`.
     pub fn using_clock(self, clock: impl Clock) -> Self {
         Self {
             clock: Arc::new(clock),
+            observed: Observations::new(),
             ..self
         }
     }
@@ -268,7 +315,14 @@ impl<M: RevisionedMap> DedupStore for CasStore<M> {
             let Some(found) = found else {
                 continue;
             };
-            let from = match decide(&found.record, now, fingerprint.as_ref()) {
+            let observed = match found.record.state {
+                ClaimState::Pending { .. } => {
+                    self.observed
+                        .seen_for(key, found.revision, self.clock.monotonic())
+                }
+                _ => Duration::ZERO,
+            };
+            let from = match decide(&found.record, observed, fingerprint.as_ref()) {
                 Decision::Duplicate => {
                     return Ok(ClaimOutcome::Duplicate {
                         result: found.record.result,
@@ -292,6 +346,7 @@ impl<M: RevisionedMap> DedupStore for CasStore<M> {
                 .update(key.as_str(), next.encode(), found.revision)
                 .await?
             {
+                self.observed.forget(key);
                 let claim = Self::granted(key, &next, revision, lease);
                 return Ok(match from {
                     None => ClaimOutcome::Claimed(claim),
@@ -340,5 +395,79 @@ impl<M: RevisionedMap> DedupStore for CasStore<M> {
 
     async fn forget(&self, key: &RecordKey) -> Result<(), StoreError> {
         self.map.delete(key.as_str()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::claim::{ClaimOutcome, Owner};
+    use crate::clock::ManualClock;
+    use crate::key::{HandlerName, IdempotencyKey, RecordKey};
+    use crate::store::{DedupStore, MemoryStore};
+
+    const LEASE: Duration = Duration::from_secs(30);
+    const SKEW: Duration = Duration::from_secs(600);
+
+    fn key() -> RecordKey {
+        RecordKey::new(
+            &HandlerName::new("skew").expect("name"),
+            &IdempotencyKey::new("order-1").expect("key"),
+        )
+    }
+
+    /// Two workers on one storage, the second's wall clock `ahead` of the
+    /// first's.
+    fn workers(ahead: Duration) -> (MemoryStore, MemoryStore, ManualClock) {
+        let first = ManualClock::starting_now();
+        let second = ManualClock::starting_now();
+        second.advance(ahead);
+        let a = MemoryStore::with_clock(Duration::from_secs(3600), first);
+        let b = a.as_owner(Owner::random()).using_clock(second.clone());
+        (a, b, second)
+    }
+
+    #[tokio::test]
+    async fn a_claimer_whose_clock_runs_ahead_does_not_take_over_a_live_claim() {
+        let (a, b, _) = workers(SKEW);
+        let claimed = a.claim(&key(), None, LEASE).await.expect("claim");
+        assert!(matches!(claimed, ClaimOutcome::Claimed(_)), "{claimed:?}");
+        for _ in 0..3 {
+            let outcome = b.claim(&key(), None, LEASE).await.expect("claim");
+            assert!(
+                matches!(outcome, ClaimOutcome::InFlight { .. }),
+                "a clock ten minutes ahead took over a live claim: {outcome:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_claimer_whose_clock_runs_behind_takes_over_a_dead_claim_after_one_lease_of_its_own_time()
+     {
+        // The owner's clock is ten minutes ahead of the claimer's: its
+        // deadline lies ten minutes in the claimer's future.
+        let first = ManualClock::starting_now();
+        first.advance(SKEW);
+        let second = ManualClock::starting_now();
+        let a = MemoryStore::with_clock(Duration::from_secs(3600), first);
+        let b = a.as_owner(Owner::random()).using_clock(second.clone());
+        assert!(matches!(
+            a.claim(&key(), None, LEASE).await.expect("claim"),
+            ClaimOutcome::Claimed(_)
+        ));
+        // The owner dies. The claimer sees the record, waits one lease of
+        // its own time, and takes over — not ten minutes later.
+        let first_look = b.claim(&key(), None, LEASE).await.expect("claim");
+        assert!(
+            matches!(first_look, ClaimOutcome::InFlight { .. }),
+            "{first_look:?}"
+        );
+        second.advance(LEASE);
+        let outcome = b.claim(&key(), None, LEASE).await.expect("claim");
+        assert!(
+            matches!(outcome, ClaimOutcome::Reclaimed { .. }),
+            "{outcome:?}"
+        );
     }
 }

@@ -230,6 +230,7 @@ macro_rules! conformance_tests {
             release_then_claim_again,
             dead_record_is_dead_for_its_payload_only,
             renewal_keeps_the_lease,
+            a_renewed_claim_is_watched_afresh,
             transitions_survive_a_lost_answer,
             forget_makes_the_key_new,
             done_records_expire_after_the_retention,
@@ -260,6 +261,7 @@ pub async fn run_all<F: Fixture>(f: &F) {
     release_then_claim_again(f).await;
     dead_record_is_dead_for_its_payload_only(f).await;
     renewal_keeps_the_lease(f).await;
+    a_renewed_claim_is_watched_afresh(f).await;
     transitions_survive_a_lost_answer(f).await;
     forget_makes_the_key_new(f).await;
     done_records_expire_after_the_retention(f).await;
@@ -419,11 +421,28 @@ pub async fn valid_lease_elsewhere_is_in_flight<F: Fixture>(f: &F) {
     );
 }
 
-/// Once the lease has run out, another owner takes the key over.
+/// Expects the claimer's first look at a held record: in flight. (A
+/// reader's lease clock starts when it first sees the record.)
+async fn first_look<S: DedupStore>(
+    store: &S,
+    key: &RecordKey,
+    payload: Option<Fingerprint>,
+    lease: Duration,
+) {
+    let outcome = store.claim(key, payload, lease).await.expect("claim");
+    assert!(
+        matches!(outcome, ClaimOutcome::InFlight { .. }),
+        "a record seen for the first time is in flight, whatever its deadline says: {outcome:?}"
+    );
+}
+
+/// Once another owner has seen the record unchanged for a full lease of
+/// its own time, it takes the key over.
 pub async fn expired_lease_is_reclaimed<F: Fixture>(f: &F) {
     let (a, b) = (f.store(Owner::random()), f.store(Owner::random()));
     let key = key("reclaim");
     claimed(&a, &key, f.lease()).await;
+    first_look(&b, &key, payload_a(), f.lease()).await;
     f.clock().advance(f.lease());
     match b.claim(&key, payload_a(), f.lease()).await.expect("claim") {
         ClaimOutcome::Reclaimed { claim, from } => {
@@ -445,6 +464,7 @@ pub async fn expired_claim_for_another_payload_is_a_key_conflict<F: Fixture>(f: 
     let (a, b) = (f.store(Owner::random()), f.store(Owner::random()));
     let key = key("reclaim-other-payload");
     claimed(&a, &key, f.lease()).await;
+    first_look(&b, &key, payload_b(), f.lease()).await;
     f.clock().advance(f.lease());
     match b.claim(&key, payload_b(), f.lease()).await.expect("claim") {
         ClaimOutcome::KeyConflict { stored } => assert_eq!(stored, payload_a()),
@@ -459,8 +479,11 @@ pub async fn racing_takeovers_have_exactly_one_winner<F: Fixture>(f: &F) {
     let a = f.store(Owner::random());
     let key = key("race");
     claimed(&a, &key, f.lease()).await;
-    f.clock().advance(f.lease());
     let racers: Vec<F::Store> = (0..16).map(|_| f.store(Owner::random())).collect();
+    for racer in &racers {
+        first_look(racer, &key, payload_a(), f.lease()).await;
+    }
+    f.clock().advance(f.lease());
     let outcomes = join_all(racers.iter().map(|s| s.claim(&key, payload_a(), f.lease()))).await;
     let mut winners = Vec::new();
     for (racer, outcome) in racers.iter().zip(outcomes) {
@@ -479,6 +502,7 @@ pub async fn fenced_out_owner_cannot_write<F: Fixture>(f: &F) {
     let (a, b) = (f.store(Owner::random()), f.store(Owner::random()));
     let key = key("fenced");
     let mut stale = claimed(&a, &key, f.lease()).await;
+    first_look(&b, &key, payload_a(), f.lease()).await;
     f.clock().advance(f.lease());
     assert!(matches!(
         b.claim(&key, payload_a(), f.lease()).await.expect("claim"),
@@ -568,6 +592,30 @@ pub async fn renewal_keeps_the_lease<F: Fixture>(f: &F) {
         a.complete(&claim, None).await.expect("complete"),
         Transition::Applied
     );
+}
+
+/// A renewal writes a new revision, so a reader's watch starts again: a
+/// worker that keeps renewing is never taken over, however long it runs.
+pub async fn a_renewed_claim_is_watched_afresh<F: Fixture>(f: &F) {
+    let (a, b) = (f.store(Owner::random()), f.store(Owner::random()));
+    let key = key("watch");
+    let mut claim = claimed(&a, &key, f.lease()).await;
+    for _ in 0..3 {
+        first_look(&b, &key, payload_a(), f.lease()).await;
+        f.clock().advance(f.lease() * 3 / 4);
+        assert_eq!(
+            a.renew(&mut claim).await.expect("renew"),
+            Transition::Applied
+        );
+        f.clock().advance(f.lease() / 2);
+        // Seen for half a lease since the renewal: still held.
+        let outcome = b.claim(&key, payload_a(), f.lease()).await.expect("claim");
+        assert!(
+            matches!(outcome, ClaimOutcome::InFlight { .. }),
+            "{outcome:?}"
+        );
+    }
+    assert_eq!(record_state(&a, &key).await.1, a.owner());
 }
 
 /// A write whose answer was lost (a timeout) is retried with the old
