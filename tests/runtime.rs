@@ -137,6 +137,25 @@ async fn panicking_handler(
     Ok(())
 }
 
+/// Records the claim's fencing token as its effect.
+#[idempotent(stream = "ORDERS", subject = "orders.fenced", key = order.id, lease = "1s")]
+async fn fenced_handler(
+    Json(order): Json<Order>,
+    fence: idem::Fence,
+    State(tokens): State<Tokens>,
+) -> Result<(), HandlerError> {
+    tokens
+        .0
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(order.id, fence.token());
+    Ok(())
+}
+
+/// The fencing token each key ran under.
+#[derive(Clone, Default)]
+struct Tokens(Arc<Mutex<HashMap<String, u64>>>);
+
 struct Running {
     stats: Stats,
     stop: oneshot::Sender<()>,
@@ -955,4 +974,71 @@ async fn a_worker_whose_consumer_is_deleted_stops_the_runtime_with_the_error() {
         .expect("task");
     let error = ended.expect_err("a lost consumer is an error, not a clean stop");
     assert!(error.to_string().contains("unclaimed_handler"), "{error}");
+}
+
+#[tokio::test]
+async fn a_handler_runs_under_its_claims_fencing_token_and_a_takeover_under_a_greater_one() {
+    let setup = Setup::new().await;
+    // A worker that died holding key f-2: its claim stays pending.
+    let claims = setup.claims().await;
+    let stale = match claims
+        .claim(&record_key("fenced_handler", "f-2"), None, Duration::from_secs(1))
+        .await
+        .expect("claim")
+    {
+        idem::claim::ClaimOutcome::Claimed(claim) => claim,
+        other => panic!("expected a claim, got {other:?}"),
+    };
+    let tokens = Tokens::default();
+    let running = setup
+        .start(|b| b.state(tokens.clone()).handler(fenced_handler))
+        .await;
+    setup.publish("orders.fenced", &order("f-1"), None, None).await;
+    setup.publish("orders.fenced", &order("f-2"), None, None).await;
+    setup.drained("fenced_handler").await;
+    let token = |key: &str| {
+        tokens
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(key)
+            .copied()
+    };
+    until("both ran", || token("f-1").is_some() && token("f-2").is_some()).await;
+    let record = claims
+        .inspect(&record_key("fenced_handler", "f-1"))
+        .await
+        .expect("inspect")
+        .expect("record");
+    assert!(
+        token("f-1").is_some_and(|t| t > 0 && t < record.revision),
+        "f-1 ran under {:?}, its claim's revision before completion ({})",
+        token("f-1"),
+        record.revision
+    );
+    assert!(
+        token("f-2").is_some_and(|t| t > stale.revision()),
+        "the takeover's token {:?} must exceed the dead owner's {}",
+        token("f-2"),
+        stale.revision()
+    );
+    assert_eq!(running.count("fenced_handler", Outcome::Reclaimed), 1);
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn a_fencing_token_is_refused_at_build_for_a_handler_without_claims() {
+    #[idempotent(stream = "ORDERS", subject = "orders.nofence", dedup = off)]
+    async fn unfenced(Json(order): Json<Order>, fence: idem::Fence) -> Result<(), HandlerError> {
+        let _ = (order, fence);
+        Ok(())
+    }
+    let setup = Setup::new().await;
+    let error = Runtime::builder(setup.server.connect().await.expect("connect"))
+        .handler(unfenced)
+        .build()
+        .await
+        .err()
+        .expect("dedup = off has no claim to fence with");
+    assert!(error.to_string().contains("Fence"), "{error}");
 }

@@ -38,6 +38,18 @@ impl Worker {
         self.0.id()
     }
 
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.pid()).expect("pid"));
+        nix::sys::signal::kill(pid, signal).expect("signal the worker");
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    fn terminate(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let status = self.0.wait().expect("reap the worker");
+        assert!(status.success(), "the worker exited with {status}");
+    }
+
     fn kill(&mut self) {
         self.0.kill().expect("SIGKILL the worker");
         self.0.wait().expect("reap the worker");
@@ -130,6 +142,44 @@ async fn a_worker_killed_mid_handler_hands_over_after_its_lease() {
         assert!(Instant::now() < deadline, "never completed: {record:?}");
         sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A worker frozen (SIGSTOP) inside its handler, *before* its effect, past
+/// its lease: another worker takes over and applies the effect. When the
+/// frozen one wakes, it must find out that its lease ran out before its
+/// handler goes on — and never apply the effect a second time.
+#[tokio::test]
+async fn a_worker_frozen_before_its_effect_never_applies_it_after_the_takeover() {
+    use nix::sys::signal::Signal;
+    let (server, js) = crash_stream().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("effects.log");
+
+    // 1.5 s of work inside a 2 s lease: the effect ("end") comes after it.
+    let mut frozen = Worker::spawn(&server.client_url(), &log, 1_500);
+    js.publish("crash.orders", "\"order-1\"".into())
+        .await
+        .expect("publish")
+        .await
+        .expect("PubAck");
+    until_logged(&log, &format!("start order-1 {}", frozen.pid())).await;
+    frozen.signal(Signal::SIGSTOP);
+
+    let second = Worker::spawn(&server.client_url(), &log, 0);
+    until_logged(&log, &format!("end order-1 {}", second.pid())).await;
+    // The frozen worker wakes with its handler's work long done, then stops.
+    frozen.signal(Signal::SIGCONT);
+    frozen.terminate();
+
+    let ends: Vec<String> = log_lines(&log)
+        .into_iter()
+        .filter(|l| l.starts_with("end order-1"))
+        .collect();
+    assert_eq!(
+        ends,
+        vec![format!("end order-1 {}", second.pid())],
+        "the effect ran once, by the worker that took over"
+    );
 }
 
 /// A server with the stream the crash workers consume.

@@ -216,11 +216,15 @@ impl Held {
     }
 
     /// Gives the claim back after a failed attempt so that the next delivery
-    /// can take it at once, keeping the attempt count.
-    pub(crate) async fn release(self, backend: &Backend) {
+    /// can take it at once, keeping the attempt count. `false`: the claim
+    /// had been taken over — the message is no longer this worker's.
+    pub(crate) async fn release(self, backend: &Backend) -> bool {
         match (self, backend) {
             (Held::Kv(claim), Backend::Kv(store)) => {
-                log_transition("release the claim", store.release(&claim).await);
+                let released = store.release(&claim).await;
+                let lost = matches!(released, Ok(Transition::LeaseLost { .. }));
+                log_transition("release the claim", released);
+                return !lost;
             }
             #[cfg(feature = "postgres")]
             (Held::Tx { tx, claim }, Backend::Transactional(inbox)) => {
@@ -230,6 +234,21 @@ impl Held {
                 }
             }
             _ => {}
+        }
+        true
+    }
+
+    /// Whether the claim is still this worker's, confirmed by the store
+    /// (a renewal) before an irreversible step such as a dead letter.
+    /// `Err`: the store could not say.
+    /// (A transaction is this worker's until it ends.)
+    pub(crate) async fn confirm(&mut self, backend: &Backend) -> Result<bool, StoreError> {
+        match (self, backend) {
+            (Held::Kv(claim), Backend::Kv(store)) => match Box::pin(store.renew(claim)).await? {
+                Transition::Applied => Ok(true),
+                Transition::LeaseLost { .. } => Ok(false),
+            },
+            _ => Ok(true),
         }
     }
 

@@ -98,7 +98,7 @@ impl<H: Handler> Registration for Registered<H> {
             let config = self.config();
             let handler = self.handler;
             config.validate()?;
-            check_state::<H::Args>(&config, &ctx.state)?;
+            let takes_fence = check_state::<H::Args>(&config, &ctx.state)?;
             let name = HandlerName::new(&config.name).map_err(|source| {
                 crate::handler::ConfigError::Name {
                     handler: config.name.clone(),
@@ -122,6 +122,7 @@ impl<H: Handler> Registration for Registered<H> {
                 faults: ctx.faults,
                 hard_stop: CancellationToken::new(),
                 active: active::ActiveKeys::default(),
+                takes_fence,
             };
             let worker: Box<dyn Worker> = Box::new(HandlerWorker {
                 shared: Arc::new(shared),
@@ -133,7 +134,8 @@ impl<H: Handler> Registration for Registered<H> {
 }
 
 /// Refuses a handler whose extractors take state the runtime does not
-/// provide: found here, not as a dead letter per message.
+/// provide: found here, not as a dead letter per message. Returns whether
+/// the handler takes a [`Fence`](crate::Fence).
 #[expect(
     clippy::result_large_err,
     reason = "start-up only; the public API returns RuntimeError as it is"
@@ -141,10 +143,22 @@ impl<H: Handler> Registration for Registered<H> {
 fn check_state<A: FromDelivery>(
     config: &HandlerConfig,
     state: &StateMap,
-) -> Result<(), RuntimeError> {
+) -> Result<bool, RuntimeError> {
     let mut needs = Vec::new();
     A::required_state(&mut needs);
+    let mut takes_fence = false;
     for StateNeed { type_id, type_name } in needs {
+        if type_id == std::any::TypeId::of::<crate::Fence>() {
+            if config.dedup == Dedup::Off {
+                return Err(RuntimeError::MissingState {
+                    handler: config.name.clone(),
+                    type_name: "idem::Fence",
+                    remedy: "only handlers that keep claims (`dedup = kv` or `transactional`) have a fencing token",
+                });
+            }
+            takes_fence = true;
+            continue;
+        }
         #[cfg(feature = "postgres")]
         if type_id == std::any::TypeId::of::<crate::Tx>() {
             if config.dedup == Dedup::Transactional {
@@ -164,7 +178,7 @@ fn check_state<A: FromDelivery>(
             });
         }
     }
-    Ok(())
+    Ok(takes_fence)
 }
 
 /// What a handler needs from the servers before its first fetch.

@@ -25,7 +25,7 @@ use crate::claim::{ClaimOutcome, Transition};
 use crate::extract::StateMap;
 use crate::handler::{Handler, HandlerConfig, prepare};
 use crate::key::{HandlerName, RecordKey};
-use crate::{Delivery, HandlerError};
+use crate::{Delivery, Fence, HandlerError};
 
 /// Everything a handler's messages share.
 pub(crate) struct Shared<H> {
@@ -44,6 +44,8 @@ pub(crate) struct Shared<H> {
     pub(crate) active: ActiveKeys,
     /// Keys this process completed recently (`dedup = kv`).
     pub(crate) recent: Recent,
+    /// Whether the handler takes the claim's [`Fence`].
+    pub(crate) takes_fence: bool,
 }
 
 /// How a handler's run ended.
@@ -54,6 +56,42 @@ pub(super) enum Ran<T> {
     Failed(HandlerError),
     /// The shutdown deadline cut it off.
     CutOff,
+    /// The claim is no longer this worker's (why): the handler was stopped.
+    LeaseLost(&'static str),
+}
+
+/// When the lease this worker holds ends, on its monotonic clock, as the
+/// renewals move it. Shared by the handler's guard and the renewals.
+struct LeaseEnd {
+    origin: Instant,
+    /// Milliseconds after `origin`.
+    at: std::sync::atomic::AtomicU64,
+}
+
+impl LeaseEnd {
+    fn new(at: Instant) -> Self {
+        let origin = Instant::now();
+        let end = Self {
+            origin,
+            at: std::sync::atomic::AtomicU64::new(0),
+        };
+        end.extend_to(at);
+        end
+    }
+
+    fn extend_to(&self, at: Instant) {
+        let millis = u64::try_from(at.saturating_duration_since(self.origin).as_millis())
+            .unwrap_or(u64::MAX);
+        self.at.store(millis, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn at(&self) -> Instant {
+        self.origin + Duration::from_millis(self.at.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    fn passed(&self) -> bool {
+        Instant::now() >= self.at()
+    }
 }
 
 /// A handler's panic, as the failure it is counted as.
@@ -82,19 +120,24 @@ pub(super) fn boxed<'a, T>(
 }
 
 /// The state a delivery's extractors see: the runtime's, plus the
-/// transaction begun for it.
-fn state_with<'a>(state: &'a StateMap, begun: &Begun) -> Cow<'a, StateMap> {
+/// transaction begun for it and its fencing token, if the handler takes
+/// them (a clone only then).
+fn state_with<'a>(state: &'a StateMap, begun: &Begun, fence: Option<&Fence>) -> Cow<'a, StateMap> {
+    if begun.is_none() && fence.is_none() {
+        return Cow::Borrowed(state);
+    }
+    let mut state = state.clone();
+    if let Some(fence) = fence {
+        state.insert(fence.clone());
+    }
     match begun {
         #[cfg(feature = "postgres")]
-        Some(tx) => {
-            let mut state = state.clone();
-            state.insert(tx.clone());
-            Cow::Owned(state)
-        }
+        Some(tx) => state.insert(tx.clone()),
         #[cfg(not(feature = "postgres"))]
         Some(never) => match *never {},
-        None => Cow::Borrowed(state),
+        None => {}
     }
+    Cow::Owned(state)
 }
 
 impl<H: Handler> Shared<H> {
@@ -122,7 +165,10 @@ impl<H: Handler> Shared<H> {
             Ok(begun) => begun,
             Err(e) => return self.store_unavailable(message, delivery, e).await,
         };
-        let prepared = prepare(&self.handler, delivery, &state_with(&self.state, &begun));
+        let fence = self.takes_fence.then(Fence::unset);
+        let state = state_with(&self.state, &begun, fence.as_ref());
+        let prepared = prepare(&self.handler, delivery, &state);
+        drop(state);
         let prepared = match prepared {
             Ok(prepared) => prepared,
             Err(rejected) => {
@@ -135,7 +181,12 @@ impl<H: Handler> Shared<H> {
             let mut held = Held::Nothing;
             let attempt = held.attempt(delivery);
             let ran = self
-                .run(message, &mut held, self.handler.call(prepared.args))
+                .run(
+                    message,
+                    &mut held,
+                    Instant::now(),
+                    self.handler.call(prepared.args),
+                )
                 .await;
             return boxed(self.finish(message, delivery, held, attempt, ran)).await;
         }
@@ -158,17 +209,18 @@ impl<H: Handler> Shared<H> {
             }
             _working = Some(working);
         }
+        let asked = Instant::now();
         let claimed = boxed(
             self.backend
                 .claim(&key, prepared.fingerprint, &self.config, &begun),
         )
         .await;
-        let mut held = match claimed {
-            Ok(ClaimOutcome::Claimed(claim)) => Held::granted(claim, begun),
+        let claim = match claimed {
+            Ok(ClaimOutcome::Claimed(claim)) => claim,
             Ok(ClaimOutcome::Reclaimed { claim, from }) => {
                 warn!(event = "reclaimed", previous_owner = %from, "took over an expired claim: its owner may have had its effect");
                 self.counters.count(Outcome::Reclaimed);
-                Held::granted(claim, begun)
+                claim
             }
             Ok(refused) => {
                 discard(begun).await;
@@ -179,9 +231,13 @@ impl<H: Handler> Shared<H> {
                 return self.store_unavailable(message, delivery, e).await;
             }
         };
+        if let Some(fence) = &fence {
+            fence.set(claim.revision);
+        }
+        let mut held = Held::granted(claim, begun);
         let attempt = held.attempt(delivery);
         let ran = self
-            .run(message, &mut held, self.handler.call(prepared.args))
+            .run(message, &mut held, asked, self.handler.call(prepared.args))
             .await;
         boxed(self.finish(message, delivery, held, attempt, ran)).await;
     }
@@ -213,23 +269,42 @@ impl<H: Handler> Shared<H> {
     /// Runs the handler while renewing the claim and telling the server the
     /// message is in progress. A panic is caught and counted, and ends the
     /// run as a failure.
+    ///
+    /// A KV claim fences the handler: the run ends ([`Ran::LeaseLost`])
+    /// when a renewal finds the claim taken over, or when this worker's own
+    /// monotonic clock says the lease ran out without a confirmed renewal
+    /// (it was frozen, or the store was out of reach). The deadline is
+    /// checked before every poll of the handler, so a process waking from a
+    /// freeze stops its handler before the handler takes another step.
+    /// `asked` is when the claim was requested: the lease counts from then.
     pub(super) async fn run<T>(
         &self,
         message: &Message,
         held: &mut Held,
+        asked: Instant,
         call: impl Future<Output = Result<T, HandlerError>>,
     ) -> Ran<T> {
-        let period = (self.config.lease / 3).max(Duration::from_millis(100));
+        let lease = self.config.lease;
+        let period = (lease / 3).max(Duration::from_millis(100));
         let mut keepalive = interval_at(Instant::now() + period, period);
         keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let fenced = matches!(held, Held::Kv(_));
+        let lease_ends = LeaseEnd::new(asked + lease);
         let mut call = std::pin::pin!(AssertUnwindSafe(call).catch_unwind());
+        let mut guarded = std::pin::pin!(futures::future::poll_fn(|cx| {
+            if fenced && lease_ends.passed() {
+                return std::task::Poll::Ready(None);
+            }
+            call.as_mut().poll(cx).map(Some)
+        }));
         loop {
             tokio::select! {
                 biased;
-                result = &mut call => return match result {
-                    Ok(Ok(output)) => Ran::Returned(output),
-                    Ok(Err(e)) => Ran::Failed(e),
-                    Err(payload) => {
+                result = &mut guarded => return match result {
+                    None => Ran::LeaseLost("the lease ran out on this worker's clock without a confirmed renewal"),
+                    Some(Ok(Ok(output))) => Ran::Returned(output),
+                    Some(Ok(Err(e))) => Ran::Failed(e),
+                    Some(Err(payload)) => {
                         let panicked = HandlerPanicked::from_payload(&*payload);
                         error!(error = %panicked, "the handler panicked; counted as a failed attempt");
                         self.counters.count(Outcome::Panicked);
@@ -237,16 +312,20 @@ impl<H: Handler> Shared<H> {
                     }
                 },
                 () = self.hard_stop.cancelled() => return Ran::CutOff,
+                // Wakes the task when the lease ends, so that the check above
+                // runs even while the handler waits on nothing that would.
+                () = tokio::time::sleep_until(lease_ends.at()), if fenced => {}
                 _ = keepalive.tick() => {
                     if let Err(e) = Box::pin(message.ack_with(AckKind::Progress)).await {
                         warn!(error = %e, "could not send an in-progress ack");
                     }
+                    let sent = Instant::now();
                     match held.renew(&self.backend).await {
-                        Ok(Transition::Applied) => {}
-                        Ok(Transition::LeaseLost { current_owner }) => {
-                            warn!(?current_owner, "lease lost while the handler runs");
+                        Ok(Transition::Applied) => lease_ends.extend_to(sent + lease),
+                        Ok(Transition::LeaseLost { .. }) => {
+                            return Ran::LeaseLost("a renewal found the claim taken over");
                         }
-                        Err(e) => warn!(error = %e, "could not renew the lease"),
+                        Err(e) => warn!(error = %e, "could not renew the lease; the handler stops if the lease runs out first"),
                     }
                 }
             }
@@ -266,6 +345,7 @@ impl<H: Handler> Shared<H> {
         let output = match ran {
             Ran::Returned(output) => output,
             Ran::CutOff => return self.interrupted(message, held).await,
+            Ran::LeaseLost(why) => return self.lease_lost(why),
             // The failure paths are boxed: rare, and large (dead letters).
             Ran::Failed(error) => {
                 return Box::pin(self.failed(message, delivery, error, attempt, held)).await;

@@ -132,7 +132,10 @@ impl<H: Handler> Shared<H> {
         match self.after_failure(&error, attempt) {
             Failure::Retry(delay) => {
                 warn!(%error, attempt, ?delay, "handler failed; retrying");
-                held.release(&self.backend).await;
+                if !held.release(&self.backend).await {
+                    return self
+                        .lease_lost("the claim was taken over before the failure was recorded");
+                }
                 self.count(Outcome::Retried);
                 nak(message, delay).await;
             }
@@ -211,6 +214,20 @@ impl<H: Handler> Shared<H> {
         .await;
     }
 
+    /// The claim stopped being this worker's while the handler ran: the
+    /// handler was stopped. The message is left alone — not acknowledged,
+    /// retried, dead-lettered or terminated: it belongs to whoever holds
+    /// the claim now (or to the next delivery, which takes the claim over
+    /// after a lease, counted there as `reclaimed`).
+    pub(super) fn lease_lost(&self, why: &'static str) {
+        warn!(
+            event = "lease_lost",
+            why,
+            "lease lost while the handler ran: the handler was stopped and the message left to the claim's holder"
+        );
+        self.count(Outcome::LeaseLost);
+    }
+
     /// The shutdown deadline cut the handler off. Its claim is left as the
     /// backend says (a KV claim stays pending: the effect may be under
     /// way), and the message comes back once that claim may be taken over.
@@ -238,15 +255,24 @@ impl<H: Handler> Shared<H> {
         delivery: &Delivery,
         code: DeadLetterReason,
         error: &(dyn std::fmt::Display + Sync),
-        held: Held,
+        mut held: Held,
         attempts: u32,
     ) {
+        // A dead letter cannot be taken back: first make sure the message
+        // is still this worker's to give up.
+        match held.confirm(&self.backend).await {
+            Ok(true) => {}
+            Ok(false) => return self.lease_lost("the claim was taken over before the dead letter"),
+            Err(e) => return self.store_unavailable(message, delivery, e).await,
+        }
         let reason = Reason { code, error };
         if let Err(e) =
             dead_letter::publish(&self.js, &self.config, delivery, reason, attempts).await
         {
             error!(error = %e, reason = %code, subject = %self.config.dead_letter, "could not store the dead letter; the message is kept");
-            held.release(&self.backend).await;
+            if !held.release(&self.backend).await {
+                return self.lease_lost("the claim was taken over while the dead letter failed");
+            }
             self.count(Outcome::DeadLetterFailed);
             return nak(message, store_backoff(deliveries(delivery))).await;
         }
