@@ -54,6 +54,7 @@ struct Ledger {
 /// Applies a transfer and announces it, in one transaction.
 #[idempotent(
     stream = "IDEM_EXAMPLE_LEDGER",
+    start = all, // a new consumer handles what the stream already holds
     subject = "example.ledger.transfers",
     key = transfer.id,
     dedup = transactional,

@@ -67,6 +67,7 @@ impl CardService {
 /// Issues one membership card per successful payment.
 #[idempotent(
     stream = "IDEM_EXAMPLE_PAYMENTS",
+    start = all, // a new consumer handles what the stream already holds
     subject = "example.payments.succeeded",
     key = payment.payment_id,
     lease = "2s",

@@ -22,7 +22,12 @@ struct OrderPlaced {
 }
 
 /// Charges the order. `key` says what makes two messages "the same order".
-#[idempotent(stream = "IDEM_QUICKSTART", subject = "quickstart.orders", key = order.order_id)]
+#[idempotent(
+    stream = "IDEM_QUICKSTART",
+    subject = "quickstart.orders",
+    key = order.order_id,
+    start = all, // a new consumer handles what the stream already holds
+)]
 async fn charge_order(Json(order): Json<OrderPlaced>) -> Result<(), HandlerError> {
     println!(
         "charging order {} for {} cents",

@@ -29,6 +29,7 @@ struct Gateway {
 
 #[idempotent(
     stream = "IDEM_SMS",
+    start = all, // a new consumer handles what the stream already holds
     subject = "sms.send",
     dedup = off,
     retry = Retry::exponential("50ms", "1s").attempts(5).jitter(),

@@ -156,6 +156,79 @@ async fn fenced_handler(
 #[derive(Clone, Default)]
 struct Tokens(Arc<Mutex<HashMap<String, u64>>>);
 
+/// `kv_handler` after its function was renamed: the same identity.
+#[idempotent(
+    name = "kv_handler",
+    stream = "ORDERS",
+    subject = "orders.kv",
+    key = order.id,
+    lease = "1s",
+    retry = Retry::fixed("200ms").attempts(4),
+)]
+async fn kv_handler_renamed(
+    Json(order): Json<Order>,
+    State(effects): State<Effects>,
+) -> Result<(), HandlerError> {
+    effects.record(&order.id);
+    Ok(())
+}
+
+/// Two services' handlers whose functions share a name.
+mod orders {
+    use super::*;
+
+    #[idempotent(stream = "ORDERS", subject = "orders.apply", key = order.id)]
+    pub(super) async fn apply(
+        Json(order): Json<Order>,
+        State(effects): State<Effects>,
+    ) -> Result<(), HandlerError> {
+        effects.record(&format!("orders:{}", order.id));
+        Ok(())
+    }
+}
+
+mod refunds {
+    use super::*;
+
+    #[idempotent(stream = "REFUNDS", subject = "refunds.apply", key = order.id)]
+    pub(super) async fn apply(
+        Json(order): Json<Order>,
+        State(effects): State<Effects>,
+    ) -> Result<(), HandlerError> {
+        effects.record(&format!("refunds:{}", order.id));
+        Ok(())
+    }
+
+    #[idempotent(name = "refunds_apply", stream = "REFUNDS", subject = "refunds.apply", key = order.id)]
+    pub(super) async fn apply_named(
+        Json(order): Json<Order>,
+        State(effects): State<Effects>,
+    ) -> Result<(), HandlerError> {
+        effects.record(&format!("refunds:{}", order.id));
+        Ok(())
+    }
+}
+
+/// A handler added to a stream that already holds its messages.
+#[idempotent(stream = "ORDERS", subject = "orders.late", key = order.id)]
+async fn late_handler(
+    Json(order): Json<Order>,
+    State(effects): State<Effects>,
+) -> Result<(), HandlerError> {
+    effects.record(&order.id);
+    Ok(())
+}
+
+/// The same, told to start with what is published from now on.
+#[idempotent(name = "late_handler", stream = "ORDERS", subject = "orders.late", key = order.id, start = new)]
+async fn late_handler_from_now(
+    Json(order): Json<Order>,
+    State(effects): State<Effects>,
+) -> Result<(), HandlerError> {
+    effects.record(&order.id);
+    Ok(())
+}
+
 struct Running {
     stats: Stats,
     stop: oneshot::Sender<()>,
@@ -698,7 +771,7 @@ async fn start_up_errors_name_the_problem() {
         matches!(err, idem::runtime::RuntimeError::NoHandlers),
         "{err}"
     );
-    let err = Runtime::builder(client)
+    let err = Runtime::builder(client.clone())
         .handler(kv_handler)
         .handler(kv_handler)
         .build()
@@ -706,7 +779,18 @@ async fn start_up_errors_name_the_problem() {
         .err()
         .expect("twice");
     assert!(
-        matches!(err, idem::runtime::RuntimeError::DuplicateConsumer { .. }),
+        matches!(err, idem::runtime::RuntimeError::DuplicateHandler { .. }),
+        "{err}"
+    );
+    let err = Runtime::builder(client)
+        .handler(kv_handler)
+        .handler(kv_handler_renamed)
+        .build()
+        .await
+        .err()
+        .expect("one name twice");
+    assert!(
+        matches!(err, idem::runtime::RuntimeError::DuplicateHandler { .. }),
         "{err}"
     );
 }
@@ -982,7 +1066,11 @@ async fn a_handler_runs_under_its_claims_fencing_token_and_a_takeover_under_a_gr
     // A worker that died holding key f-2: its claim stays pending.
     let claims = setup.claims().await;
     let stale = match claims
-        .claim(&record_key("fenced_handler", "f-2"), None, Duration::from_secs(1))
+        .claim(
+            &record_key("fenced_handler", "f-2"),
+            None,
+            Duration::from_secs(1),
+        )
         .await
         .expect("claim")
     {
@@ -993,8 +1081,12 @@ async fn a_handler_runs_under_its_claims_fencing_token_and_a_takeover_under_a_gr
     let running = setup
         .start(|b| b.state(tokens.clone()).handler(fenced_handler))
         .await;
-    setup.publish("orders.fenced", &order("f-1"), None, None).await;
-    setup.publish("orders.fenced", &order("f-2"), None, None).await;
+    setup
+        .publish("orders.fenced", &order("f-1"), None, None)
+        .await;
+    setup
+        .publish("orders.fenced", &order("f-2"), None, None)
+        .await;
     setup.drained("fenced_handler").await;
     let token = |key: &str| {
         tokens
@@ -1004,7 +1096,10 @@ async fn a_handler_runs_under_its_claims_fencing_token_and_a_takeover_under_a_gr
             .get(key)
             .copied()
     };
-    until("both ran", || token("f-1").is_some() && token("f-2").is_some()).await;
+    until("both ran", || {
+        token("f-1").is_some() && token("f-2").is_some()
+    })
+    .await;
     let record = claims
         .inspect(&record_key("fenced_handler", "f-1"))
         .await
@@ -1041,4 +1136,158 @@ async fn a_fencing_token_is_refused_at_build_for_a_handler_without_claims() {
         .err()
         .expect("dedup = off has no claim to fence with");
     assert!(error.to_string().contains("Fence"), "{error}");
+}
+
+#[tokio::test]
+async fn two_handlers_with_one_function_name_in_one_runtime_are_refused_at_build() {
+    let setup = Setup::new().await;
+    let error = Runtime::builder(setup.server.connect().await.expect("connect"))
+        .state(setup.effects.clone())
+        .handler(orders::apply)
+        .handler(refunds::apply)
+        .build()
+        .await
+        .err()
+        .expect("orders::apply and refunds::apply would share claims");
+    assert!(
+        matches!(error, idem::runtime::RuntimeError::DuplicateHandler { .. }),
+        "{error}"
+    );
+    assert!(error.to_string().contains("name = "), "{error}");
+}
+
+#[tokio::test]
+async fn a_handler_name_another_service_registered_in_the_shared_bucket_is_refused() {
+    let setup = Setup::new().await;
+    setup
+        .js
+        .create_stream(stream::Config {
+            name: "REFUNDS".into(),
+            subjects: vec!["refunds.>".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("stream");
+    // The orders service runs its `apply` …
+    let orders_service = setup.start(|b| b.handler(orders::apply)).await;
+    // … and the refunds service, sharing the default bucket, starts its own.
+    let refused = Runtime::builder(setup.server.connect().await.expect("connect"))
+        .state(setup.effects.clone())
+        .handler(refunds::apply)
+        .build()
+        .await
+        .err()
+        .expect("the refunds service must not share the orders service's claims");
+    assert!(
+        matches!(
+            &refused,
+            idem::runtime::RuntimeError::HandlerNameTaken { stream, .. } if stream == "ORDERS"
+        ),
+        "{refused}"
+    );
+    // Named apart, both run, and each key is applied by its own handler.
+    let refunds_service = setup.start(|b| b.handler(refunds::apply_named)).await;
+    setup
+        .publish("orders.apply", &order("43"), None, None)
+        .await;
+    setup
+        .publish("refunds.apply", &order("43"), None, None)
+        .await;
+    setup.drained("apply").await;
+    until("both applied", || {
+        setup.effects.runs("orders:43").len() == 1 && setup.effects.runs("refunds:43").len() == 1
+    })
+    .await;
+    orders_service.stop().await;
+    refunds_service.stop().await;
+}
+
+#[tokio::test]
+async fn a_renamed_function_keeps_its_identity_with_name_and_replays_nothing() {
+    let setup = Setup::new().await;
+    let before = setup.start(|b| b.handler(kv_handler)).await;
+    setup.publish("orders.kv", &order("r-1"), None, None).await;
+    setup.drained("kv_handler").await;
+    until("applied", || setup.effects.runs("r-1").len() == 1).await;
+    before.stop().await;
+    // The function is renamed in a deploy; `name` keeps its identity.
+    let after = setup.start(|b| b.handler(kv_handler_renamed)).await;
+    setup.publish("orders.kv", &order("r-2"), None, None).await;
+    setup.drained("kv_handler").await;
+    until("the new message applied", || {
+        setup.effects.runs("r-2").len() == 1
+    })
+    .await;
+    assert_eq!(setup.effects.runs("r-1").len(), 1, "nothing replayed");
+    after.stop().await;
+}
+
+#[tokio::test]
+async fn a_new_consumer_on_a_stream_holding_its_messages_is_refused_unless_start_is_chosen() {
+    let setup = Setup::new().await;
+    setup
+        .publish("orders.late", &order("old-1"), None, None)
+        .await;
+    setup
+        .publish("orders.late", &order("old-2"), None, None)
+        .await;
+    let error = Runtime::builder(setup.server.connect().await.expect("connect"))
+        .state(setup.effects.clone())
+        .handler(late_handler)
+        .build()
+        .await
+        .err()
+        .expect("a new consumer would handle two old messages");
+    assert!(
+        matches!(
+            error,
+            idem::runtime::RuntimeError::NewConsumerWouldReplay { messages: 2, .. }
+        ),
+        "{error}"
+    );
+    assert!(error.to_string().contains("start = "), "{error}");
+    // Choosing `start = new`: only what is published from now on.
+    let running = setup.start(|b| b.handler(late_handler_from_now)).await;
+    setup
+        .publish("orders.late", &order("new-1"), None, None)
+        .await;
+    setup.drained("late_handler").await;
+    until("the new message applied", || {
+        setup.effects.runs("new-1").len() == 1
+    })
+    .await;
+    assert_eq!(setup.effects.runs("old-1").len(), 0);
+    assert_eq!(setup.effects.runs("old-2").len(), 0);
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn in_a_cluster_the_dead_letter_stream_has_the_claim_buckets_replicas() {
+    let cluster = idem::testing::Cluster::start()
+        .await
+        .expect("3-node cluster");
+    let client = cluster.connect().await.expect("connect");
+    let js = jetstream::new(client.clone());
+    js.create_stream(stream::Config {
+        name: STREAM.into(),
+        subjects: vec!["orders.>".into()],
+        num_replicas: 3,
+        ..Default::default()
+    })
+    .await
+    .expect("stream");
+    let runtime = Runtime::builder(client)
+        .state(Effects::default())
+        .claims(KvStoreConfig::default().replicas(3))
+        .handler(unclaimed_handler)
+        .build()
+        .await
+        .expect("runtime starts");
+    let mut dead = js
+        .get_stream(DEAD_LETTER_STREAM)
+        .await
+        .expect("dead-letter stream");
+    let replicas = dead.info().await.expect("info").config.num_replicas;
+    assert_eq!(replicas, 3, "dead letters are as safe as the claims");
+    drop(runtime);
 }

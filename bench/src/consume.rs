@@ -85,13 +85,13 @@ pub struct Bench {
     pub spans: Latencies,
 }
 
-#[idempotent(stream = "BENCH", subject = "bench.orders", key = order.id, dedup = off)]
+#[idempotent(stream = "BENCH", subject = "bench.orders", key = order.id, dedup = off, start = all)]
 async fn bench_off(Json(order): Json<Order>) -> Result<(), HandlerError> {
     std::hint::black_box(order);
     Ok(())
 }
 
-#[idempotent(stream = "BENCH", subject = "bench.orders", key = order.id)]
+#[idempotent(stream = "BENCH", subject = "bench.orders", key = order.id, start = all)]
 async fn bench_kv(Json(order): Json<Order>) -> Result<(), HandlerError> {
     std::hint::black_box(order);
     Ok(())
@@ -100,6 +100,7 @@ async fn bench_kv(Json(order): Json<Order>) -> Result<(), HandlerError> {
 /// The one-row effect, in the handler's transaction.
 #[idempotent(
     stream = "BENCH",
+    start = all,
     subject = "bench.orders",
     key = order.id,
     dedup = transactional

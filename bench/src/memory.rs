@@ -185,7 +185,7 @@ struct Gate {
     release: tokio::sync::watch::Sender<bool>,
 }
 
-#[idempotent(stream = "BENCH", subject = "bench.orders", key = order.id, lease = "5m")]
+#[idempotent(stream = "BENCH", subject = "bench.orders", key = order.id, lease = "5m", start = all)]
 async fn bench_hold(
     Json(order): Json<Order>,
     State(gate): State<Gate>,

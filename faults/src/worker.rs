@@ -58,7 +58,7 @@ impl Effects {
 const LONG_WORK_MS: u64 = 20;
 
 /// Works, then writes its effect on its own.
-#[idempotent(stream = "FAULTS", subject = "faults.kv", key = order.key, lease = "2s")]
+#[idempotent(stream = "FAULTS", start = all, subject = "faults.kv", key = order.key, lease = "2s")]
 async fn kv_effect(
     Json(order): Json<Order>,
     State(effects): State<Effects>,
@@ -69,7 +69,7 @@ async fn kv_effect(
 }
 
 /// Works, then writes its effect in the handler's transaction.
-#[idempotent(stream = "FAULTS", subject = "faults.tx", key = order.key, dedup = transactional, lease = "2s")]
+#[idempotent(stream = "FAULTS", start = all, subject = "faults.tx", key = order.key, dedup = transactional, lease = "2s")]
 async fn tx_effect(
     Json(order): Json<Order>,
     tx: Tx,
@@ -85,7 +85,7 @@ async fn tx_effect(
 }
 
 /// No deduplication: at least once.
-#[idempotent(stream = "FAULTS", subject = "faults.off", key = order.key, dedup = off)]
+#[idempotent(stream = "FAULTS", start = all, subject = "faults.off", key = order.key, dedup = off)]
 async fn off_effect(
     Json(order): Json<Order>,
     State(effects): State<Effects>,

@@ -7,7 +7,7 @@ use quote::{format_ident, quote, quote_spanned};
 use syn::ItemFn;
 use syn::spanned::Spanned;
 
-use crate::options::{DedupMode, Fingerprint, MissingKey, Options};
+use crate::options::{DedupMode, Fingerprint, MissingKey, Options, StartAt};
 use crate::signature::{Signature, by_reference};
 use crate::validate::Key;
 
@@ -76,7 +76,11 @@ pub fn expand(item: ItemFn, options: &Options, sig: &Signature, key: Option<Key>
 }
 
 fn config(name: &syn::Ident, options: &Options) -> TokenStream {
-    let handler = name.to_string();
+    // The handler's identity: `name = "…"`, else the function's name.
+    let handler = options
+        .name
+        .as_ref()
+        .map_or_else(|| name.to_string(), |given| given.value.value());
     let stream = options.stream.as_ref().map(|s| &s.value);
     let mut calls = TokenStream::new();
     if let Some(consumer) = &options.consumer {
@@ -132,6 +136,14 @@ fn config(name: &syn::Ident, options: &Options) -> TokenStream {
     if let Some(store) = &options.store_result {
         let store = store.value;
         calls.extend(quote!(.store_result(#store)));
+    }
+    if let Some(start) = &options.start {
+        let start = match &start.value {
+            StartAt::All => quote!(::idem::__private::StartAt::All),
+            StartAt::New => quote!(::idem::__private::StartAt::New),
+            StartAt::Sequence(sequence) => quote!(::idem::__private::StartAt::Sequence(#sequence)),
+        };
+        calls.extend(quote!(.start(#start)));
     }
     quote!(::idem::__private::HandlerConfig::new(#handler, #stream) #calls)
 }

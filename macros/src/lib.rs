@@ -45,14 +45,16 @@ use options::{Options, RawOptions};
 /// | option | default | meaning |
 /// |---|---|---|
 /// | `stream = "NAME"` | required | the JetStream stream consumed |
-/// | `consumer = "NAME"` | the function's name | the durable consumer |
+/// | `name = "NAME"` | the function's name | the handler's identity: its claims, consumer, stats and dead-letter subject are keyed by it. Set it to keep the identity when renaming the function; unique in a runtime (and in a claim bucket, across services) |
+/// | `start = all \| new \| <sequence>` | none | where a *new* durable consumer starts. Without it, a new consumer on a stream that already holds its messages is refused at start-up (a renamed handler would replay them) |
+/// | `consumer = "NAME"` | the handler's name | the durable consumer |
 /// | `subject = "a.b.>"` | all the stream's subjects | the filter subject |
 /// | `key = …` | required unless `dedup = off` | the idempotency key: an expression over the arguments (`order.id`, `(order.id, line.no)`), `header("Idempotency-Key")`, `msg_id` (the producer's `Nats-Msg-Id`), or a function path `fn(&Delivery) -> impl ToKey` |
 /// | `dedup = off \| kv \| transactional` | `kv` | where claims live: none, JetStream KV, or the handler's database transaction (`tx: Tx` argument) |
 /// | `retention = "7d"` | `"7d"` | how long completed keys are remembered |
 /// | `lease = "30s"` | `"30s"` | how long a claim holds without renewal |
 /// | `retry = <expr>` | `Retry::default()` | an `idem::Retry` value, e.g. `Retry::exponential("200ms", "30s").attempts(8).jitter()` |
-/// | `dead_letter = "subject"` | `"idem.dead.<handler>"` | where messages that cannot be processed go |
+/// | `dead_letter = "subject"` | `"idem.dead.<name>"` | where messages that cannot be processed go |
 /// | `concurrency = 16` | `16` | messages handled at once |
 /// | `on_missing_key = dead_letter \| reject` | `dead_letter` | what to do when no key can be extracted |
 /// | `fingerprint = payload \| none \| <expr>` | `payload` | what tells a duplicate from a reused key |

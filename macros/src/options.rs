@@ -14,6 +14,7 @@ use crate::subject;
 
 /// Every option the attribute accepts, for "did you mean" and the docs.
 pub const OPTION_NAMES: &[&str] = &[
+    "name",
     "stream",
     "consumer",
     "subject",
@@ -27,6 +28,7 @@ pub const OPTION_NAMES: &[&str] = &[
     "on_missing_key",
     "fingerprint",
     "store_result",
+    "start",
 ];
 
 /// One `name` or `name = value`.
@@ -80,6 +82,13 @@ pub enum MissingKey {
     Reject,
 }
 
+/// Where a new durable consumer starts (`start = …`).
+pub enum StartAt {
+    All,
+    New,
+    Sequence(LitInt),
+}
+
 pub enum Fingerprint {
     Payload,
     None,
@@ -105,6 +114,7 @@ impl<T> Given<T> {
 /// The typed options.
 #[derive(Default)]
 pub struct Options {
+    pub name: Option<Given<LitStr>>,
     pub stream: Option<Given<LitStr>>,
     pub consumer: Option<Given<LitStr>>,
     pub subject: Option<Given<LitStr>>,
@@ -118,6 +128,7 @@ pub struct Options {
     pub on_missing_key: Option<Given<MissingKey>>,
     pub fingerprint: Option<Given<Fingerprint>>,
     pub store_result: Option<Given<bool>>,
+    pub start: Option<Given<StartAt>>,
 }
 
 impl Options {
@@ -144,6 +155,8 @@ impl Options {
 
     fn has(&self, label: &str) -> bool {
         match label {
+            "name" => self.name.is_some(),
+            "start" => self.start.is_some(),
             "stream" => self.stream.is_some(),
             "consumer" => self.consumer.is_some(),
             "subject" => self.subject.is_some(),
@@ -178,6 +191,41 @@ impl Options {
             (Some(value), _) => value,
         };
         match label.as_str() {
+            "name" => {
+                if let Some(lit) = string(&value, &label, errors) {
+                    let text = lit.value();
+                    if text.is_empty()
+                        || text.len() > 64
+                        || !text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+                    {
+                        errors.push(
+                            lit.span(),
+                            "`name` must be 1 to 64 letters, digits, `_` or `-`: it names the handler's claims, consumer and stats",
+                        );
+                    }
+                    self.name = Some(Given::new(&name, lit));
+                }
+            }
+            "start" => match (&value, word(&value).as_deref()) {
+                (_, Some("all")) => self.start = Some(Given::new(&name, StartAt::All)),
+                (_, Some("new")) => self.start = Some(Given::new(&name, StartAt::New)),
+                (
+                    Expr::Lit(ExprLit {
+                        lit: Lit::Int(int), ..
+                    }),
+                    _,
+                ) => match int.base10_parse::<u64>() {
+                    Ok(0) | Err(_) => errors.push(
+                        int.span(),
+                        "`start = <sequence>` takes a stream sequence from 1",
+                    ),
+                    Ok(_) => self.start = Some(Given::new(&name, StartAt::Sequence(int.clone()))),
+                },
+                _ => errors.push(
+                    value.span(),
+                    "`start` is `all` (every message in the stream), `new` (only messages published from now on) or a stream sequence",
+                ),
+            },
             "stream" | "consumer" => {
                 if let Some(lit) = string(&value, &label, errors) {
                     if lit.value().is_empty() || lit.value().contains(['.', ' ', '*', '>']) {

@@ -87,7 +87,9 @@ pub use tx::Tx;
 pub mod __private {
     pub use crate::Delivery;
     pub use crate::fingerprint::Fingerprint;
-    pub use crate::handler::{Dedup, FingerprintSource, Handler, HandlerConfig, OnMissingKey};
+    pub use crate::handler::{
+        Dedup, FingerprintSource, Handler, HandlerConfig, OnMissingKey, StartAt,
+    };
     pub use crate::key::{IdempotencyKey, KeyError, ToKey, from_header, from_message_id, to_key};
     pub use crate::{HandlerError, Retry};
     pub use bytes::Bytes;

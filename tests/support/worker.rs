@@ -39,7 +39,7 @@ impl Effects {
     }
 }
 
-#[idempotent(stream = "CRASH", subject = "crash.orders", key = order, lease = "2s")]
+#[idempotent(stream = "CRASH", start = all, subject = "crash.orders", key = order, lease = "2s")]
 async fn crash_handler(
     Json(order): Json<String>,
     State(effects): State<Effects>,
@@ -52,7 +52,7 @@ async fn crash_handler(
 
 /// The effect is a row in the handler's transaction; the log records every
 /// execution, committed or not.
-#[idempotent(stream = "CRASH", subject = "crash.transfers", key = order, dedup = transactional, lease = "2s")]
+#[idempotent(stream = "CRASH", start = all, subject = "crash.transfers", key = order, dedup = transactional, lease = "2s")]
 async fn tx_crash_handler(
     Json(order): Json<String>,
     tx: idem::Tx,

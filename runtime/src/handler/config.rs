@@ -32,6 +32,22 @@ pub enum OnMissingKey {
     Reject,
 }
 
+/// Where a handler's durable consumer starts when it is created. Only
+/// matters the first time: an existing consumer keeps its place.
+///
+/// Without a choice, the runtime refuses to create a consumer on a stream
+/// that already holds messages for it — a renamed handler (or a new one on
+/// an old stream) would silently handle all of them.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum StartAt {
+    /// Every message the stream holds.
+    All,
+    /// Only messages published after the consumer is created.
+    New,
+    /// Messages from this stream sequence on.
+    Sequence(u64),
+}
+
 /// What tells a duplicate from a reused key.
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub enum FingerprintSource {
@@ -129,7 +145,9 @@ pub enum ConfigError {
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct HandlerConfig {
-    /// The handler's name: the function's name; namespaces its claims.
+    /// The handler's identity (`name = "…"`, else the function's name):
+    /// namespaces its claims, names its consumer, stats and dead letters.
+    /// Keep it when renaming the function.
     pub name: String,
     /// The stream it consumes.
     pub stream: String,
@@ -160,6 +178,9 @@ pub struct HandlerConfig {
     /// that their duplicates are answered without asking the store
     /// (default: 16,384; 0 turns it off). `dedup = kv` only.
     pub recent_completions: usize,
+    /// Where a newly created consumer starts (default: none chosen — a new
+    /// consumer on a stream holding messages is refused).
+    pub start: Option<StartAt>,
 }
 
 impl HandlerConfig {
@@ -180,7 +201,21 @@ impl HandlerConfig {
             fingerprint: FingerprintSource::default(),
             store_result: false,
             recent_completions: 16_384,
+            start: None,
         }
+    }
+
+    /// Where a newly created consumer starts.
+    ///
+    /// ```
+    /// use idem::handler::{HandlerConfig, StartAt};
+    ///
+    /// let config = HandlerConfig::new("issue_card", "PAYMENTS").start(StartAt::New);
+    /// assert_eq!(config.start, Some(StartAt::New));
+    /// ```
+    pub fn start(mut self, start: StartAt) -> Self {
+        self.start = Some(start);
+        self
     }
 
     /// Sets the durable consumer name.

@@ -14,7 +14,7 @@ use std::future::Future;
 
 use bytes::Bytes;
 
-pub use config::{ConfigError, Dedup, FingerprintSource, HandlerConfig, OnMissingKey};
+pub use config::{ConfigError, Dedup, FingerprintSource, HandlerConfig, OnMissingKey, StartAt};
 pub use reason::DeadLetterReason;
 
 use crate::extract::{FromDelivery, Rejection, StateMap};

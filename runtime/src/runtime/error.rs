@@ -25,6 +25,55 @@ pub enum RuntimeError {
         /// The other.
         second: String,
     },
+    /// Two handlers in one runtime have the same name: they would share
+    /// claims (one's keys answered as the other's duplicates) and stats.
+    #[error(
+        "two handlers are named `{handler}` (streams `{first_stream}` and `{second_stream}`): handler names \
+         are identities — claims, consumers and stats are keyed by them; give one a `name = \"…\"`"
+    )]
+    DuplicateHandler {
+        /// The name.
+        handler: String,
+        /// The first handler's stream.
+        first_stream: String,
+        /// The second handler's stream.
+        second_stream: String,
+    },
+    /// Another service uses the same handler name in the same claim bucket
+    /// for another stream or consumer: their claims would mix.
+    #[error(
+        "handler `{handler}` is registered in claim bucket `{bucket}` for stream `{stream}`, consumer `{consumer}` — \
+         another service's handler, whose claims would mix with this one's: give this handler another \
+         `name = \"…\"`, or give each service its own bucket (`.claims(KvStoreConfig::default().bucket(…))`)"
+    )]
+    HandlerNameTaken {
+        /// The name.
+        handler: String,
+        /// The bucket.
+        bucket: String,
+        /// The stream it is registered for.
+        stream: String,
+        /// The consumer it is registered for.
+        consumer: String,
+    },
+    /// A new consumer would start on a stream that already holds messages
+    /// for it, without the handler saying where to start: a renamed handler
+    /// would replay its stream.
+    #[error(
+        "handler `{handler}` has no consumer on stream `{stream}` yet, and the stream holds {messages} message(s) \
+         it would handle: if the handler was renamed, keep its identity with `name = \"<old name>\"`; \
+         otherwise choose where the new consumer starts: `start = all`, `start = new` or `start = <sequence>`"
+    )]
+    NewConsumerWouldReplay {
+        /// The handler.
+        handler: String,
+        /// The stream.
+        stream: String,
+        /// The consumer it would create.
+        consumer: String,
+        /// How many messages it would handle.
+        messages: u64,
+    },
     /// The stream does not exist and the runtime may not create it.
     #[error(
         "stream `{stream}` (handler `{handler}`) does not exist: create it, or let the runtime do so with \

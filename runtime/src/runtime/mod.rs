@@ -219,7 +219,7 @@ async fn provision_handler(
         }
     };
     let stream = provision::stream(&ctx.js, config, ctx.create_streams).await?;
-    provision::dead_letters(&ctx.js, config).await?;
+    provision::dead_letters(&ctx.js, config, ctx.kv.replica_count()).await?;
     let consumer = provision::consumer(&stream, config).await?;
     Ok(Provisioned { backend, consumer })
 }
@@ -356,8 +356,16 @@ impl RuntimeBuilder {
             return Err(RuntimeError::NoHandlers);
         }
         let mut consumers: BTreeMap<(String, String), String> = BTreeMap::new();
+        let mut names: BTreeMap<String, String> = BTreeMap::new();
         for registration in &self.handlers {
             let config = registration.config();
+            if let Some(first_stream) = names.insert(config.name.clone(), config.stream.clone()) {
+                return Err(RuntimeError::DuplicateHandler {
+                    handler: config.name,
+                    first_stream,
+                    second_stream: config.stream,
+                });
+            }
             if let Some(first) = consumers.insert(
                 (config.stream.clone(), config.consumer.clone()),
                 config.name.clone(),

@@ -6,9 +6,10 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
 use async_nats::jetstream::context::GetStreamErrorKind;
 use async_nats::jetstream::{self, ErrorCode, stream};
+use futures::StreamExt;
 
 use super::RuntimeError;
-use crate::handler::HandlerConfig;
+use crate::handler::{HandlerConfig, StartAt};
 use crate::store::{KvStore, KvStoreConfig};
 
 /// The stream the runtime creates for dead letters under `idem.dead.>`.
@@ -128,17 +129,62 @@ pub(super) async fn consumer(
                 .await
                 .map_err(|e| js_error(config, "update the consumer")(e.into()))
         }
-        Err(_) => stream
-            .create_consumer(wanted)
-            .await
-            .map_err(|e| js_error(config, "create the consumer")(e.into())),
+        Err(_) => {
+            let wanted = pull::Config {
+                deliver_policy: deliver_policy(stream, config).await?,
+                ..wanted
+            };
+            stream
+                .create_consumer(wanted)
+                .await
+                .map_err(|e| js_error(config, "create the consumer")(e.into()))
+        }
     }
 }
 
-/// Makes sure a stream stores the handler's dead letters.
+/// Where a new consumer starts: as the handler chose, or — without a
+/// choice — at the beginning of a stream that holds none of its messages
+/// yet. A stream that does is refused: a renamed handler would replay it.
+async fn deliver_policy(
+    stream: &stream::Stream,
+    config: &HandlerConfig,
+) -> Result<DeliverPolicy, RuntimeError> {
+    match config.start {
+        Some(StartAt::All) => return Ok(DeliverPolicy::All),
+        Some(StartAt::New) => return Ok(DeliverPolicy::New),
+        Some(StartAt::Sequence(start_sequence)) => {
+            return Ok(DeliverPolicy::ByStartSequence { start_sequence });
+        }
+        None => {}
+    }
+    let filter = config.subject.clone().unwrap_or_else(|| ">".to_owned());
+    let subjects = stream
+        .info_with_subjects(filter)
+        .await
+        .map_err(|e| js_error(config, "count the stream's messages")(e.into()))?;
+    // Counted over the first subjects only: any message at all decides.
+    let messages: usize = subjects
+        .take(1_000)
+        .filter_map(|counted| async move { counted.ok().map(|(_, n)| n) })
+        .fold(0, |sum, n| async move { sum + n })
+        .await;
+    if messages == 0 {
+        return Ok(DeliverPolicy::All);
+    }
+    Err(RuntimeError::NewConsumerWouldReplay {
+        handler: config.name.clone(),
+        stream: config.stream.clone(),
+        consumer: config.consumer.clone(),
+        messages: u64::try_from(messages).unwrap_or(u64::MAX),
+    })
+}
+
+/// Makes sure a stream stores the handler's dead letters; the one the
+/// runtime creates has as many replicas as the claim bucket.
 pub(super) async fn dead_letters(
     js: &jetstream::Context,
     config: &HandlerConfig,
+    replicas: usize,
 ) -> Result<(), RuntimeError> {
     if js
         .stream_by_subject(config.dead_letter.clone())
@@ -159,6 +205,8 @@ pub(super) async fn dead_letters(
         description: Some(
             "messages idem could not process, with the reason in Idem-* headers".into(),
         ),
+        // As safe as the claims that point at them.
+        num_replicas: replicas,
         ..Default::default()
     })
     .await
@@ -179,11 +227,62 @@ pub(super) async fn claims(
     } else {
         format!("{}_{}s", base.bucket_name(), config.retention.as_secs())
     };
-    let kv = base.clone().bucket(bucket).retention(config.retention);
-    KvStore::open(js, kv)
-        .await
-        .map_err(|source| RuntimeError::Store {
+    let kv = base.clone().bucket(&bucket).retention(config.retention);
+    let store_error = |source| RuntimeError::Store {
+        handler: config.name.clone(),
+        source,
+    };
+    let store = KvStore::open(js, kv).await.map_err(store_error)?;
+    register(&store, &bucket, config).await?;
+    Ok(store)
+}
+
+/// Who a handler name in a claim bucket belongs to.
+#[derive(serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+struct Registration {
+    stream: String,
+    consumer: String,
+}
+
+/// Records that `config.name` in this bucket is the handler of its stream
+/// and consumer, or refuses a name another service registered for another
+/// stream or consumer: two services whose handlers share a name and a
+/// bucket would answer each other's keys as duplicates. Two deployments of
+/// one service (same stream and consumer) share it on purpose.
+///
+/// The key (`idem=handlers.<name>`) holds a `=`, which no handler name
+/// has, so it is never a claim record's. It expires with the bucket's
+/// retention and is written again at every start.
+async fn register(
+    store: &KvStore,
+    bucket: &str,
+    config: &HandlerConfig,
+) -> Result<(), RuntimeError> {
+    use crate::store::{Create, RevisionedMap};
+    let mine = Registration {
+        stream: config.stream.clone(),
+        consumer: config.consumer.clone(),
+    };
+    let key = format!("idem=handlers.{}", config.name);
+    let value = serde_json::to_vec(&mine).unwrap_or_default();
+    let created = store.map().create(&key, value.into()).await;
+    let found = match created {
+        Ok(Create::Created(_) | Create::Exists(None)) => return Ok(()),
+        Ok(Create::Exists(Some((bytes, _)))) => bytes,
+        Err(source) => {
+            return Err(RuntimeError::Store {
+                handler: config.name.clone(),
+                source,
+            });
+        }
+    };
+    match serde_json::from_slice::<Registration>(&found) {
+        Ok(theirs) if theirs != mine => Err(RuntimeError::HandlerNameTaken {
             handler: config.name.clone(),
-            source,
-        })
+            bucket: bucket.to_owned(),
+            stream: theirs.stream,
+            consumer: theirs.consumer,
+        }),
+        _ => Ok(()),
+    }
 }

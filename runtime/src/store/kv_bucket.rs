@@ -130,6 +130,17 @@ fn check(config: &KvStoreConfig, found: &stream::Config) -> Result<(), StoreErro
             "false".into(),
         ));
     }
+    // With `discard old`, a bucket that reaches a limit (max_bytes,
+    // max_msgs — now or set later by an operator) deletes its oldest
+    // records: completions forgotten, their keys run again. With `discard
+    // new` a full bucket refuses writes, and claims fail closed.
+    if found.discard != DiscardPolicy::New {
+        return Err(mismatch(
+            "discard (old records evicted when full)",
+            "old".into(),
+            "new".into(),
+        ));
+    }
     if found.storage != config.storage_type() {
         return Err(mismatch(
             "storage",
@@ -169,6 +180,34 @@ mod tests {
 
     /// A change to a bucket's configuration.
     type Spoil = fn(&mut stream::Config);
+
+    #[test]
+    fn a_bucket_that_can_evict_records_is_refused_by_name() {
+        let config = KvStoreConfig::default();
+        let cases: [(&str, Spoil); 3] = [
+            ("discard (old records evicted when full)", |c| {
+                c.discard = DiscardPolicy::Old
+            }),
+            ("discard (old records evicted when full)", |c| {
+                c.discard = DiscardPolicy::Old;
+                c.max_bytes = 1 << 20;
+            }),
+            ("discard (old records evicted when full)", |c| {
+                c.discard = DiscardPolicy::Old;
+                c.max_messages = 1_000;
+            }),
+        ];
+        for (setting, spoil) in cases {
+            let mut found = stream_config(&config);
+            spoil(&mut found);
+            assert_eq!(setting_refused(&config, &found), Some(setting));
+        }
+        // Limits with `discard new` refuse writes when full: claims fail
+        // closed, nothing is forgotten.
+        let mut bounded = stream_config(&config);
+        bounded.max_bytes = 1 << 30;
+        assert_eq!(setting_refused(&config, &bounded), None);
+    }
 
     #[test]
     fn each_unsafe_setting_is_named() {

@@ -106,8 +106,11 @@ impl Cluster {
         Ok(cluster)
     }
 
-    /// Waits until an R3 stream can be created, which proves that every node
-    /// has joined the JetStream meta group.
+    /// Waits until R3 streams can be created with either storage, which
+    /// proves that every node has joined the JetStream meta group and
+    /// reported itself to the meta leader. (Seen under load: a memory
+    /// probe placed while a file stream right after was refused "no
+    /// suitable peers for placement, peer offline".)
     async fn until_replicated(&self) -> Result<(), HarnessError> {
         let started = Instant::now();
         let client = self.connect().await?;
@@ -119,11 +122,24 @@ impl Cluster {
             storage: stream::StorageType::Memory,
             ..Default::default()
         };
+        let mut placed = Vec::new();
         loop {
-            if js.create_stream(config.clone()).await.is_ok() {
-                // The probe stream is left over only if this delete fails,
-                // and it holds nothing.
-                let _ = js.delete_stream(PROBE_STREAM).await;
+            for storage in [stream::StorageType::Memory, stream::StorageType::File] {
+                if placed.contains(&storage) {
+                    continue;
+                }
+                let probe = stream::Config {
+                    storage,
+                    ..config.clone()
+                };
+                if js.create_stream(probe).await.is_ok() {
+                    placed.push(storage);
+                    // The probe stream is left over only if this delete
+                    // fails, and it holds nothing.
+                    let _ = js.delete_stream(PROBE_STREAM).await;
+                }
+            }
+            if placed.len() == 2 {
                 return Ok(());
             }
             if started.elapsed() >= READY_TIMEOUT {

@@ -13,7 +13,9 @@ struct Db;
 struct Receipt(u64);
 
 #[idempotent(
+    name = "receipts",
     stream = "ORDERS",
+    start = 42,
     consumer = "orders-receipts",
     subject = "orders.*.created",
     key = order.id,
@@ -32,7 +34,7 @@ async fn write_receipt(Json(order): Json<Order>, State(db): State<Db>) -> Result
     Ok(Receipt(order.id))
 }
 
-#[idempotent(stream = "ORDERS", key = order.id, fingerprint = payload, on_missing_key = reject, store_result = false)]
+#[idempotent(stream = "ORDERS", key = order.id, fingerprint = payload, on_missing_key = reject, store_result = false, start = all)]
 async fn defaults_spelled_out(Json(order): Json<Order>) -> Result<(), HandlerError> {
     let _ = order.total;
     Ok(())
