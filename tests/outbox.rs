@@ -250,3 +250,45 @@ async fn an_outbox_file_opens_once_and_bad_input_is_never_stored() {
         "nothing was stored"
     );
 }
+
+/// Opens `file`, waiting (bounded) for a previous handle's relay to let go.
+async fn reopen(file: &std::path::Path, server: &NatsServer) -> Outbox {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Outbox::open(file, publisher(server).await, OutboxConfig::default()).await {
+            Ok(outbox) => return outbox,
+            Err(OutboxError::InUse { .. }) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("reopen: {e}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn messages_refused_for_good_are_kept_across_restarts_and_never_overwritten() {
+    let server = NatsServer::start().await.expect("nats-server");
+    let _js = stream_on(&server).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("refusals");
+    for (run, subject) in ["nowhere.first", "nowhere.second"].into_iter().enumerate() {
+        let outbox = reopen(&file, &server).await;
+        // No stream captures `nowhere.>`: the broker refuses it for good.
+        outbox
+            .enqueue(Outgoing::new(subject, "x"))
+            .await
+            .expect("stored");
+        timeout(Duration::from_secs(30), outbox.flush())
+            .await
+            .expect("flushed in time")
+            .expect("flush");
+        assert_eq!(
+            outbox.stats().await.expect("stats").failed,
+            run as u64 + 1,
+            "run {run}: every refused message is still kept for inspection"
+        );
+        drop(outbox);
+    }
+    let outbox = reopen(&file, &server).await;
+    assert_eq!(outbox.stats().await.expect("stats").failed, 2);
+}

@@ -203,18 +203,26 @@ impl Outbox {
             drained: Notify::new(),
             stop: stop.clone(),
         });
-        let (pending, next_seq) = inner
+        let (pending, failed, next_seq) = inner
             .blocking(|inner| {
                 let txn = inner.db.begin_write().map_err(|e| inner.storage(e))?;
                 let found = {
                     let pending = txn.open_table(PENDING).map_err(|e| inner.storage(e))?;
-                    txn.open_table(FAILED).map_err(|e| inner.storage(e))?;
-                    let count = pending.len().map_err(|e| inner.storage(e))?;
-                    let last = pending
-                        .last()
-                        .map_err(|e| inner.storage(e))?
-                        .map(|(k, _)| k.value());
-                    (count, last.map_or(0, |k| k + 1))
+                    let failed = txn.open_table(FAILED).map_err(|e| inner.storage(e))?;
+                    let last = |table: &redb::Table<u64, &[u8]>| {
+                        table
+                            .last()
+                            .map(|last| last.map(|(k, _)| k.value()))
+                            .map_err(|e| inner.storage(e))
+                    };
+                    // Sequence numbers continue after both tables: a refused
+                    // message kept for inspection keeps its number.
+                    let next = last(&pending)?.max(last(&failed)?).map_or(0, |k| k + 1);
+                    (
+                        pending.len().map_err(|e| inner.storage(e))?,
+                        failed.len().map_err(|e| inner.storage(e))?,
+                        next,
+                    )
                 };
                 txn.commit().map_err(|e| inner.storage(e))?;
                 Ok(found)
@@ -224,6 +232,7 @@ impl Outbox {
             usize::try_from(pending).unwrap_or(usize::MAX),
             Ordering::SeqCst,
         );
+        inner.failed.store(failed, Ordering::SeqCst);
         inner.next_seq.store(next_seq, Ordering::SeqCst);
         tokio::spawn(relay(inner.clone()));
         Ok(Outbox {
