@@ -224,4 +224,8 @@ async fn an_unreachable_server_is_resent_to_until_the_deadline_then_named() {
         "gave up after {waited:?}, deadline 1.5 s"
     );
     assert!(err.to_string().contains("same Nats-Msg-Id"), "{err}");
+    assert!(
+        err.to_string().contains("outcome unknown"),
+        "a message not confirmed may still be stored: {err}"
+    );
 }

@@ -59,9 +59,17 @@ pub enum PublishError {
         source: BoxError,
     },
     /// No PubAck before the deadline, after resending with the same id.
+    ///
+    /// The outcome is **unknown**, not failed: the broker may have stored
+    /// the message and its PubAck been lost, and a copy the client queued
+    /// while disconnected is sent when the connection comes back — possibly
+    /// after the deadline. Resend it with the same id (the stream's
+    /// duplicate window drops a second copy inside the window), or keep it
+    /// in an `Outbox`, which does so.
     #[error(
-        "message {message_id} was not confirmed within {waited:?} ({attempts} attempts, all with the same \
-         Nats-Msg-Id); last error: {last_error}"
+        "message {message_id}: outcome unknown — not confirmed within {waited:?} ({attempts} attempts, all \
+         with the same Nats-Msg-Id); the broker may have stored it, or store a copy still queued in the \
+         client once it reconnects: resend with the same id rather than a new one; last error: {last_error}"
     )]
     DeadlineExceeded {
         /// The message id.
