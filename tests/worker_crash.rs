@@ -325,3 +325,39 @@ async fn a_transactional_worker_killed_after_commit_before_ack_causes_no_second_
     );
     drop(second);
 }
+
+/// A transactional worker frozen (SIGSTOP) inside its handler keeps its
+/// connection and its uncommitted claim row. The server ends that idle
+/// transaction after a lease, so another worker takes the key over —
+/// safely: nothing of the frozen one's transaction committed, nor can it.
+#[tokio::test]
+async fn a_frozen_transactional_worker_blocks_its_key_for_one_lease_not_for_as_long_as_it_is_frozen()
+ {
+    use nix::sys::signal::Signal;
+    let (server, js, db) = transactional_setup().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("effects.log");
+    let url = database_url();
+    let pg = ["pg", url.as_str(), db.schema()];
+
+    let mut frozen = Worker::spawn_with(&server.client_url(), &log, 1_000, &pg);
+    js.publish("crash.transfers", "\"tr-9\"".into())
+        .await
+        .expect("publish")
+        .await
+        .expect("PubAck");
+    until_logged(&log, &format!("start tr-9 {}", frozen.pid())).await;
+    frozen.signal(Signal::SIGSTOP);
+
+    // The frozen worker stays frozen until the other has applied the key.
+    let second = Worker::spawn_with(&server.client_url(), &log, 0, &pg);
+    until_logged(&log, &format!("end tr-9 {}", second.pid())).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while committed(&db, "tr-9").await == 0 {
+        assert!(Instant::now() < deadline, "never committed");
+        sleep(Duration::from_millis(20)).await;
+    }
+    frozen.signal(Signal::SIGCONT);
+    frozen.terminate();
+    assert_eq!(committed(&db, "tr-9").await, 1, "applied exactly once");
+}
