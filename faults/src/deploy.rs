@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
 use futures::TryStreamExt;
+use idem::runtime::DEAD_LETTER_STREAM;
 use idem::store::KvStoreConfig;
 use idem::testing::{Cluster, NatsServer, Proxy, TestDatabase};
 use nix::sys::signal::{Signal, kill};
@@ -67,6 +68,10 @@ impl Servers {
         }
     }
 }
+
+/// How far each worker slot's wall clock is off: one right, one five
+/// minutes ahead, one five minutes behind.
+const CLOCK_SKEW_SECS: [i64; 3] = [0, 300, -300];
 
 /// A worker process and where its log goes.
 struct Worker {
@@ -190,6 +195,8 @@ impl Deployment {
             .arg(&name)
             .arg("--replicas")
             .arg(self.servers.replicas().to_string())
+            .arg("--clock-skew-secs")
+            .arg(CLOCK_SKEW_SECS[slot % CLOCK_SKEW_SECS.len()].to_string())
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
@@ -278,6 +285,47 @@ impl Deployment {
                 sleep(hold).await;
                 self.links[fault.target].iter().for_each(Proxy::open);
                 Ok(format!("stalled worker slot {}", fault.target))
+            }
+            FaultKind::RollingRestart => {
+                let aimed = self.aim(fault.target).await;
+                let Some(mut old) = self.workers[fault.target].take() else {
+                    return Err(format!("no worker in slot {}", fault.target).into());
+                };
+                // A deploy: the old worker is told to stop, the new one
+                // starts at once.
+                old.signal(Signal::SIGTERM)?;
+                self.spawn(fault.target)?;
+                let status = match timeout(Duration::from_secs(20), old.child.wait()).await {
+                    Ok(status) => status.map_err(|e| e.to_string()),
+                    Err(_) => {
+                        let _ = old.child.start_kill();
+                        Err("did not stop within 20 s of SIGTERM".to_owned())
+                    }
+                };
+                self.exits.push(Exit {
+                    worker: old.name.clone(),
+                    status,
+                    killed_by_fault: false,
+                });
+                Ok(format!("replaced {}{aimed}", old.name))
+            }
+            FaultKind::DeadLetterOutage => {
+                let Ok(mut dead) = self.admin.get_stream(DEAD_LETTER_STREAM).await else {
+                    return Ok("no dead-letter stream yet".to_owned());
+                };
+                let info = dead.info().await?.clone();
+                let full = stream::Config {
+                    max_messages: i64::try_from(info.state.messages.max(1)).unwrap_or(i64::MAX),
+                    discard: stream::DiscardPolicy::New,
+                    ..info.config.clone()
+                };
+                self.admin.update_stream(full).await?;
+                sleep(hold).await;
+                self.admin.update_stream(info.config).await?;
+                Ok(format!(
+                    "dead-letter stream full at {} messages",
+                    info.state.messages.max(1)
+                ))
             }
             FaultKind::LoseAcks => {
                 self.producer_links.iter().for_each(Proxy::hold_replies);

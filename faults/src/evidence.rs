@@ -121,7 +121,7 @@ async fn dead_letters(deployment: &Deployment) -> Fallible<Vec<DeadLetter>> {
             &IdempotencyKey::new(order.key.as_str())?,
         );
         let record = match level {
-            Level::Kv => kv.inspect(&key).await?,
+            Level::Kv | Level::Twin => kv.inspect(&key).await?,
             Level::Transactional => pg.inspect(&key).await?,
             Level::Off => None,
         };
@@ -141,7 +141,11 @@ fn read_log(path: &Path, events: &mut Vec<LeaseEvent>, panics: &mut Vec<String>)
     let text = std::fs::read_to_string(path)?;
     for line in text.lines() {
         if line.contains("panicked at") {
-            panics.push(format!("{}: {line}", path.display()));
+            // The workload's scripted panics are the handler's own (caught
+            // by the runtime, dead-lettered `panic`); any other escaped.
+            if !line.contains(crate::worker::SCRIPTED_PANIC_AT) {
+                panics.push(format!("{}: {line}", path.display()));
+            }
             continue;
         }
         let Ok(value) = serde_json::from_str::<serde_json::Value>(line) else {

@@ -43,6 +43,7 @@ pub struct Ledger {
     table: String,
     insert_sql: String,
     started: String,
+    runs: String,
 }
 
 impl Ledger {
@@ -55,10 +56,12 @@ impl Ledger {
              VALUES ($1, $2, $3, $4, $5, $6)"
         );
         let started = format!("{schema}.started");
+        let runs = format!("{schema}.runs");
         Self {
             table,
             insert_sql,
             started,
+            runs,
         }
     }
 
@@ -77,7 +80,36 @@ impl Ledger {
         ))
         .execute(pool)
         .await?;
+        sqlx::query(&format!(
+            "CREATE TABLE {} (handler text NOT NULL, key text NOT NULL, value bigint NOT NULL, \
+             runs integer NOT NULL, PRIMARY KEY (handler, key, value))",
+            self.runs
+        ))
+        .execute(pool)
+        .await?;
         Ok(())
+    }
+
+    /// Counts one run of a handler for `order` (on its own, outside any
+    /// transaction: failed runs count) and returns its number, from 1.
+    /// Not an effect: the scripted behaviours key on it.
+    pub async fn count_run(
+        &self,
+        pool: &PgPool,
+        level: Level,
+        order: &Order,
+    ) -> Result<u32, sqlx::Error> {
+        let row = sqlx::query(&format!(
+            "INSERT INTO {t} (handler, key, value, runs) VALUES ($1, $2, $3, 1) \
+             ON CONFLICT (handler, key, value) DO UPDATE SET runs = {t}.runs + 1 RETURNING runs",
+            t = self.runs
+        ))
+        .bind(level.handler())
+        .bind(&order.key)
+        .bind(i64::try_from(order.value).unwrap_or(i64::MAX))
+        .fetch_one(pool)
+        .await?;
+        Ok(u32::try_from(row.try_get::<i32, _>(0)?).unwrap_or(0))
     }
 
     /// Notes that `worker` is inside a long handler until `until_us`, so

@@ -9,7 +9,7 @@ pub const STREAM: &str = "FAULTS";
 pub const LEASE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// One message: a business key, a value that makes a reused key's payload
-/// differ, and how long the effect takes.
+/// differ, how long the effect takes, and how the handler behaves.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Order {
     /// The idempotency key.
@@ -18,13 +18,65 @@ pub struct Order {
     pub value: u64,
     /// How long the handler works before its effect, in milliseconds.
     pub work_ms: u64,
+    /// What the handler does with it, scripted by the workload.
+    #[serde(default)]
+    pub behaviour: Behaviour,
 }
 
-/// The three dedup levels under test.
+/// How a handler treats a message: the paths where handlers misbehave.
+#[derive(
+    Copy, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub enum Behaviour {
+    /// Its effect, at once.
+    #[default]
+    Succeed,
+    /// A retryable error on its first n runs, then its effect.
+    FailTimes(u32),
+    /// A permanent error: dead-lettered `handler_error`, never applied.
+    FailPermanently,
+    /// A panic on every run: dead-lettered `panic` after the attempts.
+    Panic,
+    /// (transactional) On its first run, ignores a failed SQL statement and
+    /// returns `Ok`: nothing may commit; the retry applies it.
+    SwallowFailedStatement,
+}
+
+/// How many runs a handler of the suite gets (the worker's retry policy).
+pub const ATTEMPTS: u32 = 6;
+
+impl Behaviour {
+    /// The dead-letter reason this behaviour calls for, if any.
+    pub fn dead_letter_reason(self) -> Option<&'static str> {
+        match self {
+            Behaviour::FailPermanently => Some("handler_error"),
+            Behaviour::Panic => Some("panic"),
+            _ => None,
+        }
+    }
+
+    /// The name in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Behaviour::Succeed => "succeeds",
+            Behaviour::FailTimes(_) => "fails, then succeeds",
+            Behaviour::FailPermanently => "fails permanently",
+            Behaviour::Panic => "panics",
+            Behaviour::SwallowFailedStatement => "swallows a failed statement",
+        }
+    }
+}
+
+/// The handlers under test: one per dedup level, and a second `kv` handler
+/// whose function has the same name as the first (in another module),
+/// told apart by `name = "kv_twin"`.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Level {
     /// `dedup = kv`.
     Kv,
+    /// `dedup = kv`, the function `twin::kv_effect`: the same keys as `kv`
+    /// must be applied by each handler once.
+    Twin,
     /// `dedup = transactional`.
     Transactional,
     /// `dedup = off`.
@@ -33,12 +85,18 @@ pub enum Level {
 
 impl Level {
     /// All levels, in report order.
-    pub const ALL: [Level; 3] = [Level::Kv, Level::Transactional, Level::Off];
+    pub const ALL: [Level; 4] = [Level::Kv, Level::Twin, Level::Transactional, Level::Off];
+
+    /// Whether its effects are deduplicated by claims in the KV bucket.
+    pub fn claims_in_kv(self) -> bool {
+        matches!(self, Level::Kv | Level::Twin)
+    }
 
     /// The subject its handler consumes.
     pub fn subject(self) -> &'static str {
         match self {
             Level::Kv => "faults.kv",
+            Level::Twin => "faults.twin",
             Level::Transactional => "faults.tx",
             Level::Off => "faults.off",
         }
@@ -48,6 +106,7 @@ impl Level {
     pub fn handler(self) -> &'static str {
         match self {
             Level::Kv => "kv_effect",
+            Level::Twin => "kv_twin",
             Level::Transactional => "tx_effect",
             Level::Off => "off_effect",
         }
@@ -62,6 +121,7 @@ impl Level {
     pub fn name(self) -> &'static str {
         match self {
             Level::Kv => "kv",
+            Level::Twin => "kv (twin name)",
             Level::Transactional => "transactional",
             Level::Off => "off",
         }

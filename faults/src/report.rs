@@ -42,6 +42,18 @@ pub fn print(outcome: &Outcome) {
         w.count(Copy::Resent),
         w.count(Copy::Conflict),
     );
+    let mut behaviours: BTreeMap<&str, usize> = BTreeMap::new();
+    for p in w.messages.iter().filter(|p| p.copy == Copy::Original) {
+        *behaviours.entry(p.order.behaviour.name()).or_default() += 1;
+    }
+    println!(
+        "Handlers as scripted (keys): {}; workers' wall clocks off by 0 s, +300 s, -300 s",
+        behaviours
+            .iter()
+            .map(|(name, n)| format!("{name} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     println!();
     println!("| fault | count |");
     println!("|---|---:|");

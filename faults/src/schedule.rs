@@ -31,13 +31,22 @@ pub enum FaultKind {
     /// SIGKILL the node leading the stream or the claim bucket of an R3
     /// deployment; restart it after the hold.
     KillLeader,
+    /// A rolling deploy: SIGTERM a worker with a slow handler in flight
+    /// (its short shutdown grace cuts the handler off), start its
+    /// replacement at once.
+    RollingRestart,
+    /// The dead-letter stream refuses writes for the hold (full, discard
+    /// new): dead letters wait, their messages are kept.
+    DeadLetterOutage,
 }
 
 impl FaultKind {
     /// Every kind, in report order.
-    pub const ALL: [FaultKind; 8] = [
+    pub const ALL: [FaultKind; 10] = [
         FaultKind::KillWorker,
         FaultKind::FreezeWorker,
+        FaultKind::RollingRestart,
+        FaultKind::DeadLetterOutage,
         FaultKind::KillServer,
         FaultKind::PauseServer,
         FaultKind::CutLink,
@@ -57,15 +66,26 @@ impl FaultKind {
             FaultKind::StallLink => "worker TCP stall",
             FaultKind::LoseAcks => "producer PubAcks lost",
             FaultKind::KillLeader => "R3 leader SIGKILL",
+            FaultKind::RollingRestart => "rolling restart (SIGTERM)",
+            FaultKind::DeadLetterOutage => "dead-letter stream full",
         }
     }
+
+    /// Kinds every schedule has, whatever its length: the paths the
+    /// guarantees are most at stake on.
+    pub const ALWAYS: [FaultKind; 4] = [
+        FaultKind::KillWorker,
+        FaultKind::FreezeWorker,
+        FaultKind::RollingRestart,
+        FaultKind::DeadLetterOutage,
+    ];
 
     /// Whether it can cost a `kv` claim its lease while the effect runs —
     /// the only way `kv` may run an effect twice.
     pub fn can_cost_a_lease(self, hold: Duration) -> bool {
         match self {
-            FaultKind::KillWorker | FaultKind::FreezeWorker => true,
-            FaultKind::LoseAcks => false,
+            FaultKind::KillWorker | FaultKind::FreezeWorker | FaultKind::RollingRestart => true,
+            FaultKind::LoseAcks | FaultKind::DeadLetterOutage => false,
             _ => hold >= LEASE / 2,
         }
     }
@@ -89,10 +109,12 @@ impl fmt::Display for Fault {
         let target = match self.kind {
             FaultKind::KillWorker
             | FaultKind::FreezeWorker
+            | FaultKind::RollingRestart
             | FaultKind::CutLink
             | FaultKind::StallLink => format!("worker {}", self.target),
             FaultKind::KillServer | FaultKind::PauseServer => format!("node {}", self.target),
             FaultKind::LoseAcks => "producer".to_owned(),
+            FaultKind::DeadLetterOutage => "dead-letter stream".to_owned(),
             FaultKind::KillLeader if self.target == 0 => "stream leader".to_owned(),
             FaultKind::KillLeader => "claim bucket leader".to_owned(),
         };
@@ -109,7 +131,8 @@ impl fmt::Display for Fault {
 
 /// `count` faults over `window`, against `workers` worker slots and
 /// `nodes` servers (leader kills only with 3 nodes). Every kind appears
-/// before any repeats; a worker kill and a freeze are always among them.
+/// before any repeats; the [`FaultKind::ALWAYS`] kinds are always among
+/// them.
 pub fn schedule(
     seed: u64,
     count: usize,
@@ -125,10 +148,10 @@ pub fn schedule(
     let mut rest: Vec<FaultKind> = kinds
         .iter()
         .copied()
-        .filter(|k| !matches!(k, FaultKind::KillWorker | FaultKind::FreezeWorker))
+        .filter(|k| !FaultKind::ALWAYS.contains(k))
         .collect();
     rng.shuffle(&mut rest);
-    let mut chosen = vec![FaultKind::KillWorker, FaultKind::FreezeWorker];
+    let mut chosen = FaultKind::ALWAYS.to_vec();
     chosen.extend(rest);
     while chosen.len() < count {
         chosen.push(kinds[rng.usize(..kinds.len())]);
@@ -150,14 +173,17 @@ pub fn schedule(
                 FaultKind::StallLink => ms(1_000, 4_000),
                 FaultKind::LoseAcks => ms(500, 2_000),
                 FaultKind::KillLeader => ms(1_000, 4_000),
+                FaultKind::RollingRestart => Duration::ZERO,
+                FaultKind::DeadLetterOutage => ms(1_000, 4_000),
             };
             let target = match kind {
                 FaultKind::KillWorker
                 | FaultKind::FreezeWorker
+                | FaultKind::RollingRestart
                 | FaultKind::CutLink
                 | FaultKind::StallLink => rng.usize(..workers),
                 FaultKind::KillServer | FaultKind::PauseServer => rng.usize(..nodes),
-                FaultKind::LoseAcks => 0,
+                FaultKind::LoseAcks | FaultKind::DeadLetterOutage => 0,
                 FaultKind::KillLeader => rng.usize(..2),
             };
             let at = Duration::from_secs_f64(slot * (i as f64 + 0.2 + 0.6 * rng.f64()));
@@ -183,13 +209,14 @@ mod tests {
     }
 
     #[test]
-    fn a_quick_schedule_always_kills_and_freezes_a_worker_and_varies_the_rest() {
+    fn a_quick_schedule_always_kills_freezes_redeploys_and_fills_the_dead_letters() {
         for seed in 0..50 {
             let faults = schedule(seed, 5, Duration::from_secs(40), 3, 1);
             let kinds: std::collections::BTreeSet<_> = faults.iter().map(|f| f.kind).collect();
             assert_eq!(kinds.len(), 5, "five different kinds: {faults:?}");
-            assert!(kinds.contains(&FaultKind::KillWorker));
-            assert!(kinds.contains(&FaultKind::FreezeWorker));
+            for always in FaultKind::ALWAYS {
+                assert!(kinds.contains(&always), "{always:?} in {faults:?}");
+            }
             assert!(
                 !kinds.contains(&FaultKind::KillLeader),
                 "no leader on one node"

@@ -8,10 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::ledger::{Ledger, now_us};
-use crate::order::{Level, Order};
+use crate::order::{ATTEMPTS, Behaviour, Level, Order};
 use clap::Parser;
+use idem::clock::SkewedClock;
 use idem::store::KvStoreConfig;
-use idem::{HandlerError, Json, Runtime, State, Tx, idempotent};
+use idem::{HandlerError, Json, Retry, Runtime, State, Tx, idempotent};
 use sqlx::PgPool;
 
 /// What the handlers share.
@@ -57,41 +58,97 @@ impl Effects {
 /// Work this long is announced (see [`Ledger::note_started`]).
 const LONG_WORK_MS: u64 = 20;
 
+/// Where the workload's scripted panics are raised: a panic reported from
+/// anywhere else escaped the runtime.
+pub const SCRIPTED_PANIC_AT: &str = "faults/src/worker.rs";
+
+impl Effects {
+    /// Counts this run of the handler for `order` (in its own transaction,
+    /// so failed runs count too) and acts out the order's behaviour before
+    /// the effect: a retryable error on the first runs, a permanent error,
+    /// or a panic. Returns the run's number.
+    async fn act_out(&self, level: Level, order: &Order) -> Result<u32, HandlerError> {
+        let run = self.ledger.count_run(&self.pool, level, order).await?;
+        match order.behaviour {
+            Behaviour::FailTimes(n) if run <= n => Err(HandlerError::retryable(format!(
+                "scripted failure {run} of {n}"
+            ))),
+            Behaviour::FailPermanently => {
+                Err(HandlerError::permanent("scripted permanent failure"))
+            }
+            Behaviour::Panic => panic!("scripted panic in {} run {run}", order.key),
+            _ => Ok(run),
+        }
+    }
+}
+
+/// The handlers' retry policy: quick, with room for a takeover or two
+/// among the scripted failures.
+fn retry() -> Retry {
+    Retry::fixed("100ms").attempts(ATTEMPTS)
+}
+
 /// Works, then writes its effect on its own.
-#[idempotent(stream = "FAULTS", start = all, subject = "faults.kv", key = order.key, lease = "2s")]
+#[idempotent(stream = "FAULTS", start = all, subject = "faults.kv", key = order.key, lease = "2s", retry = retry())]
 async fn kv_effect(
     Json(order): Json<Order>,
     State(effects): State<Effects>,
 ) -> Result<(), HandlerError> {
     let started = effects.work(&order).await?;
+    effects.act_out(Level::Kv, &order).await?;
     effects.write_alone(Level::Kv, &order, started).await?;
     Ok(())
 }
 
+/// A second service's handler whose function is also `kv_effect`: the
+/// same keys, its own claims (`name`).
+mod twin {
+    use super::*;
+
+    #[idempotent(name = "kv_twin", stream = "FAULTS", start = all, subject = "faults.twin", key = order.key, lease = "2s", retry = retry())]
+    pub(super) async fn kv_effect(
+        Json(order): Json<Order>,
+        State(effects): State<Effects>,
+    ) -> Result<(), HandlerError> {
+        let started = effects.work(&order).await?;
+        effects.act_out(Level::Twin, &order).await?;
+        effects.write_alone(Level::Twin, &order, started).await?;
+        Ok(())
+    }
+}
+
 /// Works, then writes its effect in the handler's transaction.
-#[idempotent(stream = "FAULTS", start = all, subject = "faults.tx", key = order.key, dedup = transactional, lease = "2s")]
+#[idempotent(stream = "FAULTS", start = all, subject = "faults.tx", key = order.key, dedup = transactional, lease = "2s", retry = retry())]
 async fn tx_effect(
     Json(order): Json<Order>,
     tx: Tx,
     State(effects): State<Effects>,
 ) -> Result<(), HandlerError> {
     let started = effects.work(&order).await?;
+    let run = effects.act_out(Level::Transactional, &order).await?;
+    let mut conn = tx.conn().await?;
     effects
         .ledger
         .insert(Level::Transactional, &order, &effects.worker, started)
-        .execute(&mut *tx.conn().await?)
+        .execute(&mut *conn)
         .await?;
+    if order.behaviour == Behaviour::SwallowFailedStatement && run == 1 {
+        // A bug in user code: the failed statement aborts the transaction
+        // and its error is ignored. The effect above must not commit.
+        let _ = sqlx::query("SELECT 1 / 0").execute(&mut *conn).await;
+    }
     Ok(())
 }
 
 /// No deduplication: at least once.
-#[idempotent(stream = "FAULTS", start = all, subject = "faults.off", key = order.key, dedup = off)]
+#[idempotent(stream = "FAULTS", start = all, subject = "faults.off", key = order.key, dedup = off, retry = retry())]
 async fn off_effect(
     Json(order): Json<Order>,
     State(effects): State<Effects>,
 ) -> Result<(), HandlerError> {
     let started = now_us();
     tokio::time::sleep(Duration::from_millis(order.work_ms)).await;
+    effects.act_out(Level::Off, &order).await?;
     effects.write_alone(Level::Off, &order, started).await?;
     Ok(())
 }
@@ -115,6 +172,10 @@ pub struct WorkerArgs {
     /// Replicas of the claim bucket.
     #[arg(long, default_value_t = 1)]
     pub replicas: usize,
+    /// How far this worker's wall clock is off, in seconds (negative:
+    /// behind): leases must not depend on workers' clocks agreeing.
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+    pub clock_skew_secs: i64,
 }
 
 /// Runs until SIGTERM.
@@ -150,8 +211,13 @@ pub async fn run(args: WorkerArgs) -> Result<(), Box<dyn std::error::Error + Sen
         .state(effects)
         .postgres(pool, &args.schema)
         .claims(KvStoreConfig::default().replicas(args.replicas))
-        .shutdown_grace(Duration::from_secs(5))
+        .wall_clock(SkewedClock::by_millis(
+            args.clock_skew_secs.saturating_mul(1_000),
+        ))
+        // Short: a rolling restart cuts slow handlers off mid-effect.
+        .shutdown_grace(Duration::from_millis(150))
         .handler(kv_effect)
+        .handler(twin::kv_effect)
         .handler(tx_effect)
         .handler(off_effect)
         .run()

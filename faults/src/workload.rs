@@ -5,7 +5,7 @@
 
 use std::collections::BTreeSet;
 
-use crate::order::{Level, Order};
+use crate::order::{Behaviour, Level, Order};
 
 /// Why a message is in the workload.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -59,10 +59,19 @@ impl Workload {
             } else {
                 rng.u64(0..=5)
             };
+            // Most handlers succeed; the rest walk the failure paths.
+            let behaviour = match rng.u8(0..100) {
+                0..6 => Behaviour::FailTimes(rng.u32(1..=2)),
+                6..9 => Behaviour::FailPermanently,
+                9..12 => Behaviour::Panic,
+                12..16 if level == Level::Transactional => Behaviour::SwallowFailedStatement,
+                _ => Behaviour::Succeed,
+            };
             let order = Order {
                 key: format!("k-{i}"),
                 value: rng.u64(1..1_000_000),
                 work_ms,
+                behaviour,
             };
             let at = i as f64;
             let original = Planned {
@@ -87,6 +96,19 @@ impl Workload {
                     at + rng.f64() * 20.0,
                     Planned {
                         copy: Copy::Resent,
+                        ..original.clone()
+                    },
+                ));
+            }
+            // The same key (and payload) to the handler whose function has
+            // the same name in another module: each handler applies it.
+            if level == Level::Kv && rng.u8(0..100) < 10 {
+                placed.push((
+                    at + rng.f64() * 50.0,
+                    Planned {
+                        level: Level::Twin,
+                        message_id: format!("{}~t", order.key),
+                        copy: Copy::Original,
                         ..original.clone()
                     },
                 ));
@@ -148,13 +170,21 @@ mod tests {
     #[test]
     fn copies_come_in_the_asked_proportions() {
         let w = Workload::generate(1, 10_000);
-        assert_eq!(w.count(Copy::Original), 10_000);
+        let twins = w.messages.iter().filter(|p| p.level == Level::Twin).count();
+        assert!((300..600).contains(&twins), "{twins}");
+        assert_eq!(w.count(Copy::Original), 10_000 + twins);
         let republished = w.count(Copy::Republished);
         let resent = w.count(Copy::Resent);
         let conflicts = w.count(Copy::Conflict);
         assert!((800..1_200).contains(&republished), "{republished}");
         assert!((350..650).contains(&resent), "{resent}");
         assert!((100..300).contains(&conflicts), "{conflicts}");
-        assert_eq!(w.distinct_ids(), 10_000 + republished + conflicts);
+        assert_eq!(w.distinct_ids(), 10_000 + twins + republished + conflicts);
+        let misbehaving = w
+            .messages
+            .iter()
+            .filter(|p| p.copy == Copy::Original && p.order.behaviour != Behaviour::Succeed)
+            .count();
+        assert!((1_200..2_000).contains(&misbehaving), "{misbehaving}");
     }
 }

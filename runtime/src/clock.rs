@@ -128,3 +128,39 @@ impl Clock for ManualClock {
         Duration::from_millis(self.0.load(Ordering::SeqCst))
     }
 }
+
+/// The system clock with its wall time off by a fixed amount, as on a
+/// machine whose clock is wrong; its monotonic time is the system's.
+/// Lease decisions must not care (the fault suite runs workers with
+/// clocks minutes apart).
+///
+/// ```
+/// use idem::clock::{Clock, SkewedClock, SystemClock};
+///
+/// let ahead = SkewedClock::by_millis(300_000);
+/// assert!(ahead.now().0 >= SystemClock.now().0 + 299_000);
+/// let behind = SkewedClock::by_millis(-300_000);
+/// assert!(behind.now().0 + 299_000 <= SystemClock.now().0);
+/// ```
+#[derive(Copy, Clone, Debug, Default)]
+pub struct SkewedClock {
+    offset_ms: i64,
+}
+
+impl SkewedClock {
+    /// A clock `offset_ms` ahead of the system's (behind if negative).
+    pub fn by_millis(offset_ms: i64) -> Self {
+        Self { offset_ms }
+    }
+}
+
+impl Clock for SkewedClock {
+    fn now(&self) -> UnixMillis {
+        let now = SystemClock.now().0;
+        UnixMillis(now.saturating_add_signed(self.offset_ms))
+    }
+
+    fn monotonic(&self) -> Duration {
+        SystemClock.monotonic()
+    }
+}

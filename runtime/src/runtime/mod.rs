@@ -77,6 +77,7 @@ struct StartContext {
     create_streams: bool,
     stats: Stats,
     faults: Faults,
+    clock: crate::clock::SkewedClock,
 }
 
 /// A handler and the deploy-time changes to its configuration.
@@ -195,7 +196,10 @@ async fn provision_handler(
 ) -> Result<Provisioned, RuntimeError> {
     let backend = match config.dedup {
         Dedup::Off => Backend::Off,
-        Dedup::Kv => Backend::Kv(Box::new(provision::claims(&ctx.js, &ctx.kv, config).await?)),
+        Dedup::Kv => {
+            let store = provision::claims(&ctx.js, &ctx.kv, config).await?;
+            Backend::Kv(Box::new(store.using_clock(ctx.clock)))
+        }
         #[cfg(feature = "postgres")]
         Dedup::Transactional => {
             let Some((pool, schema)) = &ctx.postgres else {
@@ -260,6 +264,7 @@ pub struct RuntimeBuilder {
     shutdown: Option<BoxFuture<()>>,
     grace: Duration,
     faults: Faults,
+    clock: crate::clock::SkewedClock,
     #[cfg(feature = "postgres")]
     postgres: Option<(sqlx::PgPool, String)>,
 }
@@ -345,6 +350,15 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Runs the claims' wall-clock timestamps on `clock`, as a worker whose
+    /// clock is off would (tests and the fault suite: leases must not
+    /// depend on it).
+    #[cfg(feature = "testing")]
+    pub fn wall_clock(mut self, clock: crate::clock::SkewedClock) -> Self {
+        self.clock = clock;
+        self
+    }
+
     /// Provisions everything (streams, consumers, buckets, dead-letter
     /// stream) and returns the runtime, ready to run. Requests the servers
     /// do not answer (a restart, a cluster electing leaders) are retried
@@ -388,6 +402,7 @@ impl RuntimeBuilder {
             create_streams: self.create_streams,
             stats: stats.clone(),
             faults: self.faults,
+            clock: self.clock,
         };
         let mut workers = Vec::with_capacity(self.handlers.len());
         for registration in self.handlers {
@@ -427,6 +442,7 @@ impl Runtime {
             shutdown: None,
             grace: Duration::from_secs(10),
             faults: Faults::default(),
+            clock: crate::clock::SkewedClock::default(),
             #[cfg(feature = "postgres")]
             postgres: None,
         }
