@@ -229,3 +229,101 @@ async fn an_unreachable_server_is_resent_to_until_the_deadline_then_named() {
         "a message not confirmed may still be stored: {err}"
     );
 }
+
+/// How many messages of `subject` the stream holds.
+async fn stored_on(js: &jetstream::Context, subject: &str) -> usize {
+    let mut stream = js.get_stream("EVENTS").await.expect("stream");
+    let info = stream.info().await.expect("info").clone();
+    let mut count = 0;
+    for sequence in info.state.first_sequence..=info.state.last_sequence {
+        if let Ok(message) = stream.get_raw_message(sequence).await
+            && message.subject.as_str() == subject
+        {
+            count += 1;
+        }
+    }
+    count
+}
+
+/// A publish that timed out while the client was disconnected must not be
+/// stored later behind the caller's back: the caller, told the outcome is
+/// unknown, resends the id; a copy the client had queued would land when
+/// the connection returns — after the duplicate window, a second copy.
+#[tokio::test]
+async fn a_publish_timed_out_in_a_disconnect_is_not_stored_again_after_the_duplicate_window() {
+    let server = NatsServer::start().await.expect("nats-server");
+    let window = Duration::from_secs(1);
+    let admin = stream_on(&server, window).await;
+    let proxy = idem::testing::Proxy::start(server.client_addr())
+        .await
+        .expect("proxy");
+    let client = async_nats::ConnectOptions::new()
+        .max_reconnects(None)
+        .connect(proxy.url())
+        .await
+        .expect("connect through the proxy");
+    let config = PublisherConfig {
+        attempt_timeout: Duration::from_millis(150),
+        backoff_base: Duration::from_millis(20),
+        backoff_cap: Duration::from_millis(100),
+        deadline: Duration::from_millis(600),
+    };
+    let publisher = Publisher::with_config(client.clone(), config);
+    // Learn the subject's stream first: the attempts below then publish
+    // rather than look the stream up.
+    publisher
+        .send(Outgoing::new("events.late", "w").with_id("warm-up"))
+        .await
+        .expect("warm-up");
+
+    proxy.refuse();
+    proxy.cut();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client.connection_state() == async_nats::connection::State::Connected {
+        assert!(
+            Instant::now() < deadline,
+            "the client never noticed the cut"
+        );
+        sleep(Duration::from_millis(10)).await;
+    }
+    let err = publisher
+        .send(Outgoing::new("events.late", "x").with_id("late-1"))
+        .await
+        .expect_err("disconnected");
+    assert!(
+        matches!(err, PublishError::DeadlineExceeded { .. }),
+        "{err}"
+    );
+    // As the error says: resend with the same id (here through a working
+    // connection); the broker stores it once.
+    admin
+        .send_publish(
+            "events.late",
+            jetstream::message::PublishMessage::build()
+                .payload("x".into())
+                .message_id("late-1"),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("PubAck");
+    // The duplicate window passes; then the publisher's connection returns.
+    sleep(window * 5).await;
+    proxy.open();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client.connection_state() != async_nats::connection::State::Connected {
+        assert!(Instant::now() < deadline, "the client never reconnected");
+        sleep(Duration::from_millis(10)).await;
+    }
+    client.flush().await.expect("flush");
+    // A round trip through JetStream after whatever the client sent.
+    publisher
+        .publish("events.after", "a")
+        .await
+        .expect("after reconnect");
+    assert_eq!(
+        stored_on(&admin, "events.late").await,
+        2,
+        "the warm-up and late-1 once: the timed-out publish was stored a second time after the window"
+    );
+}

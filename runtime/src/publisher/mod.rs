@@ -186,6 +186,11 @@ impl Publisher {
                 .attempt_timeout
                 .min(self.inner.config.deadline.saturating_sub(started.elapsed()));
             let attempt = async {
+                // Never into a connection known to be down: async-nats
+                // queues such a publish and sends it on reconnect — maybe
+                // after this send gave up, and after the duplicate window,
+                // when it would be stored a second time.
+                self.connected().await;
                 if !self.known_subjects().contains(&message.subject) {
                     // Once per subject: boxed, so that every send does not
                     // carry the lookup's state around.
@@ -256,6 +261,14 @@ impl Publisher {
                 async move { publisher.send(message).await }
             })
             .buffered(window.max(1))
+    }
+
+    /// Returns once the client is connected (the caller bounds the wait).
+    async fn connected(&self) {
+        use async_nats::connection::State;
+        while self.inner.client.connection_state() != State::Connected {
+            sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// One send and its PubAck (the caller bounds it).
