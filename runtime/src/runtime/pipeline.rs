@@ -319,13 +319,17 @@ impl<H: Handler> Shared<H> {
                     if let Err(e) = Box::pin(message.ack_with(AckKind::Progress)).await {
                         warn!(error = %e, "could not send an in-progress ack");
                     }
+                    // A renewal may take no longer than a renewal period,
+                    // whatever the store's own timeout: the next one
+                    // follows, and the lease is judged on this clock.
                     let sent = Instant::now();
-                    match held.renew(&self.backend).await {
-                        Ok(Transition::Applied) => lease_ends.extend_to(sent + lease),
-                        Ok(Transition::LeaseLost { .. }) => {
+                    match timeout_at(sent + period, held.renew(&self.backend)).await {
+                        Ok(Ok(Transition::Applied)) => lease_ends.extend_to(sent + lease),
+                        Ok(Ok(Transition::LeaseLost { .. })) => {
                             return Ran::LeaseLost("a renewal found the claim taken over");
                         }
-                        Err(e) => warn!(error = %e, "could not renew the lease; the handler stops if the lease runs out first"),
+                        Ok(Err(e)) => warn!(error = %e, "could not renew the lease; the handler stops if the lease runs out first"),
+                        Err(_) => warn!(?period, "a renewal took longer than a third of the lease; the handler stops if the lease runs out first"),
                     }
                 }
             }
