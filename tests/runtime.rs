@@ -1291,3 +1291,60 @@ async fn in_a_cluster_the_dead_letter_stream_has_the_claim_buckets_replicas() {
     assert_eq!(replicas, 3, "dead letters are as safe as the claims");
     drop(runtime);
 }
+
+#[tokio::test]
+async fn a_key_whose_dead_letter_is_not_stored_yet_stays_its_payloads() {
+    let setup = Setup::new().await;
+    let running = setup.start(|b| b.handler(kv_handler)).await;
+    // The dead-letter stream is gone for a while.
+    setup
+        .js
+        .delete_stream(DEAD_LETTER_STREAM)
+        .await
+        .expect("delete the dead-letter stream");
+    let poison = Order {
+        poison: true,
+        ..order("p-7")
+    };
+    setup.publish("orders.kv", &poison, None, None).await;
+    until("its dead letter failed", || {
+        running.count("kv_handler", Outcome::DeadLetterFailed) >= 1
+    })
+    .await;
+    // Meanwhile the key is reused with another payload: it must not run.
+    setup.publish("orders.kv", &order("p-7"), None, None).await;
+    until("the other payload was answered", || {
+        running.count("kv_handler", Outcome::InFlightElsewhere)
+            + running.count("kv_handler", Outcome::Processed)
+            >= 1
+    })
+    .await;
+    setup
+        .js
+        .create_stream(stream::Config {
+            name: DEAD_LETTER_STREAM.into(),
+            subjects: vec!["idem.dead.>".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("the dead-letter stream is back");
+    setup.drained("kv_handler").await;
+    until("both dead-lettered", || {
+        running.count("kv_handler", Outcome::DeadLettered) == 2
+    })
+    .await;
+    assert_eq!(
+        setup.effects.runs("p-7").len(),
+        0,
+        "the other payload never ran"
+    );
+    let mut reasons: Vec<String> = setup
+        .dead_reasons("idem.dead.kv_handler")
+        .await
+        .into_iter()
+        .map(|(reason, _)| reason)
+        .collect();
+    reasons.sort();
+    assert_eq!(reasons, ["handler_error", "key_conflict"]);
+    running.stop().await;
+}

@@ -553,3 +553,39 @@ async fn a_corrected_payload_under_a_dead_transactional_key_is_a_key_conflict() 
     assert_eq!(setup.applied("t-fixed").await, 0);
     worker.stop().await;
 }
+
+#[tokio::test]
+async fn naks_while_the_database_is_down_do_not_use_up_the_retry_budget() {
+    let setup = Setup::new().await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(
+            &std::env::var("DATABASE_URL")
+                .unwrap_or_else(|_| idem::testing::DEFAULT_DATABASE_URL.to_owned()),
+        )
+        .await
+        .expect("pool");
+    let cut_off = setup.worker(pool.clone()).await;
+    pool.close().await; // the database is gone for this worker
+    // Fails once when it finally runs: within apply_transfer's 5 attempts.
+    let flaky = Transfer {
+        fail_times: 1,
+        ..transfer("t-budget", 70)
+    };
+    setup.publish(&flaky, "budget").await;
+    cut_off
+        .wait_for("six deliveries refused for the outage", |w| {
+            w.count(Outcome::StoreUnavailable) >= 6
+        })
+        .await;
+    cut_off.stop().await;
+
+    let back = setup.worker(setup.db.pool().clone()).await;
+    setup.drained().await;
+    back.wait_for("processed", |w| w.count(Outcome::Processed) == 1)
+        .await;
+    assert_eq!(back.count(Outcome::DeadLettered), 0);
+    assert_eq!(back.count(Outcome::Retried), 1);
+    assert_eq!(setup.applied("t-budget").await, 1);
+    back.stop().await;
+}

@@ -59,6 +59,27 @@ pub(crate) enum Held {
     },
 }
 
+/// How a claim ends when its message does not complete.
+#[derive(Copy, Clone)]
+enum End {
+    /// Free for the next delivery (a failed attempt).
+    Released,
+    /// Kept for its payload: its dead letter could not be stored yet.
+    Kept,
+    /// Dead-lettered.
+    Dead,
+}
+
+impl End {
+    fn what(self) -> &'static str {
+        match self {
+            End::Released => "release the claim",
+            End::Kept => "keep the claim for its payload",
+            End::Dead => "mark the key dead",
+        }
+    }
+}
+
 /// What completing a held claim came to.
 pub(crate) enum Completion {
     /// Recorded: acknowledge.
@@ -219,23 +240,56 @@ impl Held {
     /// can take it at once, keeping the attempt count. `false`: the claim
     /// had been taken over — the message is no longer this worker's.
     pub(crate) async fn release(self, backend: &Backend) -> bool {
+        self.end(backend, End::Released).await
+    }
+
+    /// Marks the key dead after its dead letter was stored.
+    pub(crate) async fn mark_dead(self, backend: &Backend) {
+        self.end(backend, End::Dead).await;
+    }
+
+    /// Keeps the key for this payload while its dead letter cannot be
+    /// stored (it may have been, its PubAck lost): the message comes back
+    /// to this payload after a lease, and another payload under the key
+    /// meanwhile is a key conflict — releasing it would let that payload
+    /// run in the place of one that failed and is about to be
+    /// dead-lettered. `false`: the claim had been taken over.
+    pub(crate) async fn keep(self, backend: &Backend) -> bool {
+        self.end(backend, End::Kept).await
+    }
+
+    /// Ends the claim in `end`: a CAS in the bucket; for a transaction, a
+    /// rollback and the row written on its own (attempt count, payload).
+    /// `false`: the claim had been taken over.
+    async fn end(self, backend: &Backend, end: End) -> bool {
         match (self, backend) {
             (Held::Kv(claim), Backend::Kv(store)) => {
-                let released = store.release(&claim).await;
-                let lost = matches!(released, Ok(Transition::LeaseLost { .. }));
-                log_transition("release the claim", released);
-                return !lost;
+                let ended = match end {
+                    End::Released => store.release(&claim).await,
+                    // Left pending: it runs out after a lease, and only
+                    // this payload may take it over then.
+                    End::Kept => Ok(Transition::Applied),
+                    End::Dead => store.mark_dead(&claim).await,
+                };
+                let lost = matches!(ended, Ok(Transition::LeaseLost { .. }));
+                log_transition(end.what(), ended);
+                !lost
             }
             #[cfg(feature = "postgres")]
             (Held::Tx { tx, claim }, Backend::Transactional(inbox)) => {
                 roll_back(&tx).await;
-                if let Err(e) = inbox.record_attempt(&claim).await {
-                    warn!(error = %e, "could not record the failed attempt; the next run counts from the last recorded one");
+                let written = match end {
+                    End::Released => inbox.record_attempt(&claim).await,
+                    End::Kept => inbox.keep(&claim).await,
+                    End::Dead => inbox.mark_dead(&claim).await,
+                };
+                if let Err(e) = written {
+                    warn!(error = %e, "could not {}; a redelivery counts from the last recorded attempt (a dead letter is published again under the same id)", end.what());
                 }
+                true
             }
-            _ => {}
+            _ => true,
         }
-        true
     }
 
     /// Whether the claim is still this worker's, confirmed by the store
@@ -249,23 +303,6 @@ impl Held {
                 Transition::LeaseLost { .. } => Ok(false),
             },
             _ => Ok(true),
-        }
-    }
-
-    /// Marks the key dead after its dead letter was stored.
-    pub(crate) async fn mark_dead(self, backend: &Backend) {
-        match (self, backend) {
-            (Held::Kv(claim), Backend::Kv(store)) => {
-                log_transition("mark the key dead", store.mark_dead(&claim).await);
-            }
-            #[cfg(feature = "postgres")]
-            (Held::Tx { tx, claim }, Backend::Transactional(inbox)) => {
-                roll_back(&tx).await;
-                if let Err(e) = inbox.mark_dead(&claim).await {
-                    warn!(error = %e, "could not mark the key dead; its redelivery is dead-lettered again (same dead-letter id)");
-                }
-            }
-            _ => {}
         }
     }
 

@@ -246,9 +246,10 @@ impl<H: Handler> Shared<H> {
     }
 
     /// Stores the dead letter, then marks the key dead and terminates the
-    /// original. If the dead letter cannot be stored, the claim is released
-    /// and the original NAKed: a message is never given up before its dead
-    /// letter exists.
+    /// original. If the dead letter cannot be stored, the key is kept for
+    /// this payload and the original NAKed: a message is never given up
+    /// before its dead letter exists, and no other payload takes its key
+    /// meanwhile.
     pub(super) async fn dead_letter(
         &self,
         message: &Message,
@@ -269,12 +270,19 @@ impl<H: Handler> Shared<H> {
         if let Err(e) =
             dead_letter::publish(&self.js, &self.config, delivery, reason, attempts).await
         {
-            error!(error = %e, reason = %code, subject = %self.config.dead_letter, "could not store the dead letter; the message is kept");
-            if !held.release(&self.backend).await {
+            error!(error = %e, reason = %code, subject = %self.config.dead_letter, "could not store the dead letter; the message and its key are kept");
+            // The key stays this payload's: a KV claim stays pending (the
+            // message comes back once its lease ran out), a transactional
+            // row is kept for the payload.
+            let back_after = match held {
+                Held::Kv(_) => self.config.lease,
+                _ => store_backoff(deliveries(delivery)),
+            };
+            if !held.keep(&self.backend).await {
                 return self.lease_lost("the claim was taken over while the dead letter failed");
             }
             self.count(Outcome::DeadLetterFailed);
-            return nak(message, store_backoff(deliveries(delivery))).await;
+            return nak(message, back_after).await;
         }
         warn!(reason = %code, %error, subject = %self.config.dead_letter, "dead-lettered");
         held.mark_dead(&self.backend).await;

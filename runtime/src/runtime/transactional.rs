@@ -178,7 +178,13 @@ impl TxInbox {
         let updated_at: i64 = row.try_get("updated_at").map_err(read)?;
         let expired = updated_at
             <= now.saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
-        if expired || state == "pending" || state == "released" {
+        let stored = fingerprint_column(stored);
+        let conflict =
+            matches!((stored, fingerprint), (Some(stored), Some(mine)) if stored != mine);
+        // A `pending` row is a payload whose dead letter is not stored yet:
+        // it keeps the key (see `keep`); a `released` one had no effect.
+        let free = state == "released" || (state == "pending" && !conflict);
+        if expired || free {
             let row = sqlx::query(&format!(
                 "UPDATE {} SET state = 'done', owner = $3, lease_until = NULL, \
                  attempt = CASE WHEN $6 THEN 1 ELSE attempt + 1 END, fingerprint = $4, \
@@ -200,13 +206,8 @@ impl TxInbox {
                 .map_err(unavailable(StoreOp::Update))?;
             return Ok(ClaimOutcome::Claimed(claim));
         }
-        let stored = fingerprint_column(stored);
-        if let (Some(stored), Some(mine)) = (stored, fingerprint)
-            && stored != mine
-        {
-            return Ok(ClaimOutcome::KeyConflict {
-                stored: Some(stored),
-            });
+        if conflict {
+            return Ok(ClaimOutcome::KeyConflict { stored });
         }
         Ok(if state == "dead" {
             ClaimOutcome::Dead
@@ -250,6 +251,13 @@ impl TxInbox {
     /// from `attempt`.
     pub(crate) async fn record_attempt(&self, claim: &Claim) -> Result<(), sqlx::Error> {
         self.settle(claim, "released").await
+    }
+
+    /// Keeps the key for this payload (its own transaction) while its dead
+    /// letter cannot be stored: `pending` with the payload's fingerprint,
+    /// which only the same payload may claim again.
+    pub(crate) async fn keep(&self, claim: &Claim) -> Result<(), sqlx::Error> {
+        self.settle(claim, "pending").await
     }
 
     /// Records that the key was dead-lettered (its own transaction), with
