@@ -589,3 +589,51 @@ async fn naks_while_the_database_is_down_do_not_use_up_the_retry_budget() {
     assert_eq!(setup.applied("t-budget").await, 1);
     back.stop().await;
 }
+
+#[tokio::test]
+async fn a_transactional_key_whose_dead_letter_is_not_stored_yet_stays_its_payloads() {
+    let setup = Setup::new().await;
+    let worker = setup.worker(setup.db.pool().clone()).await;
+    setup
+        .js
+        .delete_stream(idem::runtime::DEAD_LETTER_STREAM)
+        .await
+        .expect("delete the dead-letter stream");
+    let poison = Transfer {
+        poison: true,
+        ..transfer("t-kept", 10)
+    };
+    setup.publish(&poison, "poison").await;
+    worker
+        .wait_for("its dead letter failed", |w| {
+            w.count(Outcome::DeadLetterFailed) >= 1
+        })
+        .await;
+    // Reused with another amount while the first waits for its dead letter.
+    setup.publish(&transfer("t-kept", 20), "other").await;
+    worker
+        .wait_for("the other payload answered", |w| {
+            w.count(Outcome::KeyConflict) + w.count(Outcome::Processed) >= 1
+        })
+        .await;
+    setup
+        .js
+        .create_stream(stream::Config {
+            name: idem::runtime::DEAD_LETTER_STREAM.into(),
+            subjects: vec!["idem.dead.>".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("the dead-letter stream is back");
+    setup.drained().await;
+    worker
+        .wait_for("both dead-lettered", |w| {
+            w.count(Outcome::DeadLettered) == 2
+        })
+        .await;
+    assert_eq!(worker.count(Outcome::Processed), 0);
+    // Counted per delivery: also while its own dead letter could not be stored.
+    assert!(worker.count(Outcome::KeyConflict) >= 1);
+    assert_eq!(setup.applied("t-kept").await, 0, "neither payload applied");
+    worker.stop().await;
+}

@@ -71,6 +71,16 @@ enum End {
 }
 
 impl End {
+    /// The inbox row's state for it.
+    #[cfg(feature = "postgres")]
+    fn row_state(self) -> &'static str {
+        match self {
+            End::Released => "released",
+            End::Kept => "pending",
+            End::Dead => "dead",
+        }
+    }
+
     fn what(self) -> &'static str {
         match self {
             End::Released => "release the claim",
@@ -277,14 +287,22 @@ impl Held {
             }
             #[cfg(feature = "postgres")]
             (Held::Tx { tx, claim }, Backend::Transactional(inbox)) => {
-                roll_back(&tx).await;
-                let written = match end {
-                    End::Released => inbox.record_attempt(&claim).await,
-                    End::Kept => inbox.keep(&claim).await,
-                    End::Dead => inbox.mark_dead(&claim).await,
-                };
-                if let Err(e) = written {
-                    warn!(error = %e, "could not {}; a redelivery counts from the last recorded attempt (a dead letter is published again under the same id)", end.what());
+                // In the run's own transaction, its effects rolled back:
+                // the key is never free in between.
+                let state = end.row_state();
+                if let Err(e) = inbox.end_in(&tx, &claim, state).await {
+                    // The transaction is gone (aborted past its savepoint,
+                    // its connection lost): write the ending on its own.
+                    warn!(error = %e, "could not {} in the handler's transaction; writing it on its own", end.what());
+                    roll_back(&tx).await;
+                    let written = match end {
+                        End::Released => inbox.record_attempt(&claim).await,
+                        End::Kept => inbox.keep(&claim).await,
+                        End::Dead => inbox.mark_dead(&claim).await,
+                    };
+                    if let Err(e) = written {
+                        warn!(error = %e, "could not {}; a redelivery counts from the last recorded attempt (a dead letter is published again under the same id)", end.what());
+                    }
                 }
                 true
             }
@@ -344,8 +362,9 @@ async fn commit(
     };
     match sealed {
         Ok(()) => {}
+        // Left open: the failed run's ending rolls back to the savepoint
+        // after the claim, which recovers an aborted transaction.
         Err(SealError::Aborted(e)) => {
-            roll_back(tx).await;
             return Completion::Aborted(
                 format!("the handler returned Ok, but its transaction was aborted by a failed statement it ignored: {e}").into(),
             );

@@ -25,6 +25,9 @@ use crate::store::{
     revision_sequence,
 };
 
+/// The savepoint between a claim and the handler's effects.
+const HANDLER_SAVEPOINT: &str = "idem_handler";
+
 /// PostgreSQL's "lock not available" (a `lock_timeout` ran out).
 const LOCK_NOT_AVAILABLE: &str = "55P03";
 /// PostgreSQL's "current transaction is aborted, commands ignored until end
@@ -150,7 +153,7 @@ impl TxInbox {
                 let claim = self
                     .granted(key, fingerprint, &row, lease)
                     .map_err(unavailable(StoreOp::Create))?;
-                return Ok(ClaimOutcome::Claimed(claim));
+                return Self::mark_handler_start(conn, claim).await;
             }
             Ok(None) => {}
             Err(e) if has_code(&e, LOCK_NOT_AVAILABLE) => return Ok(busy),
@@ -204,7 +207,7 @@ impl TxInbox {
             let claim = self
                 .granted(key, fingerprint, &row, lease)
                 .map_err(unavailable(StoreOp::Update))?;
-            return Ok(ClaimOutcome::Claimed(claim));
+            return Self::mark_handler_start(conn, claim).await;
         }
         if conflict {
             return Ok(ClaimOutcome::KeyConflict { stored });
@@ -216,6 +219,61 @@ impl TxInbox {
                 result: result.map(Bytes::from),
             }
         })
+    }
+
+    /// A savepoint between the claim and the handler's effects: a failed
+    /// run rolls back to it, keeping the claim row (and its lock) in the
+    /// transaction, so that its ending — released, kept, dead — commits
+    /// with nobody able to claim the key in between.
+    async fn mark_handler_start(
+        conn: &mut PgConnection,
+        claim: Claim,
+    ) -> Result<ClaimOutcome, StoreError> {
+        sqlx::query(&format!("SAVEPOINT {HANDLER_SAVEPOINT}"))
+            .execute(&mut *conn)
+            .await
+            .map_err(unavailable(StoreOp::Create))?;
+        Ok(ClaimOutcome::Claimed(claim))
+    }
+
+    /// Ends a failed run in its own transaction: its effects rolled back to
+    /// the savepoint, the claim row set to `state` (`released`, `pending`
+    /// kept for its payload, or `dead`), committed. The row stayed locked
+    /// all along: no other payload could claim the key in between.
+    pub(crate) async fn end_in(
+        &self,
+        tx: &crate::Tx,
+        claim: &Claim,
+        state: &str,
+    ) -> Result<(), sqlx::Error> {
+        let (handler, rest) = key_columns(claim.key.as_str());
+        {
+            let mut conn = tx
+                .conn()
+                .await
+                .map_err(|closed| sqlx::Error::Protocol(closed.to_string()))?;
+            sqlx::query(&format!("ROLLBACK TO SAVEPOINT {HANDLER_SAVEPOINT}"))
+                .execute(&mut *conn)
+                .await?;
+            sqlx::query(&format!(
+                "UPDATE {} SET state = $3, owner = $4, attempt = $5, fingerprint = $6, result = NULL, \
+                 updated_at = $7, revision = nextval('{}') WHERE handler = $1 AND key = $2",
+                self.table, self.sequence
+            ))
+            .bind(handler)
+            .bind(rest)
+            .bind(state)
+            .bind(*self.owner.as_uuid())
+            .bind(i32::try_from(claim.attempt).unwrap_or(i32::MAX))
+            .bind(claim.fingerprint.map(|f| f.as_bytes().to_vec()))
+            .bind(millis_now())
+            .execute(&mut *conn)
+            .await?;
+        }
+        match tx.take().await {
+            Some(open) => open.commit().await,
+            None => Err(sqlx::Error::Protocol(crate::tx::TxClosed.to_string())),
+        }
     }
 
     /// Stores the handler's result in the claim row, in the same
