@@ -106,9 +106,10 @@ impl TxInbox {
     }
 
     /// Claims `key` inside the transaction on `conn`. The row is written as
-    /// `done` in this transaction: it commits with the handler's effect or
-    /// vanishes with it. The attempt counts the handler's runs: failed ones
-    /// are recorded apart ([`record_attempt`](Self::record_attempt)).
+    /// `done` in this transaction: it commits with the handler's effect. A
+    /// failed run rolls back to the savepoint after it and commits its
+    /// ending instead ([`end_in`](Self::end_in)); the attempt counts the
+    /// handler's runs.
     pub(crate) async fn claim(
         &self,
         conn: &mut PgConnection,
@@ -304,9 +305,9 @@ impl TxInbox {
         }
     }
 
-    /// Records a failed attempt after its transaction rolled back (its own
-    /// transaction): the key is free again, and the next claim counts on
-    /// from `attempt`.
+    /// Records a failed attempt on its own, when its transaction is gone
+    /// (the fallback of [`end_in`](Self::end_in)): the key is free again,
+    /// and the next claim counts on from `attempt`.
     pub(crate) async fn record_attempt(&self, claim: &Claim) -> Result<(), sqlx::Error> {
         self.settle(claim, "released").await
     }
