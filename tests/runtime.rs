@@ -521,9 +521,11 @@ async fn a_redelivery_after_a_lost_ack_runs_the_effect_once() {
     }
     setup.drained("kv_handler").await;
     assert_eq!(running.count("kv_handler", Outcome::Processed), 3);
-    assert_eq!(
-        running.count("kv_handler", Outcome::Duplicate),
-        3,
+    // At least one redelivery each, all answered as duplicates (on a
+    // loaded machine a message can come back once more while its first
+    // redelivery waits for a permit: seen on nats-server 2.9 in CI).
+    assert!(
+        running.count("kv_handler", Outcome::Duplicate) >= 3,
         "each redelivery answered as a duplicate"
     );
     for id in ["a", "b", "c"] {

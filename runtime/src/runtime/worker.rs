@@ -76,6 +76,10 @@ impl<H: Handler> Worker for HandlerWorker<H> {
 /// How many pulls in a row must find the consumer gone before the worker
 /// gives up on it (a cluster electing a leader can answer oddly once).
 const GONE_AFTER: u32 = 3;
+/// How often an idle worker asks whether its consumer still exists: some
+/// servers (2.9) answer a pull for a deleted consumer with silence, not an
+/// error, so empty pulls alone never tell.
+const IDLE_CHECK: Duration = Duration::from_secs(5);
 
 impl<H: Handler> HandlerWorker<H> {
     /// Whether the server says the consumer (or its stream) does not exist.
@@ -118,6 +122,7 @@ impl<H: Handler> HandlerWorker<H> {
         let pace = Arc::new(Pace::default());
         let tasks = TaskTracker::new();
         let mut pull_failures = 0u32;
+        let (mut idle_checked, mut seen_gone) = (Instant::now(), 0u32);
         'fetching: while !shutdown.is_cancelled() {
             // A pull issued while the last messages still run (so its round
             // trip overlaps the work), for as many as can start soon (see
@@ -152,6 +157,18 @@ impl<H: Handler> HandlerWorker<H> {
                 let message = match message {
                     None => {
                         pull_failures = 0;
+                        if !pulled_any && idle_checked.elapsed() >= IDLE_CHECK {
+                            idle_checked = Instant::now();
+                            seen_gone = if self.consumer_gone().await {
+                                seen_gone + 1
+                            } else {
+                                0
+                            };
+                            if seen_gone >= 2 {
+                                result = Err(self.gone());
+                                break 'fetching;
+                            }
+                        }
                         break;
                     }
                     Some(Ok(message)) => message,
