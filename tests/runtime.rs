@@ -290,6 +290,26 @@ impl Setup {
         }
     }
 
+    /// The dead-letter stream is gone: dead letters cannot be stored.
+    async fn dead_letters_gone(&self) {
+        self.js
+            .delete_stream(DEAD_LETTER_STREAM)
+            .await
+            .expect("delete the dead-letter stream");
+    }
+
+    /// The dead-letter stream is back.
+    async fn dead_letters_back(&self) {
+        self.js
+            .create_stream(stream::Config {
+                name: DEAD_LETTER_STREAM.into(),
+                subjects: vec!["idem.dead.>".into()],
+                ..Default::default()
+            })
+            .await
+            .expect("the dead-letter stream is back");
+    }
+
     async fn publish(
         &self,
         subject: &str,
@@ -1298,12 +1318,8 @@ async fn in_a_cluster_the_dead_letter_stream_has_the_claim_buckets_replicas() {
 async fn a_key_whose_dead_letter_is_not_stored_yet_stays_its_payloads() {
     let setup = Setup::new().await;
     let running = setup.start(|b| b.handler(kv_handler)).await;
-    // The dead-letter stream is gone for a while.
-    setup
-        .js
-        .delete_stream(DEAD_LETTER_STREAM)
-        .await
-        .expect("delete the dead-letter stream");
+    // The dead-letter stream is gone for a while:
+    setup.dead_letters_gone().await;
     let poison = Order {
         poison: true,
         ..order("p-7")
@@ -1321,15 +1337,7 @@ async fn a_key_whose_dead_letter_is_not_stored_yet_stays_its_payloads() {
             >= 1
     })
     .await;
-    setup
-        .js
-        .create_stream(stream::Config {
-            name: DEAD_LETTER_STREAM.into(),
-            subjects: vec!["idem.dead.>".into()],
-            ..Default::default()
-        })
-        .await
-        .expect("the dead-letter stream is back");
+    setup.dead_letters_back().await;
     setup.drained("kv_handler").await;
     until("both dead-lettered", || {
         running.count("kv_handler", Outcome::DeadLettered) == 2

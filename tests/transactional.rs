@@ -205,6 +205,26 @@ impl Setup {
         }
     }
 
+    /// The dead-letter stream is gone: dead letters cannot be stored.
+    async fn dead_letters_gone(&self) {
+        self.js
+            .delete_stream(idem::runtime::DEAD_LETTER_STREAM)
+            .await
+            .expect("delete the dead-letter stream");
+    }
+
+    /// The dead-letter stream is back.
+    async fn dead_letters_back(&self) {
+        self.js
+            .create_stream(stream::Config {
+                name: idem::runtime::DEAD_LETTER_STREAM.into(),
+                subjects: vec!["idem.dead.>".into()],
+                ..Default::default()
+            })
+            .await
+            .expect("the dead-letter stream is back");
+    }
+
     async fn publish(&self, transfer: &Transfer, message_id: &str) {
         let body = serde_json::to_vec(transfer).expect("json");
         self.js
@@ -474,12 +494,8 @@ async fn a_handler_that_swallows_a_failed_statement_is_retried_not_committed_as_
 async fn a_dead_letter_that_cannot_be_stored_keeps_the_message_until_it_can() {
     let setup = Setup::new().await;
     let worker = setup.worker(setup.db.pool().clone()).await;
-    // The dead-letter stream is gone for a while.
-    setup
-        .js
-        .delete_stream(idem::runtime::DEAD_LETTER_STREAM)
-        .await
-        .expect("delete the dead-letter stream");
+    // The dead-letter stream is gone for a while:
+    setup.dead_letters_gone().await;
     let poison = Transfer {
         poison: true,
         ..transfer("t-poison", 10)
@@ -490,15 +506,7 @@ async fn a_dead_letter_that_cannot_be_stored_keeps_the_message_until_it_can() {
             w.count(Outcome::DeadLetterFailed) >= 1
         })
         .await;
-    setup
-        .js
-        .create_stream(stream::Config {
-            name: idem::runtime::DEAD_LETTER_STREAM.into(),
-            subjects: vec!["idem.dead.>".into()],
-            ..Default::default()
-        })
-        .await
-        .expect("the dead-letter stream is back");
+    setup.dead_letters_back().await;
     worker
         .wait_for("the message answered", |w| {
             w.count(Outcome::DeadLettered) + w.count(Outcome::Duplicate) >= 1
@@ -594,11 +602,7 @@ async fn naks_while_the_database_is_down_do_not_use_up_the_retry_budget() {
 async fn a_transactional_key_whose_dead_letter_is_not_stored_yet_stays_its_payloads() {
     let setup = Setup::new().await;
     let worker = setup.worker(setup.db.pool().clone()).await;
-    setup
-        .js
-        .delete_stream(idem::runtime::DEAD_LETTER_STREAM)
-        .await
-        .expect("delete the dead-letter stream");
+    setup.dead_letters_gone().await;
     let poison = Transfer {
         poison: true,
         ..transfer("t-kept", 10)
@@ -616,15 +620,7 @@ async fn a_transactional_key_whose_dead_letter_is_not_stored_yet_stays_its_paylo
             w.count(Outcome::KeyConflict) + w.count(Outcome::Processed) >= 1
         })
         .await;
-    setup
-        .js
-        .create_stream(stream::Config {
-            name: idem::runtime::DEAD_LETTER_STREAM.into(),
-            subjects: vec!["idem.dead.>".into()],
-            ..Default::default()
-        })
-        .await
-        .expect("the dead-letter stream is back");
+    setup.dead_letters_back().await;
     setup.drained().await;
     worker
         .wait_for("both dead-lettered", |w| {
