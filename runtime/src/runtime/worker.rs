@@ -81,19 +81,74 @@ const GONE_AFTER: u32 = 3;
 /// error, so empty pulls alone never tell.
 const IDLE_CHECK: Duration = Duration::from_secs(5);
 
-impl<H: Handler> HandlerWorker<H> {
-    /// Whether the server says the consumer (or its stream) does not exist.
-    async fn consumer_gone(&self) -> bool {
-        use async_nats::jetstream::context::ConsumerInfoErrorKind;
-        match self.consumer.get_info().await {
-            Ok(_) => false,
-            Err(e) => matches!(
-                e.kind(),
-                ConsumerInfoErrorKind::NotFound | ConsumerInfoErrorKind::StreamNotFound
-            ),
+/// Tells a consumer that was deleted from one that is merely slow to
+/// answer: counts failed pulls in a row, and asks the server (rarely)
+/// whether the consumer still exists.
+struct Liveness {
+    failures: u32,
+    idle_checked: Instant,
+    seen_gone: u32,
+}
+
+impl Liveness {
+    fn new() -> Self {
+        Self {
+            failures: 0,
+            idle_checked: Instant::now(),
+            seen_gone: 0,
         }
     }
 
+    /// A pull brought a message, or ended as the server ends pulls.
+    fn answered(&mut self) {
+        self.failures = 0;
+    }
+
+    /// A pull failed.
+    fn failed(&mut self) {
+        self.failures += 1;
+    }
+
+    /// After failed pulls: the pause before the next, or `None` once
+    /// enough of them in a row and the server say the consumer is gone.
+    async fn pause_unless_gone(&self, consumer: &PullConsumer) -> Option<Duration> {
+        if self.failures >= GONE_AFTER && consumer_gone(consumer).await {
+            return None;
+        }
+        Some(Duration::from_millis(
+            100 * u64::from(self.failures.min(20)),
+        ))
+    }
+
+    /// After an empty pull: whether the consumer is gone, asked at most
+    /// every [`IDLE_CHECK`] and believed the second time in a row.
+    async fn gone_while_idle(&mut self, consumer: &PullConsumer) -> bool {
+        if self.idle_checked.elapsed() < IDLE_CHECK {
+            return false;
+        }
+        self.idle_checked = Instant::now();
+        self.seen_gone = if consumer_gone(consumer).await {
+            self.seen_gone + 1
+        } else {
+            0
+        };
+        self.seen_gone >= 2
+    }
+}
+
+/// Whether the server says the consumer (or its stream) does not exist.
+async fn consumer_gone(consumer: &PullConsumer) -> bool {
+    use async_nats::jetstream::context::ConsumerInfoErrorKind;
+    match consumer.get_info().await {
+        Ok(_) => false,
+        Err(e) => matches!(
+            e.kind(),
+            ConsumerInfoErrorKind::NotFound | ConsumerInfoErrorKind::StreamNotFound
+        ),
+    }
+}
+
+impl<H: Handler> HandlerWorker<H> {
     fn gone(&self) -> RuntimeError {
         let config = &self.shared.config;
         RuntimeError::ConsumerGone {
@@ -121,8 +176,7 @@ impl<H: Handler> HandlerWorker<H> {
         let permits = Arc::new(Semaphore::new(self.shared.config.concurrency));
         let pace = Arc::new(Pace::default());
         let tasks = TaskTracker::new();
-        let mut pull_failures = 0u32;
-        let (mut idle_checked, mut seen_gone) = (Instant::now(), 0u32);
+        let mut liveness = Liveness::new();
         'fetching: while !shutdown.is_cancelled() {
             // A pull issued while the last messages still run (so its round
             // trip overlaps the work), for as many as can start soon (see
@@ -135,12 +189,11 @@ impl<H: Handler> HandlerWorker<H> {
             let mut batch = match batch {
                 Ok(batch) => batch,
                 Err(e) => {
-                    pull_failures += 1;
-                    if pull_failures >= GONE_AFTER && self.consumer_gone().await {
+                    liveness.failed();
+                    let Some(pause) = liveness.pause_unless_gone(&self.consumer).await else {
                         result = Err(self.gone());
                         break;
-                    }
-                    let pause = Duration::from_millis(100 * u64::from(pull_failures.min(20)));
+                    };
                     warn!(handler = %self.shared.config.name, error = %e, ?pause, "pull failed; retrying");
                     tokio::select! { () = sleep(pause) => continue, () = shutdown.cancelled() => break }
                 }
@@ -156,18 +209,10 @@ impl<H: Handler> HandlerWorker<H> {
                 };
                 let message = match message {
                     None => {
-                        pull_failures = 0;
-                        if !pulled_any && idle_checked.elapsed() >= IDLE_CHECK {
-                            idle_checked = Instant::now();
-                            seen_gone = if self.consumer_gone().await {
-                                seen_gone + 1
-                            } else {
-                                0
-                            };
-                            if seen_gone >= 2 {
-                                result = Err(self.gone());
-                                break 'fetching;
-                            }
+                        liveness.answered();
+                        if !pulled_any && liveness.gone_while_idle(&self.consumer).await {
+                            result = Err(self.gone());
+                            break 'fetching;
                         }
                         break;
                     }
@@ -175,21 +220,20 @@ impl<H: Handler> HandlerWorker<H> {
                     Some(Err(e)) => {
                         // The pull was refused (e.g. no responders: the
                         // consumer is gone); pause before the next.
-                        pull_failures += 1;
-                        debug!(handler = %self.shared.config.name, error = %e, pull_failures, "pull ended early");
+                        liveness.failed();
+                        debug!(handler = %self.shared.config.name, error = %e, "pull ended early");
                         if pulled_any {
                             break;
                         }
-                        if pull_failures >= GONE_AFTER && self.consumer_gone().await {
+                        let Some(pause) = liveness.pause_unless_gone(&self.consumer).await else {
                             result = Err(self.gone());
                             break 'fetching;
-                        }
-                        let pause = Duration::from_millis(100 * u64::from(pull_failures.min(20)));
+                        };
                         tokio::select! { () = sleep(pause) => break, () = shutdown.cancelled() => break 'fetching }
                     }
                 };
                 pulled_any = true;
-                pull_failures = 0;
+                liveness.answered();
                 let permit = tokio::select! {
                     permit = permits.clone().acquire_owned() => match permit {
                         Ok(permit) => permit,
