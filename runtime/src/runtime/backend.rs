@@ -7,10 +7,11 @@
 //! | step       | `Off`   | `Kv`                       | `Transactional`                           |
 //! |------------|---------|----------------------------|-------------------------------------------|
 //! | claim      | —       | create / CAS in the bucket | row in the handler's transaction          |
-//! | renew      | —       | CAS, every lease / 3       | — (the transaction holds the row)         |
+//! | renew      | —       | CAS, every lease / 3       | `SELECT 1` (the server ends an idle one)  |
 //! | complete   | —       | CAS to `done`              | seal the row, `COMMIT`                    |
-//! | release    | —       | CAS to `released`          | `ROLLBACK`, record the attempt            |
-//! | mark dead  | —       | CAS to `dead`              | `ROLLBACK`, row `dead` with the payload   |
+//! | release    | —       | CAS to `released`          | back to the savepoint, row `released` with the attempt, `COMMIT` |
+//! | keep (dead letter not stored) | — | left pending   | back to the savepoint, row `pending` with the payload, `COMMIT` |
+//! | mark dead  | —       | CAS to `dead`              | back to the savepoint, row `dead` with the payload, `COMMIT` |
 //! | cut off    | —       | kept pending (a takeover is counted) | `ROLLBACK` (nothing committed) |
 
 use bytes::Bytes;
@@ -268,8 +269,9 @@ impl Held {
         self.end(backend, End::Kept).await
     }
 
-    /// Ends the claim in `end`: a CAS in the bucket; for a transaction, a
-    /// rollback and the row written on its own (attempt count, payload).
+    /// Ends the claim in `end`: a CAS in the bucket (a kept claim is left
+    /// pending); for a transaction, a rollback to the savepoint after the
+    /// claim and the row's new state committed in the same transaction.
     /// `false`: the claim had been taken over.
     async fn end(self, backend: &Backend, end: End) -> bool {
         match (self, backend) {
@@ -295,12 +297,7 @@ impl Held {
                     // its connection lost): write the ending on its own.
                     warn!(error = %e, "could not {} in the handler's transaction; writing it on its own", end.what());
                     roll_back(&tx).await;
-                    let written = match end {
-                        End::Released => inbox.record_attempt(&claim).await,
-                        End::Kept => inbox.keep(&claim).await,
-                        End::Dead => inbox.mark_dead(&claim).await,
-                    };
-                    if let Err(e) = written {
+                    if let Err(e) = inbox.end_alone(&claim, state).await {
                         warn!(error = %e, "could not {}; a redelivery counts from the last recorded attempt (a dead letter is published again under the same id)", end.what());
                     }
                 }

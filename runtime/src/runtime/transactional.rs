@@ -305,28 +305,14 @@ impl TxInbox {
         }
     }
 
-    /// Records a failed attempt on its own, when its transaction is gone
-    /// (the fallback of [`end_in`](Self::end_in)): the key is free again,
-    /// and the next claim counts on from `attempt`.
-    pub(crate) async fn record_attempt(&self, claim: &Claim) -> Result<(), sqlx::Error> {
-        self.settle(claim, "released").await
-    }
-
-    /// Keeps the key for this payload (its own transaction) while its dead
-    /// letter cannot be stored: `pending` with the payload's fingerprint,
-    /// which only the same payload may claim again.
-    pub(crate) async fn keep(&self, claim: &Claim) -> Result<(), sqlx::Error> {
-        self.settle(claim, "pending").await
-    }
-
-    /// Records that the key was dead-lettered (its own transaction), with
-    /// the payload's fingerprint: a later payload under the key is then a
-    /// conflict, the same one a duplicate.
-    pub(crate) async fn mark_dead(&self, claim: &Claim) -> Result<(), sqlx::Error> {
-        self.settle(claim, "dead").await
-    }
-
-    async fn settle(&self, claim: &Claim, state: &str) -> Result<(), sqlx::Error> {
+    /// Writes a failed run's ending on its own, when its transaction is
+    /// gone (the fallback of [`end_in`](Self::end_in)): `released` with the
+    /// attempt (the next claim counts on from it), `pending` kept for the
+    /// payload while its dead letter cannot be stored (only the same
+    /// payload may claim it), or `dead` with the payload's fingerprint (a
+    /// later payload under the key is a conflict, the same one a
+    /// duplicate). A completed or dead row is left as it is.
+    pub(crate) async fn end_alone(&self, claim: &Claim, state: &str) -> Result<(), sqlx::Error> {
         let (handler, rest) = key_columns(claim.key.as_str());
         sqlx::query(&format!(
             "INSERT INTO {t} AS inbox (handler, key, state, owner, attempt, fingerprint, created_at, updated_at) \
