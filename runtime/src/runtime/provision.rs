@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
 use async_nats::jetstream::context::GetStreamErrorKind;
 use async_nats::jetstream::{self, ErrorCode, stream};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 
 use super::RuntimeError;
 use crate::handler::{HandlerConfig, StartAt};
@@ -162,12 +162,14 @@ async fn deliver_policy(
         .info_with_subjects(filter)
         .await
         .map_err(|e| js_error(config, "count the stream's messages")(e.into()))?;
-    // Counted over the first subjects only: any message at all decides.
+    // Counted over the first subjects only: any message at all decides. A
+    // page that cannot be read fails the start-up rather than count as
+    // none (which would allow the replay this check exists to refuse).
     let messages: usize = subjects
         .take(1_000)
-        .filter_map(|counted| async move { counted.ok().map(|(_, n)| n) })
-        .fold(0, |sum, n| async move { sum + n })
-        .await;
+        .try_fold(0, |sum, (_, n)| async move { Ok(sum + n) })
+        .await
+        .map_err(|e| js_error(config, "count the stream's messages")(e.into()))?;
     if messages == 0 {
         return Ok(DeliverPolicy::All);
     }
