@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::PullConsumer, message::PublishMessage, stream};
+use idem::handler::{HandlerConfig, StartAt};
 use idem::runtime::{Outcome, Stats};
 use idem::testing::{NatsServer, TestDatabase};
 use idem::{HandlerError, Json, Retry, Runtime, State, Tx, idempotent};
@@ -185,12 +186,28 @@ impl Setup {
         pool: sqlx::PgPool,
         configure: impl FnOnce(idem::runtime::RuntimeBuilder) -> idem::runtime::RuntimeBuilder,
     ) -> Worker {
+        self.tuned_worker(pool, configure, |config| config).await
+    }
+
+    /// A worker whose handler takes its messages in groups of `batch`.
+    async fn group_worker(&self, batch: usize) -> Worker {
+        let pool = self.db.pool().clone();
+        let tune = move |config: HandlerConfig| config.batch(batch).start(StartAt::All);
+        self.tuned_worker(pool, |b| b, tune).await
+    }
+
+    async fn tuned_worker(
+        &self,
+        pool: sqlx::PgPool,
+        configure: impl FnOnce(idem::runtime::RuntimeBuilder) -> idem::runtime::RuntimeBuilder,
+        tune: impl Fn(HandlerConfig) -> HandlerConfig + Send + 'static,
+    ) -> Worker {
         let (stop, stopped) = oneshot::channel::<()>();
         let builder = Runtime::builder(async_nats::connect(&self.url).await.expect("connect"));
         let runtime = configure(builder)
             .state(self.ledger.clone())
             .postgres(pool, self.db.schema())
-            .handler(apply_transfer)
+            .handler_with(apply_transfer, tune)
             .shutdown_grace(Duration::from_millis(200))
             .shutdown_on(async {
                 let _ = stopped.await;
@@ -277,6 +294,26 @@ impl Setup {
                 .expect("balance");
         }
         (balances[0], balances[1])
+    }
+
+    /// How many transactions committed the inbox's rows.
+    async fn inbox_transactions(&self) -> i64 {
+        sqlx::query_scalar(&format!(
+            "SELECT count(DISTINCT xmin::text) FROM \"{}\".idem_inbox",
+            self.ledger.schema
+        ))
+        .fetch_one(self.db.pool())
+        .await
+        .expect("count the inbox's transactions")
+    }
+
+    /// Publishes `transfers` (each under its own message id) before any
+    /// worker runs, so that they are ready together.
+    async fn publish_all(&self, transfers: &[Transfer]) {
+        for (n, transfer) in transfers.iter().enumerate() {
+            self.publish(transfer, &format!("{}-{n}", transfer.id))
+                .await;
+        }
     }
 
     async fn applied(&self, transfer: &str) -> i64 {
@@ -631,5 +668,117 @@ async fn a_transactional_key_whose_dead_letter_is_not_stored_yet_stays_its_paylo
     // Counted per delivery: also while its own dead letter could not be stored.
     assert!(worker.count(Outcome::KeyConflict) >= 1);
     assert_eq!(setup.applied("t-kept").await, 0, "neither payload applied");
+    worker.stop().await;
+}
+
+/// Transfers `g-0` … `g-{n-1}` of 10 each.
+fn transfers(n: usize) -> Vec<Transfer> {
+    (0..n).map(|i| transfer(&format!("g-{i}"), 10)).collect()
+}
+
+#[tokio::test]
+async fn ready_messages_share_one_transaction_per_group_and_apply_once_each() {
+    let setup = Setup::new().await;
+    setup.publish_all(&transfers(24)).await;
+    let worker = setup.group_worker(8).await;
+    setup.drained().await;
+    worker
+        .wait_for("all processed", |w| w.count(Outcome::Processed) == 24)
+        .await;
+    for i in 0..24 {
+        assert_eq!(setup.applied(&format!("g-{i}")).await, 1, "g-{i}");
+    }
+    assert_eq!(setup.balances().await, (760, 1240));
+    let transactions = setup.inbox_transactions().await;
+    assert!(
+        (3..24).contains(&transactions),
+        "24 claims in groups of at most 8 commit in 3 to 23 transactions, not {transactions}"
+    );
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn with_batch_one_every_message_commits_alone() {
+    let setup = Setup::new().await;
+    setup.publish_all(&transfers(12)).await;
+    let worker = setup.group_worker(1).await;
+    setup.drained().await;
+    worker
+        .wait_for("all processed", |w| w.count(Outcome::Processed) == 12)
+        .await;
+    assert_eq!(setup.inbox_transactions().await, 12);
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_failing_message_in_a_group_costs_the_others_nothing_and_counts_its_own_attempts() {
+    let setup = Setup::new().await;
+    let mut batch = transfers(14);
+    batch[3].fail_times = 2;
+    batch[9].poison = true;
+    setup.publish_all(&batch).await;
+    let worker = setup.group_worker(16).await;
+    setup.drained().await;
+    worker
+        .wait_for("13 processed, 1 dead-lettered", |w| {
+            w.count(Outcome::Processed) == 13 && w.count(Outcome::DeadLettered) == 1
+        })
+        .await;
+    for transfer in &batch {
+        let expected = i64::from(!transfer.poison);
+        assert_eq!(
+            setup.applied(&transfer.id).await,
+            expected,
+            "{}",
+            transfer.id
+        );
+    }
+    assert_eq!(
+        setup.balances().await,
+        (870, 1130),
+        "13 transfers of 10 moved"
+    );
+    // g-3 failed twice, each counted once against its retry budget; the
+    // poison failed permanently at once. The group's bystanders ran again
+    // alone, uncounted.
+    assert_eq!(worker.count(Outcome::Retried), 2);
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_failed_statement_one_handler_swallows_commits_nothing_of_its_group() {
+    let setup = Setup::new().await;
+    let mut batch = transfers(10);
+    batch[5].swallow_times = 1;
+    setup.publish_all(&batch).await;
+    let worker = setup.group_worker(16).await;
+    setup.drained().await;
+    worker
+        .wait_for("all processed", |w| w.count(Outcome::Processed) == 10)
+        .await;
+    for transfer in &batch {
+        assert_eq!(setup.applied(&transfer.id).await, 1, "{}", transfer.id);
+    }
+    assert_eq!(setup.balances().await, (900, 1100));
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn copies_of_one_message_in_a_group_apply_once() {
+    let setup = Setup::new().await;
+    let mut batch = transfers(6);
+    batch.extend((0..4).map(|_| transfer("g-2", 10)));
+    setup.publish_all(&batch).await;
+    let worker = setup.group_worker(16).await;
+    setup.drained().await;
+    worker
+        .wait_for("all answered", |w| {
+            w.count(Outcome::Processed) + w.count(Outcome::Duplicate) == 10
+        })
+        .await;
+    assert_eq!(worker.count(Outcome::Processed), 6);
+    assert_eq!(worker.count(Outcome::Duplicate), 4);
+    assert_eq!(setup.applied("g-2").await, 1);
+    assert_eq!(setup.balances().await, (940, 1060));
     worker.stop().await;
 }

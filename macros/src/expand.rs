@@ -118,6 +118,14 @@ fn config(name: &syn::Ident, options: &Options) -> TokenStream {
         let concurrency = &concurrency.value;
         calls.extend(quote!(.concurrency(#concurrency)));
     }
+    if let Some(batch) = &options.batch {
+        let batch = &batch.value;
+        calls.extend(quote!(.batch(#batch)));
+    }
+    if let Some(linger) = &options.linger {
+        let micros = u64::try_from(linger.value.as_micros()).unwrap_or(u64::MAX);
+        calls.extend(quote!(.linger(::idem::__private::Duration::from_micros(#micros))));
+    }
     if let Some(missing) = &options.on_missing_key {
         let policy = match missing.value {
             MissingKey::DeadLetter => quote!(DeadLetter),

@@ -56,6 +56,8 @@ use options::{Options, RawOptions};
 /// | `retry = <expr>` | `Retry::default()` | an `idem::Retry` value, e.g. `Retry::exponential("200ms", "30s").attempts(8).jitter()` |
 /// | `dead_letter = "subject"` | `"idem.dead.<name>"` | where messages that cannot be processed go |
 /// | `concurrency = 16` | `16` | messages handled at once |
+/// | `batch = 32` | `32` | `dedup = transactional`: messages that may share one transaction and one commit (group commit; at most `concurrency`; `1` = a transaction each). See [`HandlerConfig::batch`](../idem/handler/struct.HandlerConfig.html#method.batch) for what a handler must not assume |
+/// | `linger = "2ms"` | `"2ms"` | `dedup = transactional`: how long a group waits for more messages before it begins |
 /// | `on_missing_key = dead_letter \| reject` | `dead_letter` | what to do when no key can be extracted |
 /// | `fingerprint = payload \| none \| <expr>` | `payload` | what tells a duplicate from a reused key |
 /// | `store_result` | off | store the `Ok` value (`Serialize + DeserializeOwned`) and hand it to duplicates |

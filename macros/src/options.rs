@@ -25,6 +25,8 @@ pub const OPTION_NAMES: &[&str] = &[
     "retry",
     "dead_letter",
     "concurrency",
+    "batch",
+    "linger",
     "on_missing_key",
     "fingerprint",
     "store_result",
@@ -125,6 +127,8 @@ pub struct Options {
     pub retry: Option<Given<Expr>>,
     pub dead_letter: Option<Given<LitStr>>,
     pub concurrency: Option<Given<LitInt>>,
+    pub batch: Option<Given<LitInt>>,
+    pub linger: Option<Given<Duration>>,
     pub on_missing_key: Option<Given<MissingKey>>,
     pub fingerprint: Option<Given<Fingerprint>>,
     pub store_result: Option<Given<bool>>,
@@ -167,6 +171,8 @@ impl Options {
             "retry" => self.retry.is_some(),
             "dead_letter" => self.dead_letter.is_some(),
             "concurrency" => self.concurrency.is_some(),
+            "batch" => self.batch.is_some(),
+            "linger" => self.linger.is_some(),
             "on_missing_key" => self.on_missing_key.is_some(),
             "fingerprint" => self.fingerprint.is_some(),
             _ => self.store_result.is_some(),
@@ -284,27 +290,39 @@ impl Options {
                     *slot = Some(Given::new(&name, duration));
                 }
             }
+            "linger" => {
+                if let Some(duration) =
+                    string(&value, &label, errors).and_then(|lit| duration(&lit, errors))
+                {
+                    self.linger = Some(Given::new(&name, duration));
+                }
+            }
             "retry" => {
                 crate::retry::check(&value, errors);
                 self.retry = Some(Given::new(&name, value));
             }
-            "concurrency" => match &value {
+            "concurrency" | "batch" => match &value {
                 Expr::Lit(ExprLit {
                     lit: Lit::Int(int), ..
                 }) => {
                     match int.base10_parse::<u32>() {
-                        Ok(0) => errors.push(int.span(), "`concurrency` must be at least 1"),
+                        Ok(0) => errors.push(int.span(), format!("`{label}` must be at least 1")),
                         Ok(_) => {}
                         Err(_) => errors.push(
                             int.span(),
-                            "`concurrency` must be a whole number from 1 to 4294967295",
+                            format!("`{label}` must be a whole number from 1 to 4294967295"),
                         ),
                     }
-                    self.concurrency = Some(Given::new(&name, int.clone()));
+                    let slot = if label == "batch" {
+                        &mut self.batch
+                    } else {
+                        &mut self.concurrency
+                    };
+                    *slot = Some(Given::new(&name, int.clone()));
                 }
                 _ => errors.push(
                     value.span(),
-                    "`concurrency` takes an integer literal, e.g. `concurrency = 16`",
+                    format!("`{label}` takes an integer literal, e.g. `{label} = 16`"),
                 ),
             },
             "on_missing_key" => match word(&value).as_deref() {
@@ -347,6 +365,8 @@ impl Options {
             "fingerprint" => self.fingerprint.as_ref().and_then(|g| span(&g.name)),
             "store_result" => self.store_result.as_ref().and_then(|g| span(&g.name)),
             "on_missing_key" => self.on_missing_key.as_ref().and_then(|g| span(&g.name)),
+            "batch" => self.batch.as_ref().and_then(|g| span(&g.name)),
+            "linger" => self.linger.as_ref().and_then(|g| span(&g.name)),
             _ => None,
         }
     }

@@ -41,6 +41,16 @@ pub fn validate(options: &Options, sig: &Signature, errors: &mut Errors) -> Opti
             }
         }
     }
+    if dedup != DedupMode::Transactional {
+        for option in ["batch", "linger"] {
+            if let Some(span) = options.span_of(option) {
+                errors.push(
+                    span,
+                    format!("`{option}` groups messages into one database transaction: it needs `dedup = transactional`"),
+                );
+            }
+        }
+    }
     if let (Some(dedup), false) = (&options.dedup, sig.has_transaction)
         && dedup.value == DedupMode::Transactional
     {

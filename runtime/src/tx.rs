@@ -6,7 +6,7 @@
 //! effect and its record commit together or not at all.
 
 use std::ops::{Deref, DerefMut};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use sqlx::{PgConnection, Postgres, Transaction};
 use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
@@ -14,7 +14,9 @@ use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
 use crate::Delivery;
 use crate::extract::{FromDelivery, Rejection, StateMap, StateNeed};
 
-type Slot = Arc<Mutex<Option<Transaction<'static, Postgres>>>>;
+/// Where a transaction is kept while it is open: one per transaction,
+/// shared by every message of a group commit.
+pub(crate) type Slot = Arc<Mutex<Option<Transaction<'static, Postgres>>>>;
 
 /// The handler's transaction. Run queries on `&mut *tx.conn().await?`.
 ///
@@ -29,8 +31,11 @@ type Slot = Arc<Mutex<Option<Transaction<'static, Postgres>>>>;
 ///     Ok(())
 /// }
 /// ```
+///
+/// Under group commit (`batch > 1`) the transaction may also hold other
+/// messages' claim rows and effects; see the `batch` option.
 #[derive(Clone)]
-pub struct Tx(Slot);
+pub struct Tx(Arc<OnceLock<Slot>>);
 
 impl std::fmt::Debug for Tx {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -65,12 +70,30 @@ impl DerefMut for TxConn<'_> {
 impl Tx {
     /// Wraps a transaction the runtime began.
     pub(crate) fn new(tx: Transaction<'static, Postgres>) -> Self {
-        Tx(Arc::new(Mutex::new(Some(tx))))
+        Self::bound_to(Arc::new(Mutex::new(Some(tx))))
+    }
+
+    /// A handle on `slot`, the transaction of a group commit.
+    pub(crate) fn bound_to(slot: Slot) -> Self {
+        Tx(Arc::new(OnceLock::from(slot)))
+    }
+
+    /// A handle not yet bound to a transaction: extractors take it before
+    /// the runtime knows which group commit the message joins.
+    pub(crate) fn unbound() -> Self {
+        Tx(Arc::new(OnceLock::new()))
+    }
+
+    /// Binds this handle (and its clones) to `slot`; `false` if it was bound
+    /// already.
+    pub(crate) fn bind(&self, slot: &Slot) -> bool {
+        self.0.set(slot.clone()).is_ok()
     }
 
     /// The transaction's connection, for queries.
     pub async fn conn(&self) -> Result<TxConn<'_>, TxClosed> {
-        MutexGuard::try_map(self.0.lock().await, Option::as_mut)
+        let slot = self.0.get().ok_or(TxClosed)?;
+        MutexGuard::try_map(slot.lock().await, Option::as_mut)
             .map(TxConn)
             .map_err(|_| TxClosed)
     }
@@ -78,13 +101,13 @@ impl Tx {
     /// The connection if nobody holds it right now (the runtime's keepalive
     /// while the handler runs).
     pub(crate) fn try_conn(&self) -> Option<TxConn<'_>> {
-        let guard = self.0.try_lock().ok()?;
+        let guard = self.0.get()?.try_lock().ok()?;
         MutexGuard::try_map(guard, Option::as_mut).ok().map(TxConn)
     }
 
     /// Takes the transaction back (the runtime, to commit or roll back).
     pub(crate) async fn take(&self) -> Option<Transaction<'static, Postgres>> {
-        self.0.lock().await.take()
+        self.0.get()?.lock().await.take()
     }
 }
 

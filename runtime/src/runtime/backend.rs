@@ -13,6 +13,10 @@
 //! | keep (dead letter not stored) | — | left pending   | back to the savepoint, row `pending` with the payload, `COMMIT` |
 //! | mark dead  | —       | CAS to `dead`              | back to the savepoint, row `dead` with the payload, `COMMIT` |
 //! | cut off    | —       | kept pending (a takeover is counted) | `ROLLBACK` (nothing committed) |
+//!
+//! Under group commit (`group.rs`) a delivery's claim row is in its group's
+//! transaction: the group completes it; a failed run's group rolls back,
+//! and its ending is written on its own ([`Held::RolledBack`]).
 
 use bytes::Bytes;
 use tracing::warn;
@@ -58,6 +62,11 @@ pub(crate) enum Held {
         /// The claim row.
         claim: Claim,
     },
+    /// A claim row whose transaction ended without it: a group commit
+    /// rolled back after this delivery's handler failed. Its ending is
+    /// written on its own.
+    #[cfg(feature = "postgres")]
+    RolledBack(Claim),
 }
 
 /// How a claim ends when its message does not complete.
@@ -189,7 +198,7 @@ impl Held {
             Held::Nothing => u32::try_from(delivery.delivered()).unwrap_or(u32::MAX),
             Held::Kv(claim) => claim.attempt,
             #[cfg(feature = "postgres")]
-            Held::Tx { claim, .. } => claim.attempt,
+            Held::Tx { claim, .. } | Held::RolledBack(claim) => claim.attempt,
         }
     }
 
@@ -199,7 +208,7 @@ impl Held {
             Held::Nothing => None,
             Held::Kv(claim) => Some(claim),
             #[cfg(feature = "postgres")]
-            Held::Tx { claim, .. } => Some(claim),
+            Held::Tx { claim, .. } | Held::RolledBack(claim) => Some(claim),
         }
     }
 
@@ -297,10 +306,13 @@ impl Held {
                     // its connection lost): write the ending on its own.
                     warn!(error = %e, "could not {} in the handler's transaction; writing it on its own", end.what());
                     roll_back(&tx).await;
-                    if let Err(e) = inbox.end_alone(&claim, state).await {
-                        warn!(error = %e, "could not {}; a redelivery counts from the last recorded attempt (a dead letter is published again under the same id)", end.what());
-                    }
+                    end_alone(inbox, &claim, end).await;
                 }
+                true
+            }
+            #[cfg(feature = "postgres")]
+            (Held::RolledBack(claim), Backend::Transactional(inbox)) => {
+                end_alone(inbox, &claim, end).await;
                 true
             }
             _ => true,
@@ -363,7 +375,7 @@ async fn commit(
         // after the claim, which recovers an aborted transaction.
         Err(SealError::Aborted(e)) => {
             return Completion::Aborted(
-                format!("the handler returned Ok, but its transaction was aborted by a failed statement it ignored: {e}").into(),
+                format!("{}: {e}", super::transactional::IGNORED_FAILED_STATEMENT).into(),
             );
         }
         Err(SealError::Database(e)) => {
@@ -379,6 +391,14 @@ async fn commit(
             Err(e) => Completion::NotRecorded(e.into()),
         },
         None => Completion::NotRecorded(crate::tx::TxClosed.into()),
+    }
+}
+
+/// Writes a claim row's ending in a transaction of its own.
+#[cfg(feature = "postgres")]
+async fn end_alone(inbox: &super::transactional::TxInbox, claim: &Claim, end: End) {
+    if let Err(e) = inbox.end_alone(claim, end.row_state()).await {
+        warn!(error = %e, "could not {}; a redelivery counts from the last recorded attempt (a dead letter is published again under the same id)", end.what());
     }
 }
 

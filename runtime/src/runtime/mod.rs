@@ -21,6 +21,8 @@ mod backend;
 mod dead_letter;
 mod error;
 mod faults;
+#[cfg(feature = "postgres")]
+mod group;
 mod pace;
 mod pipeline;
 mod provision;
@@ -111,7 +113,16 @@ impl<H: Handler> Registration for Registered<H> {
             info!(handler = %config.name, stream = %config.stream, consumer = %config.consumer, dedup = ?config.dedup, "handler ready");
             // The claim bucket keeps records for the handler's retention.
             let recent = Recent::new(config.recent_completions, config.retention);
+            #[cfg(feature = "postgres")]
+            let groups = match &backend {
+                backend::Backend::Transactional(inbox) => {
+                    group::Groups::for_handler(inbox, &config)
+                }
+                _ => None,
+            };
             let shared = Shared {
+                #[cfg(feature = "postgres")]
+                groups,
                 handler,
                 recent,
                 name,

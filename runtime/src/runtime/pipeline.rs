@@ -46,6 +46,9 @@ pub(crate) struct Shared<H> {
     pub(crate) recent: Recent,
     /// Whether the handler takes the claim's [`Fence`].
     pub(crate) takes_fence: bool,
+    /// `dedup = transactional` with `batch > 1`: the group commits.
+    #[cfg(feature = "postgres")]
+    pub(crate) groups: Option<super::group::Groups>,
 }
 
 /// How a handler's run ended.
@@ -122,7 +125,11 @@ pub(super) fn boxed<'a, T>(
 /// The state a delivery's extractors see: the runtime's, plus the
 /// transaction begun for it and its fencing token, if the handler takes
 /// them (a clone only then).
-fn state_with<'a>(state: &'a StateMap, begun: &Begun, fence: Option<&Fence>) -> Cow<'a, StateMap> {
+pub(super) fn state_with<'a>(
+    state: &'a StateMap,
+    begun: &Begun,
+    fence: Option<&Fence>,
+) -> Cow<'a, StateMap> {
     if begun.is_none() && fence.is_none() {
         return Cow::Borrowed(state);
     }
@@ -161,6 +168,15 @@ impl<H: Handler> Shared<H> {
     }
 
     async fn process(&self, message: &Message, delivery: &Delivery) {
+        #[cfg(feature = "postgres")]
+        if let Some(groups) = &self.groups {
+            return boxed(self.process_in_group(groups, message, delivery)).await;
+        }
+        self.process_alone(message, delivery).await;
+    }
+
+    /// One delivery in a transaction of its own, or no transaction at all.
+    pub(super) async fn process_alone(&self, message: &Message, delivery: &Delivery) {
         let begun = match self.backend.begin().await {
             Ok(begun) => begun,
             Err(e) => return self.store_unavailable(message, delivery, e).await,
@@ -358,14 +374,7 @@ impl<H: Handler> Shared<H> {
         let Some(claim) = held.claim() else {
             return self.succeeded(message, false).await;
         };
-        let stored = if self.config.store_result {
-            self.handler.encode_result(&output).unwrap_or_else(|e| {
-                warn!(error = %e, "could not serialize the result; duplicates will get none");
-                None
-            })
-        } else {
-            None
-        };
+        let stored = self.stored_result(&output);
         let sent = Instant::now();
         match self.record_completion(message, &held, stored).await {
             Some(Completion::Recorded) => {
@@ -400,6 +409,18 @@ impl<H: Handler> Shared<H> {
                 nak(message, self.config.lease).await;
             }
         }
+    }
+
+    /// The result to store with the claim (`store_result`), if it can be
+    /// encoded.
+    pub(super) fn stored_result(&self, output: &H::Output) -> Option<bytes::Bytes> {
+        if !self.config.store_result {
+            return None;
+        }
+        self.handler.encode_result(output).unwrap_or_else(|e| {
+            warn!(error = %e, "could not serialize the result; duplicates will get none");
+            None
+        })
     }
 
     /// Records completion, retrying while the store cannot be reached:

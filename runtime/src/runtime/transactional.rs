@@ -68,6 +68,24 @@ fn has_code(error: &sqlx::Error, code: &str) -> bool {
         .is_some_and(|c| c == code)
 }
 
+/// The failure of a handler that returned `Ok` in an aborted transaction.
+pub(crate) const IGNORED_FAILED_STATEMENT: &str =
+    "the handler returned Ok, but its transaction was aborted by a failed statement it ignored";
+
+/// Whether a handler's error is only that its transaction was aborted
+/// before its statement — under group commit, by another message's
+/// handler: not this message's failure.
+pub(crate) fn failed_for_another(error: &crate::HandlerError) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error.error());
+    while let Some(error) = source {
+        if let Some(sql) = error.downcast_ref::<sqlx::Error>() {
+            return has_code(sql, IN_FAILED_TRANSACTION);
+        }
+        source = error.source();
+    }
+    false
+}
+
 impl TxInbox {
     /// Checks that the schema is migrated.
     pub(crate) async fn open(pool: PgPool, schema: &str) -> Result<Self, StoreError> {
@@ -119,23 +137,13 @@ impl TxInbox {
         retention: Duration,
     ) -> Result<ClaimOutcome, StoreError> {
         let (handler, rest) = key_columns(key.as_str());
-        let now = millis_now();
         let busy = ClaimOutcome::InFlight {
             owner: None,
             retry_after: lease,
         };
-        // A worker frozen inside its transaction must not hold the key (and
-        // its row lock) for as long as it stays frozen: the server ends a
-        // transaction idle for a lease, and nothing of it commits.
-        let lease_ms = lease.as_millis().max(1);
-        sqlx::query(
-            "SELECT set_config('lock_timeout', $1, true), \
-             set_config('idle_in_transaction_session_timeout', $1, true)",
-        )
-        .bind(lease_ms.to_string())
-        .execute(&mut *conn)
-        .await
-        .map_err(unavailable(StoreOp::Create))?;
+        Self::limit_waits(conn, lease)
+            .await
+            .map_err(unavailable(StoreOp::Create))?;
         let inserted = sqlx::query(&format!(
             "INSERT INTO {} (handler, key, state, owner, attempt, fingerprint, created_at, updated_at) \
              VALUES ($1, $2, 'done', $3, 1, $4, $5, $5) ON CONFLICT (handler, key) DO NOTHING \
@@ -146,20 +154,64 @@ impl TxInbox {
         .bind(rest)
         .bind(*self.owner.as_uuid())
         .bind(fingerprint.map(|f| f.as_bytes().to_vec()))
-        .bind(now)
+        .bind(millis_now())
         .fetch_optional(&mut *conn)
         .await;
-        match inserted {
-            Ok(Some(row)) => {
-                let claim = self
-                    .granted(key, fingerprint, &row, lease)
-                    .map_err(unavailable(StoreOp::Create))?;
-                return Self::mark_handler_start(conn, claim).await;
-            }
-            Ok(None) => {}
+        let outcome = match inserted {
+            Ok(Some(row)) => self
+                .granted(key, fingerprint, &row, lease)
+                .map(ClaimOutcome::Claimed)
+                .map_err(unavailable(StoreOp::Create))?,
+            Ok(None) => match self
+                .existing(conn, key, fingerprint, lease, retention)
+                .await
+            {
+                Ok(outcome) => outcome,
+                Err(e) if has_code(&e, LOCK_NOT_AVAILABLE) => return Ok(busy),
+                Err(e) => return Err(StoreError::unavailable(StoreOp::Update, e)),
+            },
             Err(e) if has_code(&e, LOCK_NOT_AVAILABLE) => return Ok(busy),
             Err(e) => return Err(StoreError::unavailable(StoreOp::Create, e)),
+        };
+        match outcome {
+            ClaimOutcome::Claimed(claim) => Self::mark_handler_start(conn, claim).await,
+            refused => Ok(refused),
         }
+    }
+
+    /// Bounds how long the transaction on `conn` waits: for a row lock (a
+    /// key another transaction holds) and idle (a worker frozen inside its
+    /// transaction must not hold its keys for as long as it stays frozen:
+    /// the server ends a transaction idle for a lease, and nothing of it
+    /// commits).
+    async fn limit_waits(conn: &mut PgConnection, lease: Duration) -> Result<(), sqlx::Error> {
+        let lease_ms = lease.as_millis().max(1);
+        sqlx::query(
+            "SELECT set_config('lock_timeout', $1, true), \
+             set_config('idle_in_transaction_session_timeout', $1, true)",
+        )
+        .bind(lease_ms.to_string())
+        .execute(&mut *conn)
+        .await
+        .map(drop)
+    }
+
+    /// Claims `key` whose row exists already, by the claim state machine: a
+    /// released, kept-for-this-payload or expired row is taken (attempt
+    /// counted on); a completed one is a duplicate, a dead one dead, one
+    /// with another payload a conflict. Waits for the row's lock (up to
+    /// `lock_timeout`): a row another transaction holds is decided once it
+    /// commits or rolls back.
+    async fn existing(
+        &self,
+        conn: &mut PgConnection,
+        key: &RecordKey,
+        fingerprint: Option<Fingerprint>,
+        lease: Duration,
+        retention: Duration,
+    ) -> Result<ClaimOutcome, sqlx::Error> {
+        let (handler, rest) = key_columns(key.as_str());
+        let now = millis_now();
         let row = sqlx::query(&format!(
             "SELECT state, fingerprint, result, updated_at FROM {} WHERE handler = $1 AND key = $2 FOR UPDATE",
             self.table
@@ -167,19 +219,18 @@ impl TxInbox {
         .bind(handler)
         .bind(rest)
         .fetch_optional(&mut *conn)
-        .await;
-        let row = match row {
-            Ok(Some(row)) => row,
+        .await?;
+        let Some(row) = row else {
             // Deleted in between (forgotten): the next delivery inserts it.
-            Ok(None) => return Ok(busy),
-            Err(e) if has_code(&e, LOCK_NOT_AVAILABLE) => return Ok(busy),
-            Err(e) => return Err(StoreError::unavailable(StoreOp::Read, e)),
+            return Ok(ClaimOutcome::InFlight {
+                owner: None,
+                retry_after: lease,
+            });
         };
-        let read = |e| StoreError::unavailable(StoreOp::Read, e);
-        let state: String = row.try_get("state").map_err(read)?;
-        let stored: Option<Vec<u8>> = row.try_get("fingerprint").map_err(read)?;
-        let result: Option<Vec<u8>> = row.try_get("result").map_err(read)?;
-        let updated_at: i64 = row.try_get("updated_at").map_err(read)?;
+        let state: String = row.try_get("state")?;
+        let stored: Option<Vec<u8>> = row.try_get("fingerprint")?;
+        let result: Option<Vec<u8>> = row.try_get("result")?;
+        let updated_at: i64 = row.try_get("updated_at")?;
         let expired = updated_at
             <= now.saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
         let stored = fingerprint_column(stored);
@@ -203,12 +254,10 @@ impl TxInbox {
             .bind(now)
             .bind(expired)
             .fetch_one(&mut *conn)
-            .await
-            .map_err(unavailable(StoreOp::Update))?;
-            let claim = self
+            .await?;
+            return self
                 .granted(key, fingerprint, &row, lease)
-                .map_err(unavailable(StoreOp::Update))?;
-            return Self::mark_handler_start(conn, claim).await;
+                .map(ClaimOutcome::Claimed);
         }
         if conflict {
             return Ok(ClaimOutcome::KeyConflict { stored });
@@ -220,6 +269,79 @@ impl TxInbox {
                 result: result.map(Bytes::from),
             }
         })
+    }
+
+    /// Claims a group's keys in the transaction on `conn`: the new ones in
+    /// one statement, in key order (so that two groups wait for each other's
+    /// rows in one order, never in a circle); existing rows one by one, as
+    /// [`existing`](Self::existing) decides. The keys must be distinct. Any
+    /// error leaves the transaction unusable: the caller rolls it back.
+    pub(crate) async fn claim_group(
+        &self,
+        conn: &mut PgConnection,
+        keys: &[(RecordKey, Option<Fingerprint>)],
+        lease: Duration,
+        retention: Duration,
+    ) -> Result<Vec<ClaimOutcome>, sqlx::Error> {
+        let mut order: Vec<usize> = (0..keys.len()).collect();
+        order.sort_by(|&a, &b| keys[a].0.as_str().cmp(keys[b].0.as_str()));
+        let Some(&first) = order.first() else {
+            return Ok(Vec::new());
+        };
+        let (handler, _) = key_columns(keys[first].0.as_str());
+        let rests: Vec<&str> = order
+            .iter()
+            .map(|&i| key_columns(keys[i].0.as_str()).1)
+            .collect();
+        let fingerprints: Vec<Option<Vec<u8>>> = order
+            .iter()
+            .map(|&i| keys[i].1.map(|f| f.as_bytes().to_vec()))
+            .collect();
+        Self::limit_waits(conn, lease).await?;
+        let rows = sqlx::query(&format!(
+            "INSERT INTO {} (handler, key, state, owner, attempt, fingerprint, created_at, updated_at) \
+             SELECT $1, claim.key, 'done', $2, 1, claim.fingerprint, $3, $3 \
+             FROM unnest($4::text[], $5::bytea[]) AS claim (key, fingerprint) \
+             ON CONFLICT (handler, key) DO NOTHING \
+             RETURNING key, revision, attempt, created_at",
+            self.table
+        ))
+        .bind(handler)
+        .bind(*self.owner.as_uuid())
+        .bind(millis_now())
+        .bind(&rests)
+        .bind(&fingerprints)
+        .fetch_all(&mut *conn)
+        .await?;
+        let index: std::collections::HashMap<&str, usize> = order
+            .iter()
+            .zip(&rests)
+            .map(|(&i, &rest)| (rest, i))
+            .collect();
+        let mut outcomes: Vec<Option<ClaimOutcome>> = keys.iter().map(|_| None).collect();
+        for row in &rows {
+            let rest: String = row.try_get("key")?;
+            let Some(&i) = index.get(rest.as_str()) else {
+                continue;
+            };
+            let (key, fingerprint) = &keys[i];
+            outcomes[i] = Some(ClaimOutcome::Claimed(self.granted(
+                key,
+                *fingerprint,
+                row,
+                lease,
+            )?));
+        }
+        for &i in &order {
+            if outcomes[i].is_none() {
+                let (key, fingerprint) = &keys[i];
+                outcomes[i] = Some(
+                    self.existing(conn, key, *fingerprint, lease, retention)
+                        .await?,
+                );
+            }
+        }
+        Ok(outcomes.into_iter().flatten().collect())
     }
 
     /// A savepoint between the claim and the handler's effects: a failed
@@ -296,6 +418,44 @@ impl TxInbox {
         .bind(handler)
         .bind(rest)
         .bind(result.map(|r| r.to_vec()))
+        .execute(&mut *conn)
+        .await;
+        match sealed {
+            Ok(_) => Ok(()),
+            Err(e) if has_code(&e, IN_FAILED_TRANSACTION) => Err(SealError::Aborted(e)),
+            Err(e) => Err(SealError::Database(e)),
+        }
+    }
+
+    /// Stores a group's results in their claim rows just before `COMMIT`,
+    /// in one statement — which, like [`seal`](Self::seal), fails if a
+    /// handler of the group left the transaction aborted.
+    pub(crate) async fn seal_group(
+        &self,
+        conn: &mut PgConnection,
+        results: &[(RecordKey, Option<Bytes>)],
+    ) -> Result<(), SealError> {
+        let Some((first, _)) = results.first() else {
+            return Ok(());
+        };
+        let (handler, _) = key_columns(first.as_str());
+        let rests: Vec<&str> = results
+            .iter()
+            .map(|(key, _)| key_columns(key.as_str()).1)
+            .collect();
+        let values: Vec<Option<Vec<u8>>> = results
+            .iter()
+            .map(|(_, result)| result.as_ref().map(|r| r.to_vec()))
+            .collect();
+        let sealed = sqlx::query(&format!(
+            "UPDATE {} AS inbox SET result = sealed.result \
+             FROM unnest($2::text[], $3::bytea[]) AS sealed (key, result) \
+             WHERE inbox.handler = $1 AND inbox.key = sealed.key",
+            self.table
+        ))
+        .bind(handler)
+        .bind(&rests)
+        .bind(&values)
         .execute(&mut *conn)
         .await;
         match sealed {

@@ -6,7 +6,7 @@ struct Transfer {
     amount: i64,
 }
 
-#[idempotent(stream = "LEDGER", key = transfer.id, dedup = transactional, store_result)]
+#[idempotent(stream = "LEDGER", key = transfer.id, dedup = transactional, store_result, batch = 64, linger = "5ms")]
 async fn apply(Json(transfer): Json<Transfer>, tx: Tx) -> Result<i64, HandlerError> {
     sqlx::query("UPDATE accounts SET balance = balance - $1")
         .bind(transfer.amount)

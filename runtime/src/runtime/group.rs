@@ -1,0 +1,452 @@
+//! Group commit for `dedup = transactional` (`batch > 1`): deliveries of a
+//! handler that are ready at about the same time share one transaction —
+//! one claim statement, one seal, one `COMMIT` (one WAL flush) — instead of
+//! one each.
+//!
+//! A group forms around the first delivery that takes a seat and admits
+//! others until it is full ([`HandlerConfig::group_size`]), its linger has
+//! passed, or no other delivery can come (every permit is taken and every
+//! delivery seated). Its driver
+//! then begins the transaction, claims every key, and answers each seat;
+//! the granted deliveries run their handlers concurrently in the one
+//! transaction and vote. Every vote `Ok`: the results are sealed and the
+//! group commits, once. Anything else — a handler's failure or panic, a
+//! transaction a handler left aborted, a claim statement that met a lock
+//! timeout or deadlock, a failed commit — and the group rolls back, so that
+//! nothing of it committed, and each of its deliveries runs again alone
+//! (the `batch = 1` path), where its own failure is counted and settled.
+//! Exactly-once inside the database holds either way: an effect commits
+//! only with its claim row.
+//!
+//! [`HandlerConfig::group_size`]: crate::handler::HandlerConfig::group_size
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_nats::jetstream::Message;
+use bytes::Bytes;
+use tokio::sync::{Notify, oneshot};
+use tokio::time::Instant;
+use tracing::{Span, debug, field, warn};
+
+use super::backend::{Held, roll_back};
+use super::pipeline::{Ran, Shared, boxed, state_with};
+use super::transactional::{IGNORED_FAILED_STATEMENT, SealError, TxInbox, failed_for_another};
+use crate::claim::{Claim, ClaimOutcome};
+use crate::fingerprint::Fingerprint;
+use crate::handler::{Handler, HandlerConfig, prepare};
+use crate::key::RecordKey;
+use crate::tx::Slot;
+use crate::{Delivery, Fence, HandlerError, Tx};
+
+/// The groups of one handler: the one open for new seats, and how many of
+/// the handler's deliveries are on their way to a seat.
+pub(crate) struct Groups {
+    inbox: TxInbox,
+    size: usize,
+    linger: Duration,
+    lease: Duration,
+    retention: Duration,
+    /// How many deliveries may be in flight at once (the permits).
+    concurrency: usize,
+    open: Mutex<Option<Arc<Group>>>,
+    /// Deliveries between their start and their seat.
+    arriving: AtomicUsize,
+    /// Deliveries anywhere in the group path, seated or not.
+    inside: AtomicUsize,
+}
+
+/// One group: its transaction's slot, and its seats until it closes.
+struct Group {
+    slot: Slot,
+    seats: Mutex<Seats>,
+    /// Told when the group closed before its linger ran out.
+    closed: Notify,
+}
+
+#[derive(Default)]
+struct Seats {
+    members: Vec<Member>,
+    closed: bool,
+}
+
+struct Member {
+    key: RecordKey,
+    fingerprint: Option<Fingerprint>,
+    answer: oneshot::Sender<Answer>,
+}
+
+/// What the group's driver answers a seat.
+pub(crate) enum Answer {
+    /// The group could not take this delivery (it could not begin or claim):
+    /// run it alone.
+    Alone,
+    /// Its claim was refused: a duplicate, a dead or conflicting key, or a
+    /// key held elsewhere. Nothing of the group's is the delivery's.
+    Refused(ClaimOutcome),
+    /// Claimed in the group's transaction: run the handler, then vote.
+    Claimed(Claim, Ballot),
+}
+
+/// A granted delivery's say in its group's commit.
+pub(crate) struct Ballot {
+    vote: oneshot::Sender<Option<Option<Bytes>>>,
+    end: oneshot::Receiver<GroupEnd>,
+}
+
+/// How a group ended, for each of its granted deliveries.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub(crate) enum GroupEnd {
+    /// Every effect and claim row committed: acknowledge.
+    Committed,
+    /// Nothing committed: run the delivery again, alone.
+    RolledBack,
+    /// Nothing committed: the delivery's handler returned `Ok` but left the
+    /// transaction aborted (it ignored a failed statement). Only said when
+    /// it was the group's one voter; with several, none can be blamed and
+    /// each runs again alone, where its own commit tells.
+    Aborted,
+}
+
+impl Ballot {
+    /// Votes: `Some(result)` to commit with the handler's stored result,
+    /// `None` to roll the group back. Returns how the group ended.
+    pub(crate) async fn vote(self, commit: Option<Option<Bytes>>) -> GroupEnd {
+        let _ = self.vote.send(commit);
+        self.end.await.unwrap_or(GroupEnd::RolledBack)
+    }
+}
+
+/// A delivery on its way to a seat; counted until it is seated or leaves.
+pub(crate) struct Arrival<'a>(&'a AtomicUsize);
+
+impl Drop for Arrival<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A delivery in the group path, counted until it is settled.
+pub(crate) struct Inside<'a>(&'a AtomicUsize);
+
+impl Drop for Inside<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A lock that a panic elsewhere cannot poison for the runtime: the seats
+/// are plain data, valid after any step.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Groups {
+    /// The groups of a transactional handler; `None` when it commits every
+    /// message alone (`batch = 1`, or `concurrency = 1`).
+    pub(crate) fn for_handler(inbox: &TxInbox, config: &HandlerConfig) -> Option<Self> {
+        let size = config.group_size();
+        (size > 1).then(|| Self {
+            inbox: inbox.clone(),
+            size,
+            linger: config.linger,
+            lease: config.lease,
+            retention: config.retention,
+            concurrency: config.concurrency,
+            open: Mutex::new(None),
+            arriving: AtomicUsize::new(0),
+            inside: AtomicUsize::new(0),
+        })
+    }
+
+    /// Counts a delivery that starts: until it is settled (`Inside`), and
+    /// until it is seated (`Arrival`). A group waits for more members only
+    /// while more can come: while a permit is free, or a delivery is on
+    /// its way to a seat.
+    pub(crate) fn arrive(&self) -> (Inside<'_>, Arrival<'_>) {
+        self.inside.fetch_add(1, Ordering::AcqRel);
+        self.arriving.fetch_add(1, Ordering::AcqRel);
+        (Inside(&self.inside), Arrival(&self.arriving))
+    }
+
+    /// Whether no delivery could join a group before one of the running
+    /// ones ends: every permit is taken and every delivery seated.
+    fn nobody_else_can_come(&self) -> bool {
+        self.arriving.load(Ordering::Acquire) == 0
+            && self.inside.load(Ordering::Acquire) >= self.concurrency
+    }
+
+    /// Seats a delivery whose handler arguments hold `tx` in the open group
+    /// (opening one if there is none), binding `tx` to the group's
+    /// transaction. `None`: the group has this key already — the delivery
+    /// runs alone (and meets the group's row).
+    pub(crate) fn seat(
+        &self,
+        arrival: Arrival<'_>,
+        key: &RecordKey,
+        fingerprint: Option<Fingerprint>,
+        tx: &Tx,
+    ) -> Option<oneshot::Receiver<Answer>> {
+        let mut open = lock(&self.open);
+        // A group its driver closed (its linger ran out) admits nobody:
+        // the next seat opens a new one.
+        let current = open
+            .as_ref()
+            .filter(|group| !lock(&group.seats).closed)
+            .cloned();
+        let group = current.unwrap_or_else(|| {
+            let group = Arc::new(Group {
+                slot: Slot::default(),
+                seats: Mutex::new(Seats::default()),
+                closed: Notify::new(),
+            });
+            *open = Some(group.clone());
+            tokio::spawn(self.driver(group.clone()));
+            group
+        });
+        let mut seats = lock(&group.seats);
+        // Closed in between by its driver, or holding this key already.
+        if seats.closed
+            || seats.members.iter().any(|member| member.key == *key)
+            || !tx.bind(&group.slot)
+        {
+            return None;
+        }
+        let (answer, answered) = oneshot::channel();
+        seats.members.push(Member {
+            key: key.clone(),
+            fingerprint,
+            answer,
+        });
+        drop(arrival);
+        if seats.members.len() >= self.size || self.nobody_else_can_come() {
+            seats.closed = true;
+            *open = None;
+            group.closed.notify_one();
+        }
+        Some(answered)
+    }
+
+    /// The task that waits for the group to close, then claims, collects
+    /// the votes and commits or rolls back.
+    fn driver(&self, group: Arc<Group>) -> impl Future<Output = ()> + Send + 'static {
+        let inbox = self.inbox.clone();
+        let (linger, lease, retention) = (self.linger, self.lease, self.retention);
+        async move {
+            tokio::select! {
+                () = group.closed.notified() => {}
+                () = tokio::time::sleep(linger) => {}
+            }
+            let members = {
+                let mut seats = lock(&group.seats);
+                seats.closed = true;
+                std::mem::take(&mut seats.members)
+            };
+            drive(&inbox, &group.slot, members, lease, retention).await;
+        }
+    }
+}
+
+/// Claims the members' keys in one transaction, answers each, collects the
+/// granted ones' votes, and commits or rolls back.
+async fn drive(
+    inbox: &TxInbox,
+    slot: &Slot,
+    members: Vec<Member>,
+    lease: Duration,
+    retention: Duration,
+) {
+    let (keys, answers): (Vec<_>, Vec<_>) = members
+        .into_iter()
+        .map(|m| ((m.key, m.fingerprint), m.answer))
+        .unzip();
+    let alone = |answers: Vec<oneshot::Sender<Answer>>| {
+        for answer in answers {
+            let _ = answer.send(Answer::Alone);
+        }
+    };
+    let transaction = match inbox.pool.begin().await {
+        Ok(transaction) => transaction,
+        Err(e) => {
+            debug!(error = %e, "could not begin a group's transaction; its messages run alone");
+            return alone(answers);
+        }
+    };
+    *slot.lock().await = Some(transaction);
+    let tx = Tx::bound_to(slot.clone());
+    let claimed = match tx.conn().await {
+        Ok(mut conn) => inbox.claim_group(&mut conn, &keys, lease, retention).await,
+        Err(closed) => Err(sqlx::Error::Protocol(closed.to_string())),
+    };
+    let outcomes = match claimed {
+        Ok(outcomes) if outcomes.len() == answers.len() => outcomes,
+        Ok(_) => {
+            roll_back(&tx).await;
+            warn!(
+                "a group's claim answered for a different number of keys; its messages run alone"
+            );
+            return alone(answers);
+        }
+        Err(e) => {
+            debug!(error = %e, "a group's claim failed; its messages run alone");
+            roll_back(&tx).await;
+            return alone(answers);
+        }
+    };
+    let mut voters = Vec::new();
+    for ((key, _), (answer, outcome)) in keys.into_iter().zip(answers.into_iter().zip(outcomes)) {
+        match outcome {
+            ClaimOutcome::Claimed(claim) | ClaimOutcome::Reclaimed { claim, .. } => {
+                let (vote, voted) = oneshot::channel();
+                let (ended, end) = oneshot::channel();
+                // A delivery gone before its answer votes no by its absence.
+                let _ = answer.send(Answer::Claimed(claim, Ballot { vote, end }));
+                voters.push((key, voted, ended));
+            }
+            refused => {
+                let _ = answer.send(Answer::Refused(refused));
+            }
+        }
+    }
+    let mut results = Vec::with_capacity(voters.len());
+    let mut all_commit = true;
+    for (key, voted, _) in &mut voters {
+        match voted.await {
+            Ok(Some(result)) => results.push((key.clone(), result)),
+            _ => all_commit = false,
+        }
+    }
+    let end = if all_commit && !results.is_empty() {
+        match commit(inbox, &tx, &results).await {
+            GroupEnd::Aborted if results.len() > 1 => GroupEnd::RolledBack,
+            end => end,
+        }
+    } else {
+        roll_back(&tx).await;
+        GroupEnd::RolledBack
+    };
+    for (_, _, ended) in voters {
+        let _ = ended.send(end);
+    }
+}
+
+/// Seals the group's claim rows with their results and commits. A failure
+/// anywhere rolls the whole group back: its messages run again alone (a
+/// commit whose outcome is unknown is safe to run again too — the row
+/// either committed with its effect, and the rerun finds a duplicate, or
+/// neither did).
+async fn commit(inbox: &TxInbox, tx: &Tx, results: &[(RecordKey, Option<Bytes>)]) -> GroupEnd {
+    let sealed = match tx.conn().await {
+        Ok(mut conn) => inbox.seal_group(&mut conn, results).await,
+        Err(_) => return GroupEnd::RolledBack,
+    };
+    if let Err(e) = sealed {
+        roll_back(tx).await;
+        return match e {
+            SealError::Aborted(_) => GroupEnd::Aborted,
+            SealError::Database(e) => {
+                debug!(error = %e, "a group's transaction could not be sealed; its messages run alone");
+                GroupEnd::RolledBack
+            }
+        };
+    }
+    match tx.take().await {
+        Some(open) => match open.commit().await {
+            Ok(()) => GroupEnd::Committed,
+            Err(e) => {
+                debug!(error = %e, "a group's commit failed; its messages run alone");
+                GroupEnd::RolledBack
+            }
+        },
+        None => GroupEnd::RolledBack,
+    }
+}
+
+impl<H: Handler> Shared<H> {
+    /// One delivery through a group commit: seated, claimed with the group,
+    /// run in the group's transaction, acknowledged once the group
+    /// committed — or run again alone if the group rolled back.
+    pub(super) async fn process_in_group(
+        &self,
+        groups: &Groups,
+        message: &Message,
+        delivery: &Delivery,
+    ) {
+        let (_inside, arrival) = groups.arrive();
+        let tx = Tx::unbound();
+        let fence = self.takes_fence.then(Fence::unset);
+        let begun = Some(tx.clone());
+        let state = state_with(&self.state, &begun, fence.as_ref());
+        let prepared = prepare(&self.handler, delivery, &state);
+        drop((state, begun));
+        let prepared = match prepared {
+            Ok(prepared) => prepared,
+            Err(rejected) => {
+                drop(arrival);
+                return boxed(self.rejected(message, delivery, rejected)).await;
+            }
+        };
+        Span::current().record("key", field::debug(&prepared.key));
+        let key = RecordKey::new(&self.name, &prepared.key);
+        let answer = match groups.seat(arrival, &key, prepared.fingerprint, &tx) {
+            Some(seat) => seat.await.unwrap_or(Answer::Alone),
+            None => Answer::Alone,
+        };
+        let (claim, ballot) = match answer {
+            Answer::Claimed(claim, ballot) => (claim, ballot),
+            Answer::Refused(outcome) => {
+                return boxed(self.refused(message, delivery, outcome)).await;
+            }
+            Answer::Alone => {
+                drop(prepared);
+                return boxed(self.process_alone(message, delivery)).await;
+            }
+        };
+        if let Some(fence) = &fence {
+            fence.set(claim.revision);
+        }
+        let mut held = Held::Tx {
+            tx,
+            claim: claim.clone(),
+        };
+        let attempt = held.attempt(delivery);
+        let ran = self
+            .run(
+                message,
+                &mut held,
+                Instant::now(),
+                self.handler.call(prepared.args),
+            )
+            .await;
+        // The group commits or rolls back the transaction: nothing of it
+        // is this delivery's to end.
+        drop(held);
+        let vote = match &ran {
+            Ran::Returned(output) => Some(self.stored_result(output)),
+            Ran::Failed(_) | Ran::CutOff | Ran::LeaseLost(_) => None,
+        };
+        match (ballot.vote(vote).await, ran) {
+            (GroupEnd::Committed, _) => self.succeeded(message, true).await,
+            (GroupEnd::Aborted, _) => {
+                let error = HandlerError::retryable(IGNORED_FAILED_STATEMENT);
+                let held = Held::RolledBack(claim);
+                boxed(self.failed(message, delivery, error, attempt, held)).await;
+            }
+            (_, ran) if matches!(ran, Ran::CutOff) || self.hard_stop.is_cancelled() => {
+                self.interrupted(message, Held::Nothing).await;
+            }
+            // Its own failure: counted and settled as with a transaction of
+            // its own; the ending is written alone, its effects are gone.
+            (GroupEnd::RolledBack, Ran::Failed(error)) if !failed_for_another(&error) => {
+                let held = Held::RolledBack(claim);
+                boxed(self.failed(message, delivery, error, attempt, held)).await;
+            }
+            // Another handler's failure (or the group's commit) rolled this
+            // one back: it runs again, alone.
+            (GroupEnd::RolledBack, _) => boxed(self.process_alone(message, delivery)).await,
+        }
+    }
+}
