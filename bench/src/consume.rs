@@ -28,12 +28,14 @@ pub enum Scenario {
     IdemOff,
     IdemKv,
     IdemKvDuplicates,
+    NaiveTransactional,
+    IdemTransactionalAlone,
     IdemTransactional,
 }
 
 impl Scenario {
     /// Every scenario, the baseline first.
-    pub const ALL: [Scenario; 8] = [
+    pub const ALL: [Scenario; 10] = [
         Scenario::RawDoubleAck,
         Scenario::RawAck,
         Scenario::Naive,
@@ -41,6 +43,8 @@ impl Scenario {
         Scenario::IdemOff,
         Scenario::IdemKv,
         Scenario::IdemKvDuplicates,
+        Scenario::NaiveTransactional,
+        Scenario::IdemTransactionalAlone,
         Scenario::IdemTransactional,
     ];
 
@@ -53,7 +57,13 @@ impl Scenario {
             Scenario::IdemOff => "idem dedup = off",
             Scenario::IdemKv => "idem dedup = kv",
             Scenario::IdemKvDuplicates => "idem dedup = kv, 30 % duplicates",
-            Scenario::IdemTransactional => "idem dedup = transactional (PostgreSQL)",
+            Scenario::NaiveTransactional => {
+                "naive transactional inbox (a PostgreSQL transaction per message, double ack)"
+            }
+            Scenario::IdemTransactionalAlone => "idem dedup = transactional, batch = 1",
+            Scenario::IdemTransactional => {
+                "idem dedup = transactional, default batch (group commit)"
+            }
         }
     }
 
@@ -67,6 +77,8 @@ impl Scenario {
             Scenario::IdemOff => "idem_off",
             Scenario::IdemKv => "idem_kv",
             Scenario::IdemKvDuplicates => "idem_kv_dup30",
+            Scenario::NaiveTransactional => "naive_transactional",
+            Scenario::IdemTransactionalAlone => "idem_transactional_batch1",
             Scenario::IdemTransactional => "idem_transactional",
         }
     }
@@ -119,6 +131,48 @@ async fn bench_tx(
     Ok(())
 }
 
+/// The inbox a user writes by hand: per message, one transaction that
+/// records the message id and applies the effect, then a double ack.
+#[derive(Clone)]
+struct NaiveInbox {
+    pool: sqlx::PgPool,
+    claim: Arc<str>,
+    effect: Arc<str>,
+}
+
+impl NaiveInbox {
+    fn new(postgres: &Postgres) -> Self {
+        let schema = &postgres.schema;
+        Self {
+            pool: postgres.pool.clone(),
+            claim: format!(
+                "INSERT INTO {schema}.naive_processed (id) VALUES ($1) ON CONFLICT DO NOTHING"
+            )
+            .into(),
+            effect: format!("INSERT INTO {schema}.bench_effects (id, amount) VALUES ($1, $2)")
+                .into(),
+        }
+    }
+
+    async fn apply(&self, payload: &[u8]) -> Result<(), BoxError> {
+        let order: Order = serde_json::from_slice(payload)?;
+        let mut tx = self.pool.begin().await?;
+        let claimed = sqlx::query(&self.claim)
+            .bind(&order.id)
+            .execute(&mut *tx)
+            .await?;
+        if claimed.rows_affected() == 1 {
+            sqlx::query(&self.effect)
+                .bind(&order.id)
+                .bind(order.amount)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
 /// The transactional handler's statement, with the bench's schema.
 #[derive(Clone)]
 struct Effect {
@@ -160,9 +214,13 @@ impl Bench {
             Scenario::IdemOff | Scenario::IdemKv | Scenario::IdemKvDuplicates => {
                 self.idem(scenario, concurrency, messages).await
             }
-            Scenario::IdemTransactional => {
+            Scenario::IdemTransactional | Scenario::IdemTransactionalAlone => {
                 self.postgres.reset().await?;
                 self.idem(scenario, concurrency, messages).await
+            }
+            Scenario::NaiveTransactional => {
+                self.postgres.reset().await?;
+                self.raw(scenario, concurrency, messages).await
             }
             _ => self.raw(scenario, concurrency, messages).await,
         }
@@ -181,7 +239,7 @@ impl Bench {
         let tune = move |config: HandlerConfig| config.concurrency(concurrency);
         let (builder, name) = match scenario {
             Scenario::IdemOff => (builder.handler_with(bench_off, tune), "bench_off"),
-            Scenario::IdemTransactional => (
+            Scenario::IdemTransactional | Scenario::IdemTransactionalAlone => (
                 builder
                     .postgres(self.postgres.pool.clone(), &self.postgres.schema)
                     .state(Effect {
@@ -191,7 +249,14 @@ impl Bench {
                         )
                         .into(),
                     })
-                    .handler_with(bench_tx, tune),
+                    .handler_with(bench_tx, move |config| {
+                        let config = tune(config);
+                        if scenario == Scenario::IdemTransactionalAlone {
+                            config.batch(1)
+                        } else {
+                            config
+                        }
+                    }),
                 "bench_tx",
             ),
             _ => (builder.handler_with(bench_kv, tune), "bench_kv"),
@@ -245,6 +310,8 @@ impl Bench {
         } else {
             None
         };
+        let inbox =
+            (scenario == Scenario::NaiveTransactional).then(|| NaiveInbox::new(&self.postgres));
         self.spans.take();
         let permits = Arc::new(Semaphore::new(concurrency));
         let done = Arc::new(AtomicUsize::new(0));
@@ -261,15 +328,14 @@ impl Bench {
         while let Some(message) = pulled.next().await {
             let message = message?;
             let permit = permits.clone().acquire_owned().await?;
-            let (kv, done, failed) = (kv.clone(), done.clone(), failed.clone());
+            let (kv, inbox) = (kv.clone(), inbox.clone());
+            let (done, failed) = (done.clone(), failed.clone());
             tokio::spawn(async move {
                 // Timed exactly as idem's deliveries are: a span of the same
                 // name, from permit to acknowledgement.
                 let result: Result<(), BoxError> = async {
-                    match kv {
-                        None if scenario == Scenario::RawAck => message.ack().await?,
-                        None => message.double_ack().await?,
-                        Some(kv) => {
+                    match (kv, inbox) {
+                        (Some(kv), _) => {
                             let order: Order = serde_json::from_slice(&message.payload)?;
                             if kv.get(&order.id).await?.is_none() {
                                 std::hint::black_box(&order);
@@ -277,6 +343,12 @@ impl Bench {
                             }
                             message.double_ack().await?
                         }
+                        (None, Some(inbox)) => {
+                            inbox.apply(&message.payload).await?;
+                            message.double_ack().await?
+                        }
+                        (None, None) if scenario == Scenario::RawAck => message.ack().await?,
+                        (None, None) => message.double_ack().await?,
                     }
                     Ok(())
                 }

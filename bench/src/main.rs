@@ -400,6 +400,9 @@ fn targets(report: &Report) -> Vec<Target> {
                 0.50,
             ));
         }
+        if c == 64 {
+            transactional_targets(report, &mut targets);
+        }
         if let Some(r) = ratio("idem_kv", consume("naive", c)) {
             targets.push(Target::at_least(
                 format!("dedup = kv vs naive dedup, c = {c}"),
@@ -434,6 +437,39 @@ fn targets(report: &Report) -> Vec<Target> {
         ));
     }
     targets
+}
+
+/// Group commit against the hand-written inbox and the raw baseline, at
+/// c = 64: throughput, and a p99 no worse than the naive inbox's.
+fn transactional_targets(report: &Report, targets: &mut Vec<Target>) {
+    let row = |id: &str| {
+        report
+            .consume
+            .iter()
+            .find(|r| r.id == id && r.concurrency == Some(64))
+    };
+    let (Some(idem), Some(naive)) = (row("idem_transactional"), row("naive_transactional")) else {
+        return;
+    };
+    targets.push(Target::at_least(
+        "dedup = transactional (default batch) vs naive transactional inbox, c = 64".into(),
+        idem.msgs_per_s / naive.msgs_per_s,
+        3.0,
+    ));
+    if let Some(raw) = row("raw_double_ack") {
+        targets.push(Target::at_least(
+            "dedup = transactional (default batch) vs raw double ack, c = 64".into(),
+            idem.msgs_per_s / raw.msgs_per_s,
+            0.25,
+        ));
+    }
+    if let (Some(idem_p99), Some(naive_p99)) = (idem.p99_us, naive.p99_us) {
+        targets.push(Target::at_most(
+            "dedup = transactional p99 over naive transactional p99, c = 64".into(),
+            idem_p99 / naive_p99,
+            1.0,
+        ));
+    }
 }
 
 /// The commit measured, for comparing runs.

@@ -31,11 +31,15 @@ impl Postgres {
             .connect(database.url())
             .await?;
         let schema = database.schema().to_owned();
-        sqlx::query(&format!(
-            "CREATE TABLE {schema}.bench_effects (id TEXT PRIMARY KEY, amount BIGINT NOT NULL)"
-        ))
-        .execute(&pool)
-        .await?;
+        for table in [
+            "bench_effects (id TEXT PRIMARY KEY, amount BIGINT NOT NULL)",
+            // The hand-written inbox of the naive transactional baseline.
+            "naive_processed (id TEXT PRIMARY KEY)",
+        ] {
+            sqlx::query(&format!("CREATE TABLE {schema}.{table}"))
+                .execute(&pool)
+                .await?;
+        }
         Ok(Self {
             _database: database,
             pool,
@@ -47,7 +51,7 @@ impl Postgres {
     pub async fn reset(&self) -> Result<(), BoxError> {
         let schema = &self.schema;
         sqlx::query(&format!(
-            "TRUNCATE {schema}.bench_effects, {schema}.idem_inbox"
+            "TRUNCATE {schema}.bench_effects, {schema}.idem_inbox, {schema}.naive_processed"
         ))
         .execute(&self.pool)
         .await?;

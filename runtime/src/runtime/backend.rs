@@ -131,12 +131,11 @@ impl Backend {
 
     /// Begins what the handler's arguments need before the claim: the
     /// transaction of `dedup = transactional`.
-    pub(crate) async fn begin(&self) -> Result<Begun, StoreError> {
+    pub(crate) async fn begin(&self, lease: std::time::Duration) -> Result<Begun, StoreError> {
         match self {
             #[cfg(feature = "postgres")]
             Backend::Transactional(inbox) => inbox
-                .pool
-                .begin()
+                .begin(lease)
                 .await
                 .map(|open| Some(crate::Tx::new(open)))
                 .map_err(|e| StoreError::unavailable(StoreOp::Create, e)),

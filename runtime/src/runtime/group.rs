@@ -4,9 +4,10 @@
 //! one each.
 //!
 //! A group forms around the first delivery that takes a seat and admits
-//! others until it is full ([`HandlerConfig::group_size`]), its linger has
-//! passed, or no other delivery can come (every permit is taken and every
-//! delivery seated). Its driver
+//! others until it is full ([`HandlerConfig::group_size`]), or its linger
+//! has passed and one of the handler's group slots is free — as many
+//! groups run at once as the handler's concurrency fills, so that while
+//! they run, the next one gathers the deliveries that arrive. Its driver
 //! then begins the transaction, claims every key, and answers each seat;
 //! the granted deliveries run their handlers concurrently in the one
 //! transaction and vote. Every vote `Ok`: the results are sealed and the
@@ -20,13 +21,12 @@
 //!
 //! [`HandlerConfig::group_size`]: crate::handler::HandlerConfig::group_size
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_nats::jetstream::Message;
 use bytes::Bytes;
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::{Notify, Semaphore, oneshot};
 use tokio::time::Instant;
 use tracing::{Span, debug, field, warn};
 
@@ -48,13 +48,10 @@ pub(crate) struct Groups {
     linger: Duration,
     lease: Duration,
     retention: Duration,
-    /// How many deliveries may be in flight at once (the permits).
-    concurrency: usize,
+    /// How many groups may run at once: as many as the permits fill. A
+    /// group that cannot run yet keeps admitting members.
+    running: Arc<Semaphore>,
     open: Mutex<Option<Arc<Group>>>,
-    /// Deliveries between their start and their seat.
-    arriving: AtomicUsize,
-    /// Deliveries anywhere in the group path, seated or not.
-    inside: AtomicUsize,
 }
 
 /// One group: its transaction's slot, and its seats until it closes.
@@ -118,24 +115,6 @@ impl Ballot {
     }
 }
 
-/// A delivery on its way to a seat; counted until it is seated or leaves.
-pub(crate) struct Arrival<'a>(&'a AtomicUsize);
-
-impl Drop for Arrival<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// A delivery in the group path, counted until it is settled.
-pub(crate) struct Inside<'a>(&'a AtomicUsize);
-
-impl Drop for Inside<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 /// A lock that a panic elsewhere cannot poison for the runtime: the seats
 /// are plain data, valid after any step.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -155,28 +134,9 @@ impl Groups {
             linger: config.linger,
             lease: config.lease,
             retention: config.retention,
-            concurrency: config.concurrency,
+            running: Arc::new(Semaphore::new(config.concurrency.div_ceil(size))),
             open: Mutex::new(None),
-            arriving: AtomicUsize::new(0),
-            inside: AtomicUsize::new(0),
         })
-    }
-
-    /// Counts a delivery that starts: until it is settled (`Inside`), and
-    /// until it is seated (`Arrival`). A group waits for more members only
-    /// while more can come: while a permit is free, or a delivery is on
-    /// its way to a seat.
-    pub(crate) fn arrive(&self) -> (Inside<'_>, Arrival<'_>) {
-        self.inside.fetch_add(1, Ordering::AcqRel);
-        self.arriving.fetch_add(1, Ordering::AcqRel);
-        (Inside(&self.inside), Arrival(&self.arriving))
-    }
-
-    /// Whether no delivery could join a group before one of the running
-    /// ones ends: every permit is taken and every delivery seated.
-    fn nobody_else_can_come(&self) -> bool {
-        self.arriving.load(Ordering::Acquire) == 0
-            && self.inside.load(Ordering::Acquire) >= self.concurrency
     }
 
     /// Seats a delivery whose handler arguments hold `tx` in the open group
@@ -185,7 +145,6 @@ impl Groups {
     /// runs alone (and meets the group's row).
     pub(crate) fn seat(
         &self,
-        arrival: Arrival<'_>,
         key: &RecordKey,
         fingerprint: Option<Fingerprint>,
         tx: &Tx,
@@ -221,8 +180,7 @@ impl Groups {
             fingerprint,
             answer,
         });
-        drop(arrival);
-        if seats.members.len() >= self.size || self.nobody_else_can_come() {
+        if seats.members.len() >= self.size {
             seats.closed = true;
             *open = None;
             group.closed.notify_one();
@@ -235,11 +193,16 @@ impl Groups {
     fn driver(&self, group: Arc<Group>) -> impl Future<Output = ()> + Send + 'static {
         let inbox = self.inbox.clone();
         let (linger, lease, retention) = (self.linger, self.lease, self.retention);
+        let running = self.running.clone();
         async move {
             tokio::select! {
                 () = group.closed.notified() => {}
                 () = tokio::time::sleep(linger) => {}
             }
+            // Still admitting while the groups before it run.
+            let Ok(_running) = running.acquire_owned().await else {
+                return;
+            };
             let members = {
                 let mut seats = lock(&group.seats);
                 seats.closed = true;
@@ -268,7 +231,7 @@ async fn drive(
             let _ = answer.send(Answer::Alone);
         }
     };
-    let transaction = match inbox.pool.begin().await {
+    let transaction = match inbox.begin(lease).await {
         Ok(transaction) => transaction,
         Err(e) => {
             debug!(error = %e, "could not begin a group's transaction; its messages run alone");
@@ -375,7 +338,6 @@ impl<H: Handler> Shared<H> {
         message: &Message,
         delivery: &Delivery,
     ) {
-        let (_inside, arrival) = groups.arrive();
         let tx = Tx::unbound();
         let fence = self.takes_fence.then(Fence::unset);
         let begun = Some(tx.clone());
@@ -385,13 +347,12 @@ impl<H: Handler> Shared<H> {
         let prepared = match prepared {
             Ok(prepared) => prepared,
             Err(rejected) => {
-                drop(arrival);
                 return boxed(self.rejected(message, delivery, rejected)).await;
             }
         };
         Span::current().record("key", field::debug(&prepared.key));
         let key = RecordKey::new(&self.name, &prepared.key);
-        let answer = match groups.seat(arrival, &key, prepared.fingerprint, &tx) {
+        let answer = match groups.seat(&key, prepared.fingerprint, &tx) {
             Some(seat) => seat.await.unwrap_or(Answer::Alone),
             None => Answer::Alone,
         };

@@ -177,7 +177,7 @@ impl<H: Handler> Shared<H> {
 
     /// One delivery in a transaction of its own, or no transaction at all.
     pub(super) async fn process_alone(&self, message: &Message, delivery: &Delivery) {
-        let begun = match self.backend.begin().await {
+        let begun = match self.backend.begin(self.config.lease).await {
             Ok(begun) => begun,
             Err(e) => return self.store_unavailable(message, delivery, e).await,
         };

@@ -123,7 +123,8 @@ impl TxInbox {
         })
     }
 
-    /// Claims `key` inside the transaction on `conn`. The row is written as
+    /// Claims `key` inside the transaction on `conn` (begun by
+    /// [`begin`](Self::begin)). The row is written as
     /// `done` in this transaction: it commits with the handler's effect. A
     /// failed run rolls back to the savepoint after it and commits its
     /// ending instead ([`end_in`](Self::end_in)); the attempt counts the
@@ -141,9 +142,6 @@ impl TxInbox {
             owner: None,
             retry_after: lease,
         };
-        Self::limit_waits(conn, lease)
-            .await
-            .map_err(unavailable(StoreOp::Create))?;
         let inserted = sqlx::query(&format!(
             "INSERT INTO {} (handler, key, state, owner, attempt, fingerprint, created_at, updated_at) \
              VALUES ($1, $2, 'done', $3, 1, $4, $5, $5) ON CONFLICT (handler, key) DO NOTHING \
@@ -179,21 +177,22 @@ impl TxInbox {
         }
     }
 
-    /// Bounds how long the transaction on `conn` waits: for a row lock (a
-    /// key another transaction holds) and idle (a worker frozen inside its
-    /// transaction must not hold its keys for as long as it stays frozen:
-    /// the server ends a transaction idle for a lease, and nothing of it
-    /// commits).
-    async fn limit_waits(conn: &mut PgConnection, lease: Duration) -> Result<(), sqlx::Error> {
+    /// Begins a transaction whose waits are bounded, in one round trip:
+    /// for a row lock (a key another transaction holds), and idle (a worker
+    /// frozen inside its transaction must not hold its keys for as long as
+    /// it stays frozen: the server ends a transaction idle for a lease, and
+    /// nothing of it commits).
+    pub(crate) async fn begin(
+        &self,
+        lease: Duration,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
         let lease_ms = lease.as_millis().max(1);
-        sqlx::query(
-            "SELECT set_config('lock_timeout', $1, true), \
-             set_config('idle_in_transaction_session_timeout', $1, true)",
-        )
-        .bind(lease_ms.to_string())
-        .execute(&mut *conn)
-        .await
-        .map(drop)
+        self.pool
+            .begin_with(format!(
+                "BEGIN; SET LOCAL lock_timeout = {lease_ms}; \
+                 SET LOCAL idle_in_transaction_session_timeout = {lease_ms}"
+            ))
+            .await
     }
 
     /// Claims `key` whose row exists already, by the claim state machine: a
@@ -297,7 +296,6 @@ impl TxInbox {
             .iter()
             .map(|&i| keys[i].1.map(|f| f.as_bytes().to_vec()))
             .collect();
-        Self::limit_waits(conn, lease).await?;
         let rows = sqlx::query(&format!(
             "INSERT INTO {} (handler, key, state, owner, attempt, fingerprint, created_at, updated_at) \
              SELECT $1, claim.key, 'done', $2, 1, claim.fingerprint, $3, $3 \
