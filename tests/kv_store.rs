@@ -398,3 +398,95 @@ async fn a_client_still_connecting_opens_the_store_once_connected() {
         .expect("claim");
     assert!(matches!(outcome, ClaimOutcome::Claimed(_)), "{outcome:?}");
 }
+
+/// Which node holds each shard of `config`'s bucket (its stream's leader).
+async fn shard_hosts(js: &jetstream::Context, config: &KvStoreConfig) -> Vec<String> {
+    let mut hosts = Vec::new();
+    for index in 0..config.shard_count() {
+        let mut shard = js
+            .get_stream(format!("KV_{}", config.shard_bucket(index)))
+            .await
+            .expect("a shard's stream");
+        let info = shard.info().await.expect("shard info");
+        let leader = info.cluster.clone().and_then(|c| c.leader);
+        hosts.push(leader.expect("a clustered stream has a leader"));
+    }
+    hosts
+}
+
+#[tokio::test]
+async fn conformance_on_a_sharded_bucket_in_a_cluster() {
+    let cluster = Cluster::start().await.expect("3-node cluster");
+    let js = jetstream::new(cluster.connect().await.expect("connect"));
+    let fixture = KvFixture::open_sharded(&js, 1, 3)
+        .await
+        .expect("a bucket of 3 single-replica shards");
+    conformance::run_all(&fixture).await;
+}
+
+#[tokio::test]
+async fn a_lost_node_costs_only_its_shards_keys_and_never_a_wrong_answer() {
+    let mut cluster = Cluster::start().await.expect("3-node cluster");
+    let js = jetstream::new(cluster.connect().await.expect("connect"));
+    let config = KvStoreConfig::default()
+        .bucket(bucket())
+        .shards(6)
+        .shard_tags(["node:n0", "node:n1", "node:n2"])
+        .op_timeout(Duration::from_secs(1));
+    let a = KvStore::open(&js, config.clone())
+        .await
+        .expect("a bucket of 6 shards");
+    let keys: Vec<RecordKey> = (0..60).map(|i| key(&format!("order-{i}"))).collect();
+    for key in &keys {
+        let ClaimOutcome::Claimed(claim) = a.claim(key, payload(), LEASE).await.expect("claim")
+        else {
+            panic!("fresh key {key:?}");
+        };
+        assert_eq!(
+            a.complete(&claim, None).await.expect("complete"),
+            Transition::Applied
+        );
+    }
+    let hosts = shard_hosts(&js, &config).await;
+    assert_eq!(
+        hosts,
+        ["n0", "n1", "n2", "n0", "n1", "n2"],
+        "each shard on the node its tag names"
+    );
+    let lost = hosts[1].clone();
+    let index = cluster.index_of(&lost).expect("one of ours");
+    cluster
+        .node_mut(index)
+        .expect("node")
+        .kill()
+        .expect("kill a node holding shards");
+
+    // Every key answers either as the duplicate it is, or not at all (its
+    // shard is on the lost node: fail closed) — never as a fresh claim.
+    let b = a.as_owner(Owner::random());
+    let (mut answered, mut unavailable) = (0, 0);
+    for key in &keys {
+        match b.claim(key, payload(), LEASE).await {
+            Ok(ClaimOutcome::Duplicate { .. }) => answered += 1,
+            Err(StoreError::Unavailable { .. }) => unavailable += 1,
+            Ok(other) => panic!("{key:?} after a node's loss: {other:?}"),
+            Err(other) => panic!("{key:?}: {other}"),
+        }
+    }
+    assert!(answered > 0, "the other nodes' shards kept answering");
+    assert!(unavailable > 0, "the lost node's shards failed closed");
+
+    cluster
+        .node_mut(index)
+        .expect("node")
+        .restart()
+        .await
+        .expect("the node comes back");
+    for key in &keys {
+        let outcome = until_ok("claim after the node is back", async || {
+            b.claim(key, payload(), LEASE).await
+        })
+        .await;
+        assert_eq!(outcome, ClaimOutcome::Duplicate { result: None }, "{key:?}");
+    }
+}

@@ -36,6 +36,8 @@ pub struct KvStoreConfig {
     replicas: usize,
     storage: StorageType,
     op_timeout: Duration,
+    shards: usize,
+    shard_tags: Vec<String>,
 }
 
 impl Default for KvStoreConfig {
@@ -46,6 +48,8 @@ impl Default for KvStoreConfig {
             replicas: 1,
             storage: StorageType::File,
             op_timeout: Duration::from_secs(5),
+            shards: 1,
+            shard_tags: Vec::new(),
         }
     }
 }
@@ -82,6 +86,72 @@ impl KvStoreConfig {
         self
     }
 
+    /// Spreads the claims over `shards` buckets (default 1), each key in
+    /// the one its hash picks: `<bucket>` and `<bucket>_shard1` …
+    /// `<bucket>_shard<K-1>`. Each is a stream of its own, which the server
+    /// writes independently and a cluster places on its own node (or
+    /// nodes), so a deployment can grow past one node's memory and write
+    /// rate; a node's loss costs the availability of its shards' keys (they
+    /// fail closed), never correctness.
+    ///
+    /// The count is part of the layout: a bucket created with one count is
+    /// refused with another ([`StoreError::IncompatibleBucket`], setting
+    /// `shards`), because its keys would be looked up in the wrong shard.
+    ///
+    /// ```
+    /// use idem::store::KvStoreConfig;
+    ///
+    /// let config = KvStoreConfig::default().shards(4).replicas(3);
+    /// assert_eq!(config.shard_count(), 4);
+    /// assert_eq!(config.shard_bucket(0), "idem_claims");
+    /// assert_eq!(config.shard_bucket(3), "idem_claims_shard3");
+    /// ```
+    pub fn shards(mut self, shards: usize) -> Self {
+        self.shards = shards.max(1);
+        self
+    }
+
+    /// Places shard `i` on the servers tagged `tags[i % tags.len()]` (a
+    /// server's `server_tags`, e.g. one tag per node or availability zone)
+    /// when it is created, so that the shards land on different nodes: a
+    /// cluster otherwise places single-replica streams as it likes, often
+    /// all on one node. Existing shards stay where they are.
+    ///
+    /// ```
+    /// use idem::store::KvStoreConfig;
+    ///
+    /// let config = KvStoreConfig::default()
+    ///     .shards(3)
+    ///     .shard_tags(["az:a", "az:b", "az:c"]);
+    /// assert_eq!(config.shard_tag(4), Some("az:b"));
+    /// ```
+    pub fn shard_tags<T: Into<String>>(mut self, tags: impl IntoIterator<Item = T>) -> Self {
+        self.shard_tags = tags.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The placement tag of shard `index`, if tags were given.
+    pub fn shard_tag(&self, index: usize) -> Option<&str> {
+        match self.shard_tags.len() {
+            0 => None,
+            n => self.shard_tags.get(index % n).map(String::as_str),
+        }
+    }
+
+    /// How many buckets the claims are spread over.
+    pub fn shard_count(&self) -> usize {
+        self.shards
+    }
+
+    /// The name of shard `index`'s bucket (shard 0 is the bucket itself).
+    pub fn shard_bucket(&self, index: usize) -> String {
+        if index == 0 {
+            self.bucket.clone()
+        } else {
+            format!("{}_shard{index}", self.bucket)
+        }
+    }
+
     /// The bucket name.
     pub fn bucket_name(&self) -> &str {
         &self.bucket
@@ -108,7 +178,8 @@ impl KvStoreConfig {
 /// timeout.
 #[derive(Clone, Debug)]
 pub struct KvBucket {
-    store: kv::Store,
+    /// One store per shard; a key lives in the one [`shard_of`] picks.
+    shards: Vec<kv::Store>,
     retention: Duration,
     op_timeout: Duration,
 }
@@ -152,16 +223,34 @@ impl KvStore {
                 .map_err(|e| StoreError::unavailable(StoreOp::Provision, e))?;
         }
         kv_server::check(&client.server_info().version, config.replicas)?;
-        let store = kv_bucket::open(js, &config).await?;
+        let shards = kv_bucket::open(js, &config).await?;
         Ok(CasStore::over(KvBucket {
-            store,
+            shards,
             retention: config.retention,
             op_timeout: config.op_timeout,
         }))
     }
 }
 
+/// The shard of `key` among `shards`: the first 8 bytes of its SHA-256, so
+/// that every process, version and platform agrees.
+fn shard_of(key: &str, shards: usize) -> usize {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(key.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    let shards = u64::try_from(shards.max(1)).unwrap_or(1);
+    usize::try_from(u64::from_be_bytes(first) % shards).unwrap_or(0)
+}
+
 impl KvBucket {
+    /// The store of the shard that holds `key`.
+    fn store(&self, key: &str) -> &kv::Store {
+        let index = shard_of(key, self.shards.len());
+        // `open` makes at least one shard; `shard_of` stays below their count.
+        &self.shards[index.min(self.shards.len().saturating_sub(1))]
+    }
+
     async fn bounded<T, E>(
         &self,
         op: StoreOp,
@@ -194,7 +283,7 @@ impl KvBucket {
         revision: u64,
     ) -> Result<Write, StoreError> {
         match self
-            .bounded(op, self.store.update(key, value, revision))
+            .bounded(op, self.store(key).update(key, value, revision))
             .await?
         {
             Ok(revision) => Ok(Write::Written(revision)),
@@ -206,7 +295,7 @@ impl KvBucket {
     }
 
     async fn entry(&self, key: &str) -> Result<Option<kv::Entry>, StoreError> {
-        self.bounded(StoreOp::Read, self.store.entry(key))
+        self.bounded(StoreOp::Read, self.store(key).entry(key))
             .await?
             .map_err(|e| StoreError::unavailable(StoreOp::Read, e))
     }
@@ -249,7 +338,7 @@ impl RevisionedMap for KvBucket {
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        self.bounded(StoreOp::Delete, self.store.delete(key))
+        self.bounded(StoreOp::Delete, self.store(key).delete(key))
             .await?
             .map_err(|e| StoreError::unavailable(StoreOp::Delete, e))
     }
@@ -268,6 +357,27 @@ mod tests {
         let json =
             format!(r#"{{"code":400,"err_code":{code},"description":"wrong last sequence: 7"}}"#);
         serde_json::from_str(&json).expect("a JetStream API error")
+    }
+
+    #[test]
+    fn keys_spread_over_every_shard_and_always_to_the_same_one() {
+        let mut counts = [0usize; 4];
+        for i in 0..4_000 {
+            let key = format!("issue_card.order-{i}");
+            let shard = shard_of(&key, 4);
+            assert_eq!(shard, shard_of(&key, 4), "stable");
+            counts[shard] += 1;
+        }
+        assert!(
+            counts.iter().all(|&n| (800..1_200).contains(&n)),
+            "{counts:?}"
+        );
+        // Pinned: a change of the hash would move every deployed key.
+        let pinned: Vec<usize> = (1..=3)
+            .map(|i| shard_of(&format!("issue_card.order-{i}"), 4))
+            .collect();
+        assert_eq!(pinned, [1, 3, 2]);
+        assert_eq!(shard_of("anything", 1), 0);
     }
 
     #[test]

@@ -24,12 +24,26 @@ use super::{KvStoreConfig, StoreError, StoreOp};
 /// JetStream's default duplicate window; a bucket's may not exceed its max age.
 const DEFAULT_DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
-/// Opens the bucket `config` names, creating it when absent.
+/// Opens the bucket `config` names — each of its shards — creating what is
+/// absent.
 pub(super) async fn open(
     js: &jetstream::Context,
     config: &KvStoreConfig,
+) -> Result<Vec<kv::Store>, StoreError> {
+    let mut shards = Vec::with_capacity(config.shard_count());
+    for index in 0..config.shard_count() {
+        shards.push(open_shard(js, config, index).await?);
+    }
+    Ok(shards)
+}
+
+/// Opens shard `index` of the bucket, creating it when absent.
+async fn open_shard(
+    js: &jetstream::Context,
+    config: &KvStoreConfig,
+    index: usize,
 ) -> Result<kv::Store, StoreError> {
-    let bucket = config.bucket_name();
+    let bucket = &config.shard_bucket(index);
     let valid = !bucket.is_empty()
         && bucket
             .bytes()
@@ -39,9 +53,9 @@ pub(super) async fn open(
             name: bucket.to_owned(),
         });
     }
-    let wanted = stream_config(config);
+    let wanted = stream_config(config, index);
     match js.get_stream(&wanted.name).await {
-        Ok(existing) => check(config, &existing.cached_info().config)?,
+        Ok(existing) => check(config, index, &existing.cached_info().config)?,
         Err(e) if matches!(e.kind(), GetStreamErrorKind::JetStream(ref j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND) =>
         {
             match js.create_stream(wanted.clone()).await {
@@ -53,7 +67,7 @@ pub(super) async fn open(
                         .get_stream(&wanted.name)
                         .await
                         .map_err(|e| StoreError::unavailable(StoreOp::Provision, e))?;
-                    check(config, &existing.cached_info().config)?;
+                    check(config, index, &existing.cached_info().config)?;
                 }
                 Err(e) => return Err(StoreError::unavailable(StoreOp::Provision, e)),
             }
@@ -65,11 +79,24 @@ pub(super) async fn open(
         .map_err(|e| StoreError::unavailable(StoreOp::Provision, e))
 }
 
-fn stream_config(config: &KvStoreConfig) -> stream::Config {
-    let bucket = config.bucket_name();
+/// What a shard's stream says it is: the shard count is part of the
+/// layout (a key's shard depends on it), so it is written where every open
+/// checks it. One shard keeps the description buckets always had.
+fn description(config: &KvStoreConfig, index: usize) -> String {
+    match config.shard_count() {
+        1 => "idem claim records (dedup store)".into(),
+        count => format!(
+            "idem claim records (dedup store), shard {} of {count}",
+            index + 1
+        ),
+    }
+}
+
+fn stream_config(config: &KvStoreConfig, index: usize) -> stream::Config {
+    let bucket = config.shard_bucket(index);
     stream::Config {
         name: format!("KV_{bucket}"),
-        description: Some("idem claim records (dedup store)".into()),
+        description: Some(description(config, index)),
         subjects: vec![format!("$KV.{bucket}.>")],
         max_messages_per_subject: 1,
         max_age: config.retention_period(),
@@ -81,19 +108,36 @@ fn stream_config(config: &KvStoreConfig) -> stream::Config {
         deny_purge: false,
         allow_direct: config.replica_count() == 1,
         discard: DiscardPolicy::New,
+        placement: config.shard_tag(index).map(|tag| stream::Placement {
+            cluster: None,
+            tags: vec![tag.to_owned()],
+        }),
         ..Default::default()
     }
 }
 
 /// Refuses a bucket whose settings would break the store's guarantees.
-fn check(config: &KvStoreConfig, found: &stream::Config) -> Result<(), StoreError> {
-    let bucket = config.bucket_name();
+fn check(config: &KvStoreConfig, index: usize, found: &stream::Config) -> Result<(), StoreError> {
+    let bucket = &config.shard_bucket(index);
     let mismatch = |setting, found: String, expected: String| StoreError::IncompatibleBucket {
-        bucket: bucket.to_owned(),
+        bucket: bucket.clone(),
         setting,
         found,
         expected,
     };
+    // A bucket made by an idem without shards (no description of its own)
+    // counts as one shard.
+    let layout = found
+        .description
+        .clone()
+        .unwrap_or_else(|| description(&KvStoreConfig::default(), 0));
+    if layout != description(config, index) {
+        return Err(mismatch(
+            "shards (a key's shard depends on the count: keep it, or use a new bucket name)",
+            layout,
+            description(config, index),
+        ));
+    }
     let subject = format!("$KV.{bucket}.>");
     if !found.subjects.contains(&subject) {
         return Err(mismatch(
@@ -163,7 +207,7 @@ mod tests {
     use super::*;
 
     fn setting_refused(config: &KvStoreConfig, found: &stream::Config) -> Option<&'static str> {
-        match check(config, found) {
+        match check(config, 0, found) {
             Ok(()) => None,
             Err(StoreError::IncompatibleBucket { setting, .. }) => Some(setting),
             Err(other) => panic!("unexpected {other}"),
@@ -174,8 +218,23 @@ mod tests {
     fn the_bucket_idem_creates_passes_its_own_check() {
         for replicas in [1, 3] {
             let config = KvStoreConfig::default().replicas(replicas);
-            assert_eq!(setting_refused(&config, &stream_config(&config)), None);
+            assert_eq!(setting_refused(&config, &stream_config(&config, 0)), None);
         }
+    }
+
+    #[test]
+    fn a_bucket_sharded_another_way_is_refused() {
+        let one = KvStoreConfig::default();
+        let four = KvStoreConfig::default().shards(4);
+        for index in 0..4 {
+            assert!(check(&four, index, &stream_config(&four, index)).is_ok());
+        }
+        let refused =
+            Some("shards (a key's shard depends on the count: keep it, or use a new bucket name)");
+        assert_eq!(setting_refused(&four, &stream_config(&one, 0)), refused);
+        assert_eq!(setting_refused(&one, &stream_config(&four, 0)), refused);
+        let two = KvStoreConfig::default().shards(2);
+        assert_eq!(setting_refused(&two, &stream_config(&four, 0)), refused);
     }
 
     /// A change to a bucket's configuration.
@@ -198,13 +257,13 @@ mod tests {
             }),
         ];
         for (setting, spoil) in cases {
-            let mut found = stream_config(&config);
+            let mut found = stream_config(&config, 0);
             spoil(&mut found);
             assert_eq!(setting_refused(&config, &found), Some(setting));
         }
         // Limits with `discard new` refuse writes when full: claims fail
         // closed, nothing is forgotten.
-        let mut bounded = stream_config(&config);
+        let mut bounded = stream_config(&config, 0);
         bounded.max_bytes = 1 << 30;
         assert_eq!(setting_refused(&config, &bounded), None);
     }
@@ -225,7 +284,7 @@ mod tests {
             ("storage", |c| c.storage = StorageType::Memory),
         ];
         for (setting, spoil) in cases {
-            let mut found = stream_config(&r3);
+            let mut found = stream_config(&r3, 0);
             spoil(&mut found);
             assert_eq!(setting_refused(&r3, &found), Some(setting));
         }

@@ -113,9 +113,15 @@ impl KvFixture {
     ///
     /// [`NatsBinary::locate`]: super::NatsBinary::locate
     pub async fn start() -> Result<Self, HarnessError> {
+        Self::start_sharded(1).await
+    }
+
+    /// Starts a single server and opens a bucket spread over `shards`
+    /// ([`KvStoreConfig::shards`]).
+    pub async fn start_sharded(shards: usize) -> Result<Self, HarnessError> {
         let server = NatsServer::start().await?;
         let js = async_nats::jetstream::new(server.connect().await?);
-        let mut fixture = Self::open(&js, 1).await?;
+        let mut fixture = Self::open_sharded(&js, 1, shards).await?;
         fixture._server = Some(server);
         Ok(fixture)
     }
@@ -125,11 +131,22 @@ impl KvFixture {
         js: &async_nats::jetstream::Context,
         replicas: usize,
     ) -> Result<Self, StoreError> {
+        Self::open_sharded(js, replicas, 1).await
+    }
+
+    /// Opens a fresh bucket of `shards` with `replicas` each on the given
+    /// server or cluster.
+    pub async fn open_sharded(
+        js: &async_nats::jetstream::Context,
+        replicas: usize,
+        shards: usize,
+    ) -> Result<Self, StoreError> {
         let clock = ManualClock::starting_now();
         let config = KvStoreConfig::default()
             .bucket(format!("conformance_{}", uuid::Uuid::new_v4().simple()))
             .retention(KV_RETENTION)
-            .replicas(replicas);
+            .replicas(replicas)
+            .shards(shards);
         let store = KvStore::open(js, config).await?.using_clock(clock.clone());
         Ok(Self {
             store,

@@ -102,8 +102,21 @@ impl NatsServer {
             child: None,
             dir,
         };
+        if server.route.is_some() {
+            // A cluster node carries the tag `node:<name>`, so that a
+            // stream can be placed on it (`Placement::tags`).
+            std::fs::write(
+                server.tags_config(),
+                format!("server_tags: [\"node:{}\"]\n", server.name),
+            )
+            .map_err(HarnessError::TempDir)?;
+        }
         server.launch()?;
         Ok(server)
+    }
+
+    fn tags_config(&self) -> PathBuf {
+        self.dir.path().join("tags.conf")
     }
 
     fn launch(&mut self) -> Result<(), HarnessError> {
@@ -136,6 +149,7 @@ impl NatsServer {
             self.store_dir().display().to_string(),
         ];
         if let Some(route) = &self.route {
+            args.extend(["--config".into(), self.tags_config().display().to_string()]);
             let peers: Vec<String> = route
                 .peer_ports
                 .iter()
