@@ -50,6 +50,10 @@ pub struct Cli {
     #[arg(long)]
     pub messages: Option<usize>,
 
+    /// Keys the capacity scenario fills its bucket to.
+    #[arg(long, default_value_t = 3_000_000)]
+    pub keys: usize,
+
     /// Where bench.json, bench.md and bench.svg are written.
     #[arg(long, default_value = "target/bench")]
     pub out: PathBuf,
@@ -69,6 +73,9 @@ pub enum Group {
     Latency,
     /// Peak resident memory of a worker and of a producer.
     Memory,
+    /// What claims cost the server as the bucket grows to `--keys` (opt-in:
+    /// minutes).
+    Capacity,
 }
 
 /// The child processes the memory scenarios measure (started by the bench
@@ -104,6 +111,7 @@ impl Cli {
 
     /// Whether a group runs.
     pub fn runs_group(&self, group: Group) -> bool {
-        self.scenario.is_empty() || self.scenario.contains(&group)
+        let by_default = group != Group::Capacity;
+        (by_default && self.scenario.is_empty()) || self.scenario.contains(&group)
     }
 }

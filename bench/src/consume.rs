@@ -10,6 +10,7 @@ use async_nats::jetstream::{self, consumer::pull, stream};
 use futures::StreamExt;
 use idem::handler::HandlerConfig;
 use idem::runtime::Outcome;
+use idem::store::KvStoreConfig;
 use idem::{HandlerError, Json, Runtime, State, Tx, idempotent};
 use tokio::sync::Semaphore;
 
@@ -28,6 +29,7 @@ pub enum Scenario {
     IdemOff,
     IdemKv,
     IdemKvDuplicates,
+    IdemKvSharded,
     NaiveTransactional,
     IdemTransactionalAlone,
     IdemTransactional,
@@ -35,7 +37,7 @@ pub enum Scenario {
 
 impl Scenario {
     /// Every scenario, the baseline first.
-    pub const ALL: [Scenario; 10] = [
+    pub const ALL: [Scenario; 11] = [
         Scenario::RawDoubleAck,
         Scenario::RawAck,
         Scenario::Naive,
@@ -43,6 +45,7 @@ impl Scenario {
         Scenario::IdemOff,
         Scenario::IdemKv,
         Scenario::IdemKvDuplicates,
+        Scenario::IdemKvSharded,
         Scenario::NaiveTransactional,
         Scenario::IdemTransactionalAlone,
         Scenario::IdemTransactional,
@@ -57,6 +60,7 @@ impl Scenario {
             Scenario::IdemOff => "idem dedup = off",
             Scenario::IdemKv => "idem dedup = kv",
             Scenario::IdemKvDuplicates => "idem dedup = kv, 30 % duplicates",
+            Scenario::IdemKvSharded => "idem dedup = kv, claims in 4 shards",
             Scenario::NaiveTransactional => {
                 "naive transactional inbox (a PostgreSQL transaction per message, double ack)"
             }
@@ -77,6 +81,7 @@ impl Scenario {
             Scenario::IdemOff => "idem_off",
             Scenario::IdemKv => "idem_kv",
             Scenario::IdemKvDuplicates => "idem_kv_dup30",
+            Scenario::IdemKvSharded => "idem_kv_shards4",
             Scenario::NaiveTransactional => "naive_transactional",
             Scenario::IdemTransactionalAlone => "idem_transactional_batch1",
             Scenario::IdemTransactional => "idem_transactional",
@@ -87,6 +92,9 @@ impl Scenario {
         matches!(self, Scenario::NaiveDuplicates | Scenario::IdemKvDuplicates)
     }
 }
+
+/// The shards of the sharded kv scenario.
+const SHARDS: usize = 4;
 
 /// What every run shares.
 pub struct Bench {
@@ -208,12 +216,18 @@ impl Bench {
     ) -> Result<Figures, BoxError> {
         let numbers = workload::order_numbers(messages, scenario.duplicates());
         workload::preload(&self.js, &numbers).await?;
-        let _ = self.js.delete_key_value("idem_claims").await;
+        for shard in 0..SHARDS {
+            let _ = self
+                .js
+                .delete_key_value(KvStoreConfig::default().shards(SHARDS).shard_bucket(shard))
+                .await;
+        }
         let _ = self.js.delete_key_value("naive_claims").await;
         match scenario {
-            Scenario::IdemOff | Scenario::IdemKv | Scenario::IdemKvDuplicates => {
-                self.idem(scenario, concurrency, messages).await
-            }
+            Scenario::IdemOff
+            | Scenario::IdemKv
+            | Scenario::IdemKvDuplicates
+            | Scenario::IdemKvSharded => self.idem(scenario, concurrency, messages).await,
             Scenario::IdemTransactional | Scenario::IdemTransactionalAlone => {
                 self.postgres.reset().await?;
                 self.idem(scenario, concurrency, messages).await
@@ -236,6 +250,11 @@ impl Bench {
         let builder = Runtime::builder(self.client.clone()).shutdown_on(async {
             let _ = stopped.await;
         });
+        let builder = if scenario == Scenario::IdemKvSharded {
+            builder.claims(KvStoreConfig::default().shards(SHARDS))
+        } else {
+            builder
+        };
         let tune = move |config: HandlerConfig| config.concurrency(concurrency);
         let (builder, name) = match scenario {
             Scenario::IdemOff => (builder.handler_with(bench_off, tune), "bench_off"),

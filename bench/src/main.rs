@@ -11,6 +11,7 @@
 //! async-nats figure of the same run. Results go to stdout as they come, and
 //! to `target/bench/bench.{json,md,svg}` at the end.
 
+mod capacity;
 mod chart;
 mod cli;
 mod consume;
@@ -163,6 +164,9 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
             what: "producer, messages in its outbox (server paused)",
             rss,
         });
+    }
+    if cli.runs_group(Group::Capacity) {
+        report.capacity = capacity::run(&server, cli.keys).await?;
     }
     report.targets = targets(&report);
     let markdown = report.markdown();

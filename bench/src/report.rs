@@ -21,6 +21,7 @@ pub struct Report {
     pub produce: Vec<Row>,
     pub latency: Option<Latency>,
     pub memory: Vec<MemoryRow>,
+    pub capacity: Vec<crate::capacity::CapacityRow>,
     pub targets: Vec<Target>,
 }
 

@@ -44,6 +44,23 @@ pub(crate) struct TxInbox {
     owner: Owner,
 }
 
+/// A statement that fails in an aborted transaction and does nothing else:
+/// the seal when there is no result to store (an `UPDATE` of the claim
+/// rows would only write new row versions of them).
+async fn check_open(conn: &mut PgConnection) -> Result<sqlx::postgres::PgQueryResult, sqlx::Error> {
+    sqlx::query("SELECT 1").execute(&mut *conn).await
+}
+
+impl From<sqlx::Error> for SealError {
+    fn from(error: sqlx::Error) -> Self {
+        if has_code(&error, IN_FAILED_TRANSACTION) {
+            SealError::Aborted(error)
+        } else {
+            SealError::Database(error)
+        }
+    }
+}
+
 /// Why the claim row could not be sealed before `COMMIT`.
 pub(crate) enum SealError {
     /// The handler left the transaction aborted (it ignored a failed
@@ -398,31 +415,33 @@ impl TxInbox {
     }
 
     /// Stores the handler's result in the claim row, in the same
-    /// transaction, just before `COMMIT`. A statement on the claim row fails
-    /// in an aborted transaction — which PostgreSQL would answer `COMMIT`
-    /// with `ROLLBACK` and sqlx report as success — so this is also the
-    /// check that the effect is about to commit.
+    /// transaction, just before `COMMIT` — or, without a result, runs a
+    /// statement that does nothing else. Any statement fails in an aborted
+    /// transaction, which PostgreSQL would answer `COMMIT` with `ROLLBACK`
+    /// and sqlx report as success, so this is also the check that the
+    /// effect is about to commit.
     pub(crate) async fn seal(
         &self,
         conn: &mut PgConnection,
         key: &RecordKey,
         result: Option<Bytes>,
     ) -> Result<(), SealError> {
-        let (handler, rest) = key_columns(key.as_str());
-        let sealed = sqlx::query(&format!(
-            "UPDATE {} SET result = $3 WHERE handler = $1 AND key = $2",
-            self.table
-        ))
-        .bind(handler)
-        .bind(rest)
-        .bind(result.map(|r| r.to_vec()))
-        .execute(&mut *conn)
-        .await;
-        match sealed {
-            Ok(_) => Ok(()),
-            Err(e) if has_code(&e, IN_FAILED_TRANSACTION) => Err(SealError::Aborted(e)),
-            Err(e) => Err(SealError::Database(e)),
-        }
+        let sealed = match result {
+            Some(result) => {
+                let (handler, rest) = key_columns(key.as_str());
+                sqlx::query(&format!(
+                    "UPDATE {} SET result = $3 WHERE handler = $1 AND key = $2",
+                    self.table
+                ))
+                .bind(handler)
+                .bind(rest)
+                .bind(result.to_vec())
+                .execute(&mut *conn)
+                .await
+            }
+            None => check_open(conn).await,
+        };
+        sealed.map(drop).map_err(SealError::from)
     }
 
     /// Stores a group's results in their claim rows just before `COMMIT`,
@@ -433,19 +452,17 @@ impl TxInbox {
         conn: &mut PgConnection,
         results: &[(RecordKey, Option<Bytes>)],
     ) -> Result<(), SealError> {
-        let Some((first, _)) = results.first() else {
-            return Ok(());
+        let stored: Vec<(&str, &[u8])> = results
+            .iter()
+            .filter_map(|(key, result)| Some((key.as_str(), result.as_deref()?)))
+            .collect();
+        let Some(&(first, _)) = stored.first() else {
+            return check_open(conn).await.map(drop).map_err(SealError::from);
         };
-        let (handler, _) = key_columns(first.as_str());
-        let rests: Vec<&str> = results
-            .iter()
-            .map(|(key, _)| key_columns(key.as_str()).1)
-            .collect();
-        let values: Vec<Option<Vec<u8>>> = results
-            .iter()
-            .map(|(_, result)| result.as_ref().map(|r| r.to_vec()))
-            .collect();
-        let sealed = sqlx::query(&format!(
+        let (handler, _) = key_columns(first);
+        let rests: Vec<&str> = stored.iter().map(|(key, _)| key_columns(key).1).collect();
+        let values: Vec<&[u8]> = stored.iter().map(|(_, result)| *result).collect();
+        sqlx::query(&format!(
             "UPDATE {} AS inbox SET result = sealed.result \
              FROM unnest($2::text[], $3::bytea[]) AS sealed (key, result) \
              WHERE inbox.handler = $1 AND inbox.key = sealed.key",
@@ -455,12 +472,9 @@ impl TxInbox {
         .bind(&rests)
         .bind(&values)
         .execute(&mut *conn)
-        .await;
-        match sealed {
-            Ok(_) => Ok(()),
-            Err(e) if has_code(&e, IN_FAILED_TRANSACTION) => Err(SealError::Aborted(e)),
-            Err(e) => Err(SealError::Database(e)),
-        }
+        .await
+        .map(drop)
+        .map_err(SealError::from)
     }
 
     /// Writes a failed run's ending on its own, when its transaction is
