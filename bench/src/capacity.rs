@@ -168,3 +168,59 @@ pub async fn run(server: &NatsServer, keys: usize) -> Result<Vec<CapacityRow>, B
     let _ = js.delete_key_value("capacity").await;
     Ok(rows)
 }
+
+/// The PostgreSQL inbox at `rows`: the transactional consumer's throughput
+/// and latency (c = 64, default batch) on an empty inbox and on a full one,
+/// in the same run, then how long the retention purge takes for the half
+/// of the rows past the retention.
+pub async fn inbox(
+    bench: &crate::consume::Bench,
+    rows: usize,
+    messages: usize,
+) -> Result<(), BoxError> {
+    use crate::consume::Scenario;
+    use std::sync::atomic::Ordering;
+    println!(
+        "\ncapacity: the PostgreSQL inbox, empty and with {rows} rows (c = 64, default batch, {messages} messages)"
+    );
+    let empty = bench.run(Scenario::IdemTransactional, 64, messages).await?;
+    bench.postgres.reset().await?;
+    let expired = rows / 2;
+    let filled_in = bench.postgres.fill_inbox(rows, expired).await?;
+    let size = bench.postgres.inbox_mib().await?;
+    println!(
+        "filled {rows} rows in {:.0} s: {size:.0} MiB with indexes ({:.0} B per row)",
+        filled_in.as_secs_f64(),
+        size * 1048576.0 / rows as f64
+    );
+    bench.keep_inbox.store(true, Ordering::SeqCst);
+    let full = bench.run(Scenario::IdemTransactional, 64, messages).await;
+    bench.keep_inbox.store(false, Ordering::SeqCst);
+    let full = full?;
+    println!("| inbox | msgs/s | p50 | p99 |\n|--|--:|--:|--:|");
+    for (what, figures) in [("empty", &empty), ("full", &full)] {
+        println!(
+            "| {what} | {:.0} | {:.0} µs | {:.0} µs |",
+            figures.rate,
+            micros(figures.p50),
+            micros(figures.p99)
+        );
+    }
+    let started = Instant::now();
+    let purged = idem::store::PgStore::purge(
+        &bench.postgres.pool,
+        &bench.postgres.schema,
+        None,
+        Duration::from_secs(7 * 24 * 3600),
+        1_000,
+    )
+    .await?;
+    let took = started.elapsed();
+    println!(
+        "purge: {purged} rows past the retention in {:.1} s ({:.0} rows/s, batches of 1,000)",
+        took.as_secs_f64(),
+        purged as f64 / took.as_secs_f64()
+    );
+    bench.postgres.reset().await?;
+    Ok(())
+}

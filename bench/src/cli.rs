@@ -54,6 +54,11 @@ pub struct Cli {
     #[arg(long, default_value_t = 3_000_000)]
     pub keys: usize,
 
+    /// Rows the capacity scenario fills the PostgreSQL inbox with (half of
+    /// them past the retention, for the purge).
+    #[arg(long, default_value_t = 10_000_000)]
+    pub inbox_rows: usize,
+
     /// Where bench.json, bench.md and bench.svg are written.
     #[arg(long, default_value = "target/bench")]
     pub out: PathBuf,

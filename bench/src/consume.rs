@@ -103,6 +103,9 @@ pub struct Bench {
     pub postgres: Postgres,
     /// Filled by the span timer while an idem runtime runs.
     pub spans: Latencies,
+    /// Keep the inbox's rows between runs (the capacity scenario fills
+    /// it before a run).
+    pub keep_inbox: std::sync::atomic::AtomicBool,
 }
 
 #[idempotent(stream = "BENCH", subject = "bench.orders", key = order.id, dedup = off, start = all)]
@@ -229,7 +232,9 @@ impl Bench {
             | Scenario::IdemKvDuplicates
             | Scenario::IdemKvSharded => self.idem(scenario, concurrency, messages).await,
             Scenario::IdemTransactional | Scenario::IdemTransactionalAlone => {
-                self.postgres.reset().await?;
+                if !self.keep_inbox.load(Ordering::SeqCst) {
+                    self.postgres.reset().await?;
+                }
                 self.idem(scenario, concurrency, messages).await
             }
             Scenario::NaiveTransactional => {

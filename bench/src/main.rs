@@ -133,7 +133,8 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
             js: async_nats::jetstream::new(client.clone()),
             client: client.clone(),
             postgres: Postgres::create().await?,
-            spans,
+            spans: spans.clone(),
+            keep_inbox: false.into(),
         };
         if cli.runs_group(Group::Consume) {
             consumers(&bench, &plan, &cli, &mut report).await?;
@@ -167,6 +168,14 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
     }
     if cli.runs_group(Group::Capacity) {
         report.capacity = capacity::run(&server, cli.keys).await?;
+        let bench = consume::Bench {
+            js: async_nats::jetstream::new(client.clone()),
+            client: client.clone(),
+            postgres: Postgres::create().await?,
+            spans,
+            keep_inbox: false.into(),
+        };
+        capacity::inbox(&bench, cli.inbox_rows, plan.messages).await?;
     }
     report.targets = targets(&report);
     let markdown = report.markdown();

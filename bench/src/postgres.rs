@@ -47,6 +47,59 @@ impl Postgres {
         })
     }
 
+    /// Fills the inbox with `rows` completed rows of another handler, with
+    /// 32-byte fingerprints as real ones have; the first `expired` of them
+    /// last written eight days ago (past the default retention), the rest
+    /// now. Returns how long it took.
+    pub async fn fill_inbox(&self, rows: usize, expired: usize) -> Result<Duration, BoxError> {
+        let started = std::time::Instant::now();
+        let schema = &self.schema;
+        let now = i64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_millis(),
+        )?;
+        let old = now - 8 * 24 * 3600 * 1000;
+        let rows = i64::try_from(rows)?;
+        let expired = i64::try_from(expired)?;
+        // In slices, so that no one statement holds a huge transaction.
+        let slice = 1_000_000;
+        let mut from = 0;
+        while from < rows {
+            let to = (from + slice).min(rows);
+            sqlx::query(&format!(
+                "INSERT INTO {schema}.idem_inbox (handler, key, state, owner, attempt, fingerprint, created_at, updated_at) \
+                 SELECT 'filler', 'order-' || g, 'done', gen_random_uuid(), 1, \
+                        sha256(g::text::bytea), t, t \
+                 FROM generate_series($1::bigint, $2::bigint - 1) AS g, \
+                      LATERAL (SELECT CASE WHEN g < $3 THEN $4::bigint ELSE $5::bigint END AS t) AS at"
+            ))
+            .bind(from)
+            .bind(to)
+            .bind(expired)
+            .bind(old)
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+            from = to;
+        }
+        sqlx::query(&format!("VACUUM ANALYZE {schema}.idem_inbox"))
+            .execute(&self.pool)
+            .await?;
+        Ok(started.elapsed())
+    }
+
+    /// The inbox table's size on disk, with its indexes, MiB.
+    pub async fn inbox_mib(&self) -> Result<f64, BoxError> {
+        let bytes: i64 = sqlx::query_scalar(&format!(
+            "SELECT pg_total_relation_size('{}.idem_inbox')",
+            self.schema
+        ))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(bytes as f64 / 1048576.0)
+    }
+
     /// Empties the inbox and the effects between runs.
     pub async fn reset(&self) -> Result<(), BoxError> {
         let schema = &self.schema;
