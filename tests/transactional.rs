@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::PullConsumer, message::PublishMessage, stream};
 use idem::handler::{HandlerConfig, StartAt};
+use idem::key::{HandlerName, IdempotencyKey, RecordKey};
 use idem::runtime::{Outcome, Stats};
 use idem::testing::{NatsServer, TestDatabase};
 use idem::{HandlerError, Json, Retry, Runtime, State, Tx, idempotent};
@@ -780,5 +781,57 @@ async fn copies_of_one_message_in_a_group_apply_once() {
     assert_eq!(worker.count(Outcome::Duplicate), 4);
     assert_eq!(setup.applied("g-2").await, 1);
     assert_eq!(setup.balances().await, (940, 1060));
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_key_locked_elsewhere_costs_its_group_a_wait_not_the_others_their_turn() {
+    let setup = Setup::new().await;
+    let batch = transfers(8);
+    // Another transaction holds g-5's inbox row (a released claim: free to
+    // take once the lock goes) while the group claims.
+    let inbox = format!("\"{}\".idem_inbox", setup.ledger.schema);
+    let record = RecordKey::new(
+        &HandlerName::new("apply_transfer").expect("a handler name"),
+        &IdempotencyKey::new("g-5").expect("a key"),
+    );
+    let (handler, key) = record.as_str().split_once('.').expect("<handler>.<key>");
+    sqlx::query(&format!(
+        "INSERT INTO {inbox} (handler, key, state, owner, attempt, created_at, updated_at) \
+         VALUES ($1, $2, 'released', gen_random_uuid(), 1, 0, 0)"
+    ))
+    .bind(handler)
+    .bind(key)
+    .execute(setup.db.pool())
+    .await
+    .expect("a released row for g-5");
+    let mut holder = setup.db.pool().begin().await.expect("a transaction");
+    sqlx::query(&format!(
+        "SELECT 1 FROM {inbox} WHERE handler = $1 AND key = $2 FOR UPDATE"
+    ))
+    .bind(handler)
+    .bind(key)
+    .execute(&mut *holder)
+    .await
+    .expect("lock g-5's row");
+    setup.publish_all(&batch).await;
+    let worker = setup.group_worker(16).await;
+    // The group's claim statement waits for the lock (up to the 5 s lease),
+    // fails, and rolls back; its messages run alone, and all but g-5 apply.
+    worker
+        .wait_for("the seven others processed", |w| {
+            w.count(Outcome::Processed) == 7
+        })
+        .await;
+    assert_eq!(setup.applied("g-5").await, 0, "g-5 waits for its lock");
+    holder.rollback().await.expect("release the lock");
+    setup.drained().await;
+    worker
+        .wait_for("all processed", |w| w.count(Outcome::Processed) == 8)
+        .await;
+    for transfer in &batch {
+        assert_eq!(setup.applied(&transfer.id).await, 1, "{}", transfer.id);
+    }
+    assert_eq!(setup.balances().await, (920, 1080));
     worker.stop().await;
 }

@@ -404,14 +404,16 @@ fn targets(report: &Report) -> Vec<Target> {
                 0.90,
             ));
         }
-        if c == 64
-            && let Some(r) = ratio("idem_kv", raw)
-        {
-            targets.push(Target::at_least(
-                format!("dedup = kv vs raw double ack, c = {c}"),
-                r,
-                0.50,
-            ));
+        if c == 64 {
+            for (id, what) in [("idem_kv", "one bucket"), ("idem_kv_shards4", "4 shards")] {
+                if let Some(r) = ratio(id, raw) {
+                    targets.push(Target::at_least(
+                        format!("dedup = kv ({what}) vs raw double ack, c = {c}"),
+                        r,
+                        0.50,
+                    ));
+                }
+            }
         }
         if c == 64 {
             transactional_targets(report, &mut targets);

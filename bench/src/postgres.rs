@@ -48,7 +48,7 @@ impl Postgres {
     }
 
     /// Fills the inbox with `rows` completed rows of another handler, with
-    /// 32-byte fingerprints as real ones have; the first `expired` of them
+    /// 16-byte fingerprints as real ones have; the first `expired` of them
     /// last written eight days ago (past the default retention), the rest
     /// now. Returns how long it took.
     pub async fn fill_inbox(&self, rows: usize, expired: usize) -> Result<Duration, BoxError> {
@@ -70,7 +70,7 @@ impl Postgres {
             sqlx::query(&format!(
                 "INSERT INTO {schema}.idem_inbox (handler, key, state, owner, attempt, fingerprint, created_at, updated_at) \
                  SELECT 'filler', 'order-' || g, 'done', gen_random_uuid(), 1, \
-                        sha256(g::text::bytea), t, t \
+                        substr(sha256(g::text::bytea), 1, 16), t, t \
                  FROM generate_series($1::bigint, $2::bigint - 1) AS g, \
                       LATERAL (SELECT CASE WHEN g < $3 THEN $4::bigint ELSE $5::bigint END AS t) AS at"
             ))

@@ -130,8 +130,9 @@ impl Backend {
     }
 
     /// Begins what the handler's arguments need before the claim: the
-    /// transaction of `dedup = transactional`.
+    /// transaction of `dedup = transactional`, its waits bounded by `lease`.
     pub(crate) async fn begin(&self, lease: std::time::Duration) -> Result<Begun, StoreError> {
+        let _ = lease;
         match self {
             #[cfg(feature = "postgres")]
             Backend::Transactional(inbox) => inbox

@@ -291,6 +291,7 @@ async fn drive(
         roll_back(&tx).await;
         GroupEnd::RolledBack
     };
+    debug!(claimed = voters.len(), ?end, "a group ended");
     for (_, _, ended) in voters {
         let _ = ended.send(end);
     }
@@ -373,14 +374,8 @@ impl<H: Handler> Shared<H> {
             tx,
             claim: claim.clone(),
         };
-        let attempt = held.attempt(delivery);
-        let ran = self
-            .run(
-                message,
-                &mut held,
-                Instant::now(),
-                self.handler.call(prepared.args),
-            )
+        let (attempt, ran) = self
+            .run_attempt(message, delivery, &mut held, Instant::now(), prepared.args)
             .await;
         // The group commits or rolls back the transaction: nothing of it
         // is this delivery's to end.

@@ -195,14 +195,8 @@ impl<H: Handler> Shared<H> {
         Span::current().record("key", field::debug(&prepared.key));
         if !self.backend.claims() {
             let mut held = Held::Nothing;
-            let attempt = held.attempt(delivery);
-            let ran = self
-                .run(
-                    message,
-                    &mut held,
-                    Instant::now(),
-                    self.handler.call(prepared.args),
-                )
+            let (attempt, ran) = self
+                .run_attempt(message, delivery, &mut held, Instant::now(), prepared.args)
                 .await;
             return boxed(self.finish(message, delivery, held, attempt, ran)).await;
         }
@@ -251,11 +245,27 @@ impl<H: Handler> Shared<H> {
             fence.set(claim.revision);
         }
         let mut held = Held::granted(claim, begun);
-        let attempt = held.attempt(delivery);
-        let ran = self
-            .run(message, &mut held, asked, self.handler.call(prepared.args))
+        let (attempt, ran) = self
+            .run_attempt(message, delivery, &mut held, asked, prepared.args)
             .await;
         boxed(self.finish(message, delivery, held, attempt, ran)).await;
+    }
+
+    /// Runs the handler on `args` while holding `held`: which attempt the
+    /// run is (counted before it starts), and how it ended.
+    pub(super) async fn run_attempt(
+        &self,
+        message: &Message,
+        delivery: &Delivery,
+        held: &mut Held,
+        asked: Instant,
+        args: H::Args,
+    ) -> (u32, Ran<H::Output>) {
+        let attempt = held.attempt(delivery);
+        let ran = self
+            .run(message, held, asked, self.handler.call(args))
+            .await;
+        (attempt, ran)
     }
 
     /// Marks `key` as worked on here. If another delivery in this process
