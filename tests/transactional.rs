@@ -42,8 +42,9 @@ struct Ledger {
     attempts: Arc<Mutex<HashMap<String, u32>>>,
 }
 
-/// Moves money and logs the application, inside the runtime's transaction;
-/// fails (after the writes) while the attempt is within `fail_times`.
+/// Moves money and logs the application, inside the runtime's transaction,
+/// then takes `sleep_ms`; fails (after the writes and the sleep) if poison,
+/// or while the attempt is within `fail_times`.
 #[idempotent(
     stream = "LEDGER",
     subject = "ledger.transfers",
@@ -92,6 +93,7 @@ async fn apply_transfer(
         let _ = sqlx::query("SELECT 1 / 0").execute(&mut *conn).await;
     }
     drop(conn);
+    sleep(Duration::from_millis(transfer.sleep_ms)).await;
     if transfer.poison {
         return Err(HandlerError::permanent(format!(
             "transfer {} is poison",
@@ -103,7 +105,6 @@ async fn apply_transfer(
             "transient failure {attempt}"
         )));
     }
-    sleep(Duration::from_millis(transfer.sleep_ms)).await;
     Ok(())
 }
 
@@ -192,8 +193,19 @@ impl Setup {
 
     /// A worker whose handler takes its messages in groups of `batch`.
     async fn group_worker(&self, batch: usize) -> Worker {
+        self.groups_worker(batch, 16).await
+    }
+
+    /// A worker whose handler takes its messages in groups of `batch`,
+    /// `concurrency` at a time (so `concurrency / batch` groups at once).
+    async fn groups_worker(&self, batch: usize, concurrency: usize) -> Worker {
         let pool = self.db.pool().clone();
-        let tune = move |config: HandlerConfig| config.batch(batch).start(StartAt::All);
+        let tune = move |config: HandlerConfig| {
+            config
+                .batch(batch)
+                .concurrency(concurrency)
+                .start(StartAt::All)
+        };
         self.tuned_worker(pool, |b| b, tune).await
     }
 
@@ -833,5 +845,50 @@ async fn a_key_locked_elsewhere_costs_its_group_a_wait_not_the_others_their_turn
         assert_eq!(setup.applied(&transfer.id).await, 1, "{}", transfer.id);
     }
     assert_eq!(setup.balances().await, (920, 1080));
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_reused_key_never_gets_two_owners_when_a_group_member_is_dead_lettered() {
+    let setup = Setup::new().await;
+    // The first payload under g-1 fails for good inside a group, slowly;
+    // meanwhile another payload reuses g-1 (and would succeed) and waits
+    // for its row. Exactly one of them may own the key — applied, or
+    // dead-lettered for its own failure — and the other is a key conflict.
+    // (Found by the soak: the group's rollback freed the key, the waiting
+    // payload took it, and the first was still dead-lettered for its own
+    // failure: two owners.)
+    let mut batch = transfers(4);
+    batch[1].poison = true;
+    batch[1].sleep_ms = 1_500;
+    setup.publish_all(&batch).await;
+    // Two groups at once: the reused payload's group claims while the
+    // first one's still runs, and waits for g-1's row.
+    let worker = setup.groups_worker(8, 16).await;
+    sleep(Duration::from_millis(500)).await;
+    setup.publish(&transfer("g-1", 99), "g-1-reused").await;
+    setup.drained().await;
+    worker
+        .wait_for("all five answered", |w| {
+            w.count(Outcome::Processed) + w.count(Outcome::DeadLettered) == 5
+        })
+        .await;
+    assert_eq!(
+        worker.count(Outcome::KeyConflict),
+        1,
+        "one payload under g-1 is refused as a key conflict"
+    );
+    let applied = setup.applied("g-1").await;
+    let balances = setup.balances().await;
+    if applied == 1 {
+        // The reused payload took the key: the poison is the conflict.
+        assert_eq!(worker.count(Outcome::Processed), 4);
+        assert_eq!(balances, (970 - 99, 1030 + 99));
+    } else {
+        // The poison kept it: dead-lettered for its failure.
+        assert_eq!(applied, 0);
+        assert_eq!(worker.count(Outcome::Processed), 3);
+        assert_eq!(balances, (970, 1030));
+    }
     worker.stop().await;
 }

@@ -32,6 +32,7 @@ use tracing::{Span, debug, field, warn};
 
 use super::backend::{Held, roll_back};
 use super::pipeline::{Ran, Shared, boxed, state_with};
+use super::settle::Failure;
 use super::transactional::{IGNORED_FAILED_STATEMENT, SealError, TxInbox, failed_for_another};
 use crate::claim::{Claim, ClaimOutcome};
 use crate::fingerprint::Fingerprint;
@@ -384,25 +385,36 @@ impl<H: Handler> Shared<H> {
             Ran::Returned(output) => Some(self.stored_result(output)),
             Ran::Failed(_) | Ran::CutOff | Ran::LeaseLost(_) => None,
         };
-        match (ballot.vote(vote).await, ran) {
-            (GroupEnd::Committed, _) => self.succeeded(message, true).await,
-            (GroupEnd::Aborted, _) => {
-                let error = HandlerError::retryable(IGNORED_FAILED_STATEMENT);
-                let held = Held::RolledBack(claim);
-                boxed(self.failed(message, delivery, error, attempt, held)).await;
+        let own_failure = match (ballot.vote(vote).await, ran) {
+            (GroupEnd::Committed, _) => return self.succeeded(message, true).await,
+            (_, Ran::CutOff) => return self.interrupted(message, Held::Nothing).await,
+            _ if self.hard_stop.is_cancelled() => {
+                return self.interrupted(message, Held::Nothing).await;
             }
-            (_, ran) if matches!(ran, Ran::CutOff) || self.hard_stop.is_cancelled() => {
-                self.interrupted(message, Held::Nothing).await;
-            }
-            // Its own failure: counted and settled as with a transaction of
-            // its own; the ending is written alone, its effects are gone.
+            (GroupEnd::Aborted, _) => Some(HandlerError::retryable(IGNORED_FAILED_STATEMENT)),
             (GroupEnd::RolledBack, Ran::Failed(error)) if !failed_for_another(&error) => {
+                Some(error)
+            }
+            (GroupEnd::RolledBack, _) => None,
+        };
+        match own_failure.map(|error| (self.after_failure(&error, attempt), error)) {
+            // Its own failure, with attempts left: counted and released as
+            // with a transaction of its own (the ending written alone; a
+            // released key is free to the next claim either way).
+            Some((Failure::Retry(_), error)) => {
                 let held = Held::RolledBack(claim);
                 boxed(self.failed(message, delivery, error, attempt, held)).await;
             }
+            // Its last failure: the key must stay its payload's from the
+            // failure to the dead mark, which a rolled-back group cannot
+            // promise (another payload under the key would claim it in
+            // between). The attempt runs again alone, where the claim row
+            // stays locked until its ending commits; the group's run was
+            // never recorded, so it is the same attempt.
+            Some((Failure::DeadLetter(_), _)) => boxed(self.process_alone(message, delivery)).await,
             // Another handler's failure (or the group's commit) rolled this
             // one back: it runs again, alone.
-            (GroupEnd::RolledBack, _) => boxed(self.process_alone(message, delivery)).await,
+            None => boxed(self.process_alone(message, delivery)).await,
         }
     }
 }
