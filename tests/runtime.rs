@@ -873,6 +873,11 @@ async fn start_up_fails_at_once_on_a_missing_stream() {
         matches!(error, idem::runtime::RuntimeError::StreamMissing { .. }),
         "{error}"
     );
+    // What `fn main() -> Result<(), Box<dyn Error>>` prints: the message
+    // that says what to do, not a struct dump.
+    let shown = format!("{error:?}");
+    assert_eq!(shown, error.to_string());
+    assert!(shown.contains("create_missing_streams"), "{shown}");
     assert!(
         began.elapsed() < Duration::from_secs(5),
         "not retried: {:?}",

@@ -53,7 +53,7 @@ impl IntoDuration for String {
 }
 
 /// A text that is not a duration.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
     "{text:?} is not a duration: write a number and a unit, e.g. \"250ms\", \"30s\", \"5m\", \"7d\""
 )]
@@ -61,6 +61,8 @@ pub struct InvalidDuration {
     /// The text.
     pub text: String,
 }
+
+crate::error::debug_as_report!(InvalidDuration);
 
 impl DurationSpec {
     /// The duration, or the error naming the text.

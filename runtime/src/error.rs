@@ -2,6 +2,47 @@
 
 use std::fmt;
 
+/// Writes an error the way `main` shows it: its message, then each source
+/// on a line of its own under "Caused by", as `anyhow` does. idem's public
+/// errors use it for `Debug`, so that a program returning
+/// `Result<(), Box<dyn Error>>` prints what went wrong and what to do —
+/// not a struct dump.
+pub(crate) fn write_report(
+    error: &(dyn std::error::Error + 'static),
+    f: &mut fmt::Formatter<'_>,
+) -> fmt::Result {
+    write!(f, "{error}")?;
+    write_causes(error.source(), f)
+}
+
+fn write_causes(
+    mut source: Option<&(dyn std::error::Error + 'static)>,
+    f: &mut fmt::Formatter<'_>,
+) -> fmt::Result {
+    if source.is_some() {
+        f.write_str("\n\nCaused by:")?;
+    }
+    let mut n = 0;
+    while let Some(cause) = source {
+        write!(f, "\n    {n}: {cause}")?;
+        n += 1;
+        source = cause.source();
+    }
+    Ok(())
+}
+
+/// `Debug` as [`write_report`]: the message and its causes.
+macro_rules! debug_as_report {
+    ($($error:ty),* $(,)?) => {$(
+        impl ::std::fmt::Debug for $error {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                $crate::error::write_report(self, f)
+            }
+        }
+    )*};
+}
+pub(crate) use debug_as_report;
+
 /// A boxed error from user code.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
@@ -91,12 +132,11 @@ impl fmt::Display for HandlerError {
     }
 }
 
+/// The message and its causes, as the other errors' `Debug`.
 impl fmt::Debug for HandlerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HandlerError")
-            .field("kind", &self.kind)
-            .field("source", &self.source)
-            .finish()
+        write!(f, "{self}")?;
+        write_causes(self.source.source(), f)
     }
 }
 
@@ -115,5 +155,33 @@ impl<T, E: Into<BoxError>> ResultExt<T> for Result<T, E> {
 
     fn retryable(self) -> Result<T, HandlerError> {
         self.map_err(HandlerError::retryable)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("the outer step failed")]
+    struct Outer(#[source] std::io::Error);
+
+    struct Shown(Outer);
+
+    impl fmt::Debug for Shown {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write_report(&self.0, f)
+        }
+    }
+
+    #[test]
+    fn a_report_is_the_message_then_each_cause() {
+        let error = Shown(Outer(std::io::Error::other("disk on fire")));
+        assert_eq!(
+            format!("{error:?}"),
+            "the outer step failed\n\nCaused by:\n    0: disk on fire"
+        );
+        let handler = HandlerError::permanent("amount must be positive");
+        assert_eq!(format!("{handler:?}"), "permanent: amount must be positive");
     }
 }

@@ -13,7 +13,7 @@ use crate::Delivery;
 
 /// Why a handler's arguments could not be made; the message is then
 /// dead-lettered, never handed to the handler.
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum Rejection {
     /// The payload is not what the handler expects (dead letter reason
@@ -36,6 +36,8 @@ pub enum Rejection {
         type_name: &'static str,
     },
 }
+
+crate::error::debug_as_report!(Rejection);
 
 /// Shared state handed to handlers by type ([`State<T>`]).
 ///

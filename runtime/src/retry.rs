@@ -22,7 +22,7 @@ pub enum RetryDecision {
 }
 
 /// Why a policy cannot be used.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum RetryError {
     /// `attempts(0)`: not even the first delivery would run.
@@ -40,6 +40,8 @@ pub enum RetryError {
         cap: Duration,
     },
 }
+
+crate::error::debug_as_report!(RetryError);
 
 #[derive(Clone)]
 enum Backoff {

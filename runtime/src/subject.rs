@@ -1,7 +1,7 @@
 //! NATS subject rules, for the subjects handlers are configured with.
 
 /// What is wrong with a subject.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum SubjectError {
     /// Nothing there.
@@ -22,6 +22,8 @@ pub enum SubjectError {
     #[error("subject {0:?} has a wildcard, but messages are published to it")]
     Wildcard(String),
 }
+
+crate::error::debug_as_report!(SubjectError);
 
 /// Checks a subject that may contain wildcards (a filter).
 ///

@@ -44,11 +44,12 @@ impl std::fmt::Debug for Tx {
 }
 
 /// Why the transaction is not available.
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 #[error(
     "the handler's transaction is no longer open (it was committed or rolled back by the runtime)"
 )]
 pub struct TxClosed;
+crate::error::debug_as_report!(TxClosed);
 
 /// A locked connection of the handler's transaction.
 pub struct TxConn<'a>(MappedMutexGuard<'a, Transaction<'static, Postgres>>);

@@ -51,7 +51,7 @@ pub struct ClaimRecord {
 }
 
 /// Why stored bytes are not a claim record.
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum RecordError {
     /// Nothing stored.
@@ -67,6 +67,8 @@ pub enum RecordError {
     #[error("the record does not decode: {0}")]
     Malformed(#[source] postcard::Error),
 }
+
+crate::error::debug_as_report!(RecordError);
 
 impl ClaimRecord {
     /// Encodes as `[FORMAT_VERSION] ++ postcard(record)`.

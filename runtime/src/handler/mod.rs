@@ -101,7 +101,7 @@ pub struct Prepared<A> {
 /// Why a delivery never reaches its handler. Each is dead-lettered with its
 /// reason (or, for a missing key under `on_missing_key = reject`,
 /// acknowledged and counted).
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum PrepareError {
     /// The arguments could not be made (reason `decode`).
@@ -111,6 +111,8 @@ pub enum PrepareError {
     #[error(transparent)]
     Key(#[from] KeyError),
 }
+
+crate::error::debug_as_report!(PrepareError);
 
 impl PrepareError {
     /// The dead letter's `Idem-Reason`.

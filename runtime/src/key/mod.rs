@@ -24,7 +24,7 @@ pub const MAX_ESCAPED_LEN: usize = 240;
 pub const MAX_HANDLER_LEN: usize = 64;
 
 /// What is wrong with a key or a handler name.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum KeyError {
     /// The idempotency key has no bytes: every message would share it.
@@ -63,6 +63,8 @@ pub enum KeyError {
         key: String,
     },
 }
+
+crate::error::debug_as_report!(KeyError);
 
 /// The idempotency key of one business operation: non-empty bytes.
 ///

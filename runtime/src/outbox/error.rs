@@ -6,7 +6,7 @@ use crate::BoxError;
 use crate::subject::SubjectError;
 
 /// Why a message could not be put in the outbox.
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum OutboxError {
     /// Another outbox (in this or another process) has the file open.
@@ -54,3 +54,5 @@ pub enum OutboxError {
     #[error("the outbox is closed")]
     Closed,
 }
+
+crate::error::debug_as_report!(OutboxError);

@@ -6,7 +6,7 @@ use crate::BoxError;
 use crate::subject::SubjectError;
 
 /// Why a message was not confirmed by the broker.
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum PublishError {
     /// The subject cannot be published to (empty, wildcards, spaces, …).
@@ -85,3 +85,5 @@ pub enum PublishError {
     #[error("could not serialize the message as JSON: {0}")]
     Json(#[from] serde_json::Error),
 }
+
+crate::error::debug_as_report!(PublishError);

@@ -5,7 +5,7 @@ use crate::handler::ConfigError;
 use crate::store::StoreError;
 
 /// A start-up failure, naming the handler and what to do.
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum RuntimeError {
     /// A handler's configuration is invalid.
@@ -187,6 +187,8 @@ pub enum RuntimeError {
         reason: String,
     },
 }
+
+crate::error::debug_as_report!(RuntimeError);
 
 impl RuntimeError {
     /// Whether trying again may cure it: the dedup store or JetStream did

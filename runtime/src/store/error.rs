@@ -38,7 +38,7 @@ impl fmt::Display for StoreOp {
 
 /// What went wrong in a dedup store. Whatever it is, the handler must not run
 /// for the message at hand (fail closed): NAK it with a backoff.
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
     /// The store did not answer, or answered with an error: disconnected,
@@ -144,6 +144,8 @@ pub enum StoreError {
         retention: Duration,
     },
 }
+
+crate::error::debug_as_report!(StoreError);
 
 impl StoreError {
     pub(crate) fn unavailable(op: StoreOp, source: impl Into<BoxError>) -> Self {

@@ -1,6 +1,5 @@
 //! The one error type of the test harness.
 
-use std::fmt;
 use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::time::Duration;
@@ -13,7 +12,7 @@ or point IDEM_NATS_SERVER at it; `scripts/test.sh` installs one by itself";
 /// What went wrong while finding, starting, signalling or stopping a
 /// `nats-server` process.
 ///
-/// `Debug` prints the same text as `Display`, so a test that does
+/// `Debug` prints its message (and causes), as `Display` does, so a test that does
 /// `NatsServer::start().await.expect("nats-server")` fails with a message a
 /// person can act on.
 #[derive(thiserror::Error)]
@@ -135,8 +134,4 @@ impl HarnessError {
     }
 }
 
-impl fmt::Debug for HarnessError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(self, f)
-    }
-}
+crate::error::debug_as_report!(HarnessError);
