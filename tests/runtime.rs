@@ -31,6 +31,10 @@ struct Order {
     sleep_ms: u64,
     #[serde(default)]
     poison: bool,
+    /// A failed attempt asks to be retried no sooner than this (a 429's
+    /// `Retry-After`).
+    #[serde(default)]
+    retry_after_ms: u64,
 }
 
 /// What handlers did: per key, how many times the effect ran, and when.
@@ -90,9 +94,11 @@ async fn kv_handler(
     }
     let attempt = effects.record(&format!("attempt:{}", order.id));
     if attempt as u32 <= order.fail_times {
-        return Err(HandlerError::retryable(format!(
-            "transient failure {attempt}"
-        )));
+        let error = HandlerError::retryable(format!("transient failure {attempt}"));
+        return Err(match order.retry_after_ms {
+            0 => error,
+            ms => error.retry_after(Duration::from_millis(ms)),
+        });
     }
     sleep(Duration::from_millis(order.sleep_ms)).await;
     effects.record(&order.id);
@@ -417,6 +423,7 @@ fn order(id: &str) -> Order {
         fail_times: 0,
         sleep_ms: 0,
         poison: false,
+        retry_after_ms: 0,
     }
 }
 
@@ -551,6 +558,32 @@ async fn a_redelivery_after_a_lost_ack_runs_the_effect_once() {
     for id in ["a", "b", "c"] {
         assert_eq!(setup.effects.runs(id).len(), 1, "{id}");
     }
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn a_retry_after_hint_delays_the_retry_past_the_policys_backoff() {
+    let setup = Setup::new().await;
+    let running = setup.start(|b| b.handler(kv_handler)).await;
+    // kv_handler retries after 200 ms; this failure asks for 1.5 s.
+    let throttled = Order {
+        fail_times: 1,
+        retry_after_ms: 1_500,
+        ..order("throttled")
+    };
+    setup.publish("orders.kv", &throttled, None, None).await;
+    until("processed after one retry", || {
+        running.count("kv_handler", Outcome::Processed) == 1
+    })
+    .await;
+    let attempts = setup.effects.runs("attempt:throttled");
+    assert_eq!(attempts.len(), 2, "one failure, one success");
+    let waited = attempts[1] - attempts[0];
+    assert!(
+        waited >= Duration::from_millis(1_500),
+        "the retry came {waited:?} after the failure, before its hint"
+    );
+    assert_eq!(running.count("kv_handler", Outcome::Retried), 1);
     running.stop().await;
 }
 

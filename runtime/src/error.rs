@@ -80,6 +80,7 @@ pub enum ErrorKind {
 pub struct HandlerError {
     kind: ErrorKind,
     source: BoxError,
+    retry_after: Option<std::time::Duration>,
 }
 
 impl HandlerError {
@@ -88,6 +89,7 @@ impl HandlerError {
         Self {
             kind: ErrorKind::Retryable,
             source: error.into(),
+            retry_after: None,
         }
     }
 
@@ -96,6 +98,7 @@ impl HandlerError {
         Self {
             kind: ErrorKind::Permanent,
             source: error.into(),
+            retry_after: None,
         }
     }
 
@@ -107,6 +110,30 @@ impl HandlerError {
     /// Whether it is permanent.
     pub fn is_permanent(&self) -> bool {
         self.kind == ErrorKind::Permanent
+    }
+
+    /// Asks that the retry wait at least `delay` — what the failed call said
+    /// (an HTTP 429's or 503's `Retry-After`, a rate limiter's refill). The
+    /// retry policy still decides whether there is a retry and never waits
+    /// less than its own backoff; the attempt counts as usual. No effect on
+    /// a permanent error.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use idem::HandlerError;
+    ///
+    /// let throttled = HandlerError::retryable("429 Too Many Requests")
+    ///     .retry_after(Duration::from_secs(30));
+    /// assert_eq!(throttled.retry_hint(), Some(Duration::from_secs(30)));
+    /// ```
+    pub fn retry_after(mut self, delay: std::time::Duration) -> Self {
+        self.retry_after = Some(delay);
+        self
+    }
+
+    /// The delay [`retry_after`](Self::retry_after) asked for, if any.
+    pub fn retry_hint(&self) -> Option<std::time::Duration> {
+        self.retry_after
     }
 
     /// The underlying error.

@@ -21,6 +21,31 @@ pub enum RetryDecision {
     GiveUp,
 }
 
+impl RetryDecision {
+    /// The same decision, waiting at least `floor` before the retry — a
+    /// failure's [`retry_after`](crate::HandlerError::retry_after) hint. A
+    /// hint never turns giving up into a retry.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use idem::retry::RetryDecision;
+    ///
+    /// let policy = RetryDecision::RetryAfter(Duration::from_millis(200));
+    /// let hint = Some(Duration::from_secs(30));
+    /// assert_eq!(policy.at_least(hint), RetryDecision::RetryAfter(Duration::from_secs(30)));
+    /// assert_eq!(policy.at_least(Some(Duration::from_millis(1))), policy);
+    /// assert_eq!(RetryDecision::GiveUp.at_least(hint), RetryDecision::GiveUp);
+    /// ```
+    pub fn at_least(self, floor: Option<Duration>) -> Self {
+        match (self, floor) {
+            (RetryDecision::RetryAfter(delay), Some(floor)) => {
+                RetryDecision::RetryAfter(delay.max(floor))
+            }
+            (decision, _) => decision,
+        }
+    }
+}
+
 /// Why a policy cannot be used.
 #[derive(Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]

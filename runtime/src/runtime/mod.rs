@@ -339,7 +339,23 @@ impl RuntimeBuilder {
         self
     }
 
-    /// Stops when `signal` completes, instead of on Ctrl-C or SIGTERM.
+    /// Stops when `signal` completes, instead of on Ctrl-C or SIGTERM — a
+    /// oneshot, your own signal handling, or a `CancellationToken` your
+    /// service already uses for shutdown (its `cancelled_owned()`).
+    ///
+    /// ```no_run
+    /// # async fn demo(client: async_nats::Client) -> Result<(), idem::runtime::RuntimeError> {
+    /// use tokio_util::sync::CancellationToken;
+    ///
+    /// let shutdown = CancellationToken::new();
+    /// let runtime = idem::Runtime::builder(client)
+    ///     .shutdown_on(shutdown.clone().cancelled_owned())
+    ///     .build()
+    ///     .await?;
+    /// // … elsewhere, on the service's own stop: `shutdown.cancel()`.
+    /// runtime.run().await
+    /// # }
+    /// ```
     pub fn shutdown_on(mut self, signal: impl Future<Output = ()> + Send + 'static) -> Self {
         self.shutdown = Some(Box::pin(signal));
         self

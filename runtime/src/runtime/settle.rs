@@ -146,12 +146,14 @@ impl<H: Handler> Shared<H> {
         }
     }
 
-    /// Retry per the policy, or dead-letter (permanent errors, last attempt).
+    /// Retry per the policy (never sooner than the error's `retry_after`
+    /// hint), or dead-letter (permanent errors, last attempt).
     pub(super) fn after_failure(&self, error: &HandlerError, attempt: u32) -> Failure {
         if error.is_permanent() {
             return Failure::DeadLetter(DeadLetterReason::HandlerError);
         }
-        match self.config.retry.after_failure(attempt) {
+        let decision = self.config.retry.after_failure(attempt);
+        match decision.at_least(error.retry_hint()) {
             RetryDecision::RetryAfter(delay) => Failure::Retry(delay),
             RetryDecision::GiveUp if error.error().is::<HandlerPanicked>() => {
                 Failure::DeadLetter(DeadLetterReason::Panic)
