@@ -237,6 +237,7 @@ async fn late_handler_from_now(
 
 struct Running {
     stats: Stats,
+    health: idem::runtime::HealthProbe,
     stop: oneshot::Sender<()>,
     task: JoinHandle<Result<(), idem::runtime::RuntimeError>>,
 }
@@ -291,6 +292,7 @@ impl Setup {
         let stats = runtime.stats();
         Running {
             stats,
+            health: runtime.health(),
             stop,
             task: tokio::spawn(runtime.run()),
         }
@@ -559,6 +561,50 @@ async fn a_redelivery_after_a_lost_ack_runs_the_effect_once() {
         assert_eq!(setup.effects.runs(id).len(), 1, "{id}");
     }
     running.stop().await;
+}
+
+#[tokio::test]
+async fn health_is_ready_while_all_works_and_names_what_does_not() {
+    let mut setup = Setup::new().await;
+    let running = setup.start(|b| b.handler(kv_handler)).await;
+    until("ready", || running.health.now().is_ready()).await;
+    let health = running.health.now();
+    assert!(health.connected);
+    let kv = &health.handlers[0];
+    assert_eq!(kv.handler, "kv_handler");
+    assert!(kv.running && kv.store_reachable, "{health:?}");
+
+    // The claim bucket is gone: claims fail closed, and health says so.
+    setup
+        .js
+        .delete_key_value("idem_claims")
+        .await
+        .expect("delete the claim bucket");
+    setup
+        .publish("orders.kv", &order("no-store"), None, None)
+        .await;
+    until("the store reported unreachable", || {
+        !running.health.now().handlers[0].store_reachable
+    })
+    .await;
+    let health = running.health.now();
+    assert!(!health.is_ready(), "{health:?}");
+    let error = health.handlers[0]
+        .last_error
+        .clone()
+        .expect("the store's error");
+    assert!(!error.message.is_empty());
+
+    // The server is gone: not connected.
+    setup.server.kill().expect("kill the server");
+    until("disconnected", || !running.health.now().connected).await;
+    assert!(!running.health.now().is_ready());
+    let _ = running.stop.send(());
+    let _ = running.task.await;
+    assert!(
+        !running.health.now().handlers[0].running,
+        "a stopped runtime's handlers are not running"
+    );
 }
 
 #[tokio::test]

@@ -358,6 +358,9 @@ impl<H: Handler> Shared<H> {
             Some(seat) => seat.await.unwrap_or(Answer::Alone),
             None => Answer::Alone,
         };
+        if !matches!(answer, Answer::Alone) {
+            self.status.store_answered();
+        }
         let (claim, ballot) = match answer {
             Answer::Claimed(claim, ballot) => (claim, ballot),
             Answer::Refused(outcome) => {

@@ -23,6 +23,7 @@ mod error;
 mod faults;
 #[cfg(feature = "postgres")]
 mod group;
+mod health;
 mod pace;
 mod pipeline;
 mod provision;
@@ -45,6 +46,7 @@ use tracing::info;
 pub use crate::handler::DeadLetterReason;
 pub use dead_letter::headers;
 pub use error::RuntimeError;
+pub use health::{HandlerHealth, Health, HealthProbe, LastError};
 pub use provision::DEAD_LETTER_STREAM;
 pub use stats::{Counts, Outcome, Stats};
 
@@ -120,9 +122,11 @@ impl<H: Handler> Registration for Registered<H> {
                 }
                 _ => None,
             };
+            let status = Arc::new(health::HandlerStatus::new(&config.name));
             let shared = Shared {
                 #[cfg(feature = "postgres")]
                 groups,
+                status,
                 handler,
                 recent,
                 name,
@@ -423,7 +427,7 @@ impl RuntimeBuilder {
         let ctx = StartContext {
             #[cfg(feature = "postgres")]
             postgres: self.postgres,
-            js: async_nats::jetstream::new(self.client),
+            js: async_nats::jetstream::new(self.client.clone()),
             state: self.state,
             kv: self.kv,
             create_streams: self.create_streams,
@@ -435,9 +439,14 @@ impl RuntimeBuilder {
         for registration in self.handlers {
             workers.push(registration.start(ctx.clone()).await?);
         }
+        let health = HealthProbe::new(
+            self.client,
+            workers.iter().map(|worker| worker.status()).collect(),
+        );
         Ok(Runtime {
             workers,
             stats,
+            health,
             shutdown: self.shutdown.unwrap_or_else(|| Box::pin(termination())),
             grace: self.grace,
         })
@@ -453,6 +462,7 @@ impl RuntimeBuilder {
 pub struct Runtime {
     workers: Vec<Box<dyn Worker>>,
     stats: Stats,
+    health: HealthProbe,
     shutdown: BoxFuture<()>,
     grace: Duration,
 }
@@ -480,6 +490,13 @@ impl Runtime {
         self.stats.clone()
     }
 
+    /// A probe of the runtime's readiness — connected, every handler's
+    /// fetch loop running, its store answering, the last error each met —
+    /// for a readiness endpoint; take it before [`run`](Self::run).
+    pub fn health(&self) -> HealthProbe {
+        self.health.clone()
+    }
+
     /// Handles messages until the shutdown signal, then stops fetching, lets
     /// running handlers finish within the grace period, and returns.
     ///
@@ -495,15 +512,19 @@ impl Runtime {
         let mut running = tokio::task::JoinSet::new();
         for worker in self.workers {
             let handler = worker.name().to_owned();
+            let status = worker.status();
             let run = std::panic::AssertUnwindSafe(worker.run(stop.clone(), self.grace));
             running.spawn(async move {
                 futures::FutureExt::catch_unwind(run)
                     .await
                     .unwrap_or_else(|_| {
-                        Err(RuntimeError::WorkerFailed {
+                        let failed = RuntimeError::WorkerFailed {
                             handler,
                             reason: "its fetch loop panicked".into(),
-                        })
+                        };
+                        status.running(false);
+                        status.failed(&failed);
+                        Err(failed)
                     })
             });
         }

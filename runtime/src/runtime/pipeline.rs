@@ -46,6 +46,8 @@ pub(crate) struct Shared<H> {
     pub(crate) recent: Recent,
     /// Whether the handler takes the claim's [`Fence`].
     pub(crate) takes_fence: bool,
+    /// What the worker reports to the runtime's health probe.
+    pub(crate) status: Arc<super::health::HandlerStatus>,
     /// `dedup = transactional` with `batch > 1`: the group commits.
     #[cfg(feature = "postgres")]
     pub(crate) groups: Option<super::group::Groups>,
@@ -225,6 +227,9 @@ impl<H: Handler> Shared<H> {
                 .claim(&key, prepared.fingerprint, &self.config, &begun),
         )
         .await;
+        if claimed.is_ok() {
+            self.status.store_answered();
+        }
         let claim = match claimed {
             Ok(ClaimOutcome::Claimed(claim)) => claim,
             Ok(ClaimOutcome::Reclaimed { claim, from }) => {

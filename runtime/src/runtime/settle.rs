@@ -99,6 +99,7 @@ impl<H: Handler> Shared<H> {
         error: StoreError,
     ) {
         warn!(error = %error, "dedup store unavailable: the handler was not run");
+        self.status.store_failed(&error);
         self.count(Outcome::StoreUnavailable);
         nak(message, store_backoff(deliveries(delivery))).await;
     }

@@ -45,6 +45,9 @@ pub(crate) trait Worker: Send {
     /// The handler's name.
     fn name(&self) -> &str;
 
+    /// What the worker reports to the runtime's health probe.
+    fn status(&self) -> Arc<super::health::HandlerStatus>;
+
     /// Fetches and handles until `shutdown` (then lets running handlers
     /// finish within `grace`), or until the consumer is gone.
     fn run(
@@ -62,6 +65,10 @@ pub(crate) struct HandlerWorker<H> {
 impl<H: Handler> Worker for HandlerWorker<H> {
     fn name(&self) -> &str {
         &self.shared.config.name
+    }
+
+    fn status(&self) -> Arc<super::health::HandlerStatus> {
+        self.shared.status.clone()
     }
 
     fn run(
@@ -172,6 +179,23 @@ impl<H: Handler> HandlerWorker<H> {
                     .purge_loop(config.name.clone(), config.retention, shutdown.clone());
             tokio::spawn(purge);
         }
+        let status = self.shared.status.clone();
+        status.running(true);
+        let result = self.fetch_until(shutdown, grace).await;
+        if let Err(e) = &result {
+            status.failed(e);
+        }
+        status.running(false);
+        result
+    }
+
+    /// Fetches and handles until shutdown (then lets running handlers
+    /// finish within `grace`), or until the consumer is gone.
+    async fn fetch_until(
+        &self,
+        shutdown: CancellationToken,
+        grace: Duration,
+    ) -> Result<(), RuntimeError> {
         let mut result = Ok(());
         let permits = Arc::new(Semaphore::new(self.shared.config.concurrency));
         let pace = Arc::new(Pace::default());
@@ -195,6 +219,7 @@ impl<H: Handler> HandlerWorker<H> {
                         break;
                     };
                     warn!(handler = %self.shared.config.name, error = %e, ?pause, "pull failed; retrying");
+                    self.shared.status.failed(&format_args!("pull failed: {e}"));
                     tokio::select! { () = sleep(pause) => continue, () = shutdown.cancelled() => break }
                 }
             };
