@@ -15,16 +15,40 @@ use tokio::time::{Instant, sleep, timeout};
 /// restarted one (async-nats backs off between reconnect attempts).
 const CLIENT_NOTICE: Duration = Duration::from_secs(20);
 
+/// A file stream; a replicated one is returned once it has a leader (a
+/// publish right after creating an R3 stream can find no leader yet and is
+/// answered "no responders": seen as a StreamNotFound in CI).
 async fn file_stream(js: &jetstream::Context, name: &str, replicas: usize) -> stream::Stream {
-    js.create_stream(stream::Config {
-        name: name.into(),
-        subjects: vec![format!("{}.>", name.to_lowercase())],
-        storage: stream::StorageType::File,
-        num_replicas: replicas,
-        ..Default::default()
-    })
-    .await
-    .expect("create stream")
+    let mut stream = js
+        .create_stream(stream::Config {
+            name: name.into(),
+            subjects: vec![format!("{}.>", name.to_lowercase())],
+            storage: stream::StorageType::File,
+            num_replicas: replicas,
+            ..Default::default()
+        })
+        .await
+        .expect("create stream");
+    if replicas > 1 {
+        let deadline = Instant::now() + CLIENT_NOTICE;
+        loop {
+            let info = stream.info().await.expect("stream info");
+            if info
+                .cluster
+                .as_ref()
+                .and_then(|c| c.leader.as_ref())
+                .is_some()
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no leader for {name} within {CLIENT_NOTICE:?}"
+            );
+            sleep(Duration::from_millis(50)).await;
+        }
+    }
+    stream
 }
 
 async fn publish_confirmed(js: &jetstream::Context, subject: &str, payload: &'static str) -> u64 {
