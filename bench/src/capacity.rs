@@ -63,12 +63,7 @@ async fn claim_and_complete(store: &KvStore, i: usize) -> Result<(), BoxError> {
 
 /// The server's resident memory, KiB.
 fn rss_kib(pid: u32) -> Result<u64, BoxError> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .ok_or_else(|| "no VmRSS in the server's status".into())
+    crate::memory::status_kib(&pid.to_string(), "VmRSS:")
 }
 
 /// Bytes in files under `dir`.
@@ -87,7 +82,7 @@ fn disk_bytes(dir: &Path) -> u64 {
 }
 
 fn micros(d: Option<Duration>) -> f64 {
-    d.map_or(f64::NAN, |d| d.as_secs_f64() * 1e6)
+    d.map_or(f64::NAN, crate::report::micros)
 }
 
 /// Fills a bucket to `keys` on `server`, measuring at 1/30, 1/10, 1/3 and

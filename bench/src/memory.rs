@@ -149,21 +149,23 @@ async fn finish(mut child: Child) -> Result<(), BoxError> {
 
 /// Resident and peak resident memory of this process, KiB.
 fn own_rss() -> Result<(u64, u64), BoxError> {
-    let status = std::fs::read_to_string("/proc/self/status")?;
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|rest| {
-                rest.trim()
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse::<u64>()
-                    .ok()
-            })
-            .ok_or_else(|| format!("/proc/self/status has no {name}"))
-    };
-    Ok((field("VmRSS:")?, field("VmHWM:")?))
+    Ok((status_kib("self", "VmRSS:")?, status_kib("self", "VmHWM:")?))
+}
+
+/// A memory field (`VmRSS:`, `VmHWM:`) of process `pid` (or `self`), KiB.
+pub fn status_kib(pid: &str, name: &str) -> Result<u64, BoxError> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .ok_or_else(|| format!("/proc/{pid}/status has no {name}").into())
 }
 
 /// A child's report to the bench: one JSON line on stdout.
