@@ -364,33 +364,59 @@ async fn commit(
     claim: &Claim,
     result: Option<Bytes>,
 ) -> Completion {
-    use super::transactional::SealError;
     let sealed = match tx.conn().await {
         Ok(mut conn) => inbox.seal(&mut conn, &claim.key, result).await,
         Err(closed) => return Completion::NotRecorded(closed.into()),
     };
-    match sealed {
-        Ok(()) => {}
+    match commit_sealed(tx, sealed).await {
+        Committed::Yes => Completion::Recorded,
         // Left open: the failed run's ending rolls back to the savepoint
         // after the claim, which recovers an aborted transaction.
-        Err(SealError::Aborted(e)) => {
-            return Completion::Aborted(
-                format!("{}: {e}", super::transactional::IGNORED_FAILED_STATEMENT).into(),
-            );
-        }
+        Committed::Aborted(e) => Completion::Aborted(
+            format!("{}: {e}", super::transactional::IGNORED_FAILED_STATEMENT).into(),
+        ),
+        // Unknown outcome if the commit itself failed: the redelivery
+        // finds the row (duplicate) or not (runs again) — never both effects.
+        Committed::Failed(e) => Completion::NotRecorded(e),
+    }
+}
+
+/// How sealing and committing a transaction went.
+#[cfg(feature = "postgres")]
+pub(crate) enum Committed {
+    /// Committed.
+    Yes,
+    /// A handler left the transaction aborted; nothing committed, and the
+    /// transaction is left open for its caller to roll back (to a
+    /// savepoint, or all of it).
+    Aborted(sqlx::Error),
+    /// The seal or the commit failed; the transaction is rolled back or
+    /// gone.
+    Failed(crate::BoxError),
+}
+
+/// Commits `tx` after its seal (`sealed`), for one message's transaction
+/// and for a group's alike.
+#[cfg(feature = "postgres")]
+pub(crate) async fn commit_sealed(
+    tx: &crate::Tx,
+    sealed: Result<(), super::transactional::SealError>,
+) -> Committed {
+    use super::transactional::SealError;
+    match sealed {
+        Ok(()) => {}
+        Err(SealError::Aborted(e)) => return Committed::Aborted(e),
         Err(SealError::Database(e)) => {
             roll_back(tx).await;
-            return Completion::NotRecorded(e.into());
+            return Committed::Failed(e.into());
         }
     }
     match tx.take().await {
-        // Unknown outcome if this fails: the redelivery finds the row
-        // (duplicate) or not (runs again) — never both effects.
         Some(open) => match open.commit().await {
-            Ok(()) => Completion::Recorded,
-            Err(e) => Completion::NotRecorded(e.into()),
+            Ok(()) => Committed::Yes,
+            Err(e) => Committed::Failed(e.into()),
         },
-        None => Completion::NotRecorded(crate::tx::TxClosed.into()),
+        None => Committed::Failed(crate::tx::TxClosed.into()),
     }
 }
 

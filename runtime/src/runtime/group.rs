@@ -30,10 +30,10 @@ use tokio::sync::{Notify, Semaphore, oneshot};
 use tokio::time::Instant;
 use tracing::{Span, debug, field, warn};
 
-use super::backend::{Held, roll_back};
+use super::backend::{Committed, Held, commit_sealed, roll_back};
 use super::pipeline::{Ran, Shared, boxed, state_with};
 use super::settle::Failure;
-use super::transactional::{IGNORED_FAILED_STATEMENT, SealError, TxInbox, failed_for_another};
+use super::transactional::{IGNORED_FAILED_STATEMENT, TxInbox, failed_for_another};
 use crate::claim::{Claim, ClaimOutcome};
 use crate::fingerprint::Fingerprint;
 use crate::handler::{Handler, HandlerConfig, prepare};
@@ -308,25 +308,16 @@ async fn commit(inbox: &TxInbox, tx: &Tx, results: &[(RecordKey, Option<Bytes>)]
         Ok(mut conn) => inbox.seal_group(&mut conn, results).await,
         Err(_) => return GroupEnd::RolledBack,
     };
-    if let Err(e) = sealed {
-        roll_back(tx).await;
-        return match e {
-            SealError::Aborted(_) => GroupEnd::Aborted,
-            SealError::Database(e) => {
-                debug!(error = %e, "a group's transaction could not be sealed; its messages run alone");
-                GroupEnd::RolledBack
-            }
-        };
-    }
-    match tx.take().await {
-        Some(open) => match open.commit().await {
-            Ok(()) => GroupEnd::Committed,
-            Err(e) => {
-                debug!(error = %e, "a group's commit failed; its messages run alone");
-                GroupEnd::RolledBack
-            }
-        },
-        None => GroupEnd::RolledBack,
+    match commit_sealed(tx, sealed).await {
+        Committed::Yes => GroupEnd::Committed,
+        Committed::Aborted(_) => {
+            roll_back(tx).await;
+            GroupEnd::Aborted
+        }
+        Committed::Failed(e) => {
+            debug!(error = %e, "a group's transaction could not be sealed or committed; its messages run alone");
+            GroupEnd::RolledBack
+        }
     }
 }
 
