@@ -105,6 +105,31 @@ async fn kv_handler(
     Ok(())
 }
 
+/// Stores the card it issued; a duplicate announces it again, unchanged.
+#[idempotent(
+    stream = "ORDERS",
+    subject = "orders.announce",
+    key = order.id,
+    store_result,
+    on_duplicate = announce_again
+)]
+async fn announcing_handler(
+    Json(order): Json<Order>,
+    State(effects): State<Effects>,
+) -> Result<String, HandlerError> {
+    effects.record(&order.id);
+    Ok(format!("card-{}-{}", order.id, uuid::Uuid::now_v7()))
+}
+
+async fn announce_again(
+    card: String,
+    Json(order): Json<Order>,
+    State(effects): State<Effects>,
+) -> Result<(), HandlerError> {
+    effects.record(&format!("announced:{}:{card}", order.id));
+    Ok(())
+}
+
 #[idempotent(stream = "ORDERS", subject = "orders.header", key = header("Idempotency-Key"), on_missing_key = reject)]
 async fn rejecting_handler(
     Json(order): Json<Order>,
@@ -463,6 +488,49 @@ async fn a_resend_with_a_new_message_id_runs_the_effect_once() {
     .await;
     assert_eq!(setup.effects.runs("o-1").len(), 1);
     assert_eq!(running.count("kv_handler", Outcome::Duplicate), 1);
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn a_duplicate_is_handed_the_stored_result_without_running_the_effect() {
+    let setup = Setup::new().await;
+    let running = setup.start(|b| b.handler(announcing_handler)).await;
+    for id in ["first", "second", "third"] {
+        setup
+            .publish("orders.announce", &order("o-9"), Some(id), None)
+            .await;
+    }
+    setup.drained("announcing_handler").await;
+    until("three deliveries counted", || {
+        running.count("announcing_handler", Outcome::Processed)
+            + running.count("announcing_handler", Outcome::Duplicate)
+            == 3
+    })
+    .await;
+    assert_eq!(setup.effects.runs("o-9").len(), 1, "the effect ran once");
+    // Both duplicates announced the one stored card: the same result, not a
+    // new one (each run makes a new uuid).
+    let announced: Vec<(String, usize)> = {
+        let all = setup
+            .effects
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        all.iter()
+            .filter(|(key, _)| key.starts_with("announced:o-9:"))
+            .map(|(key, runs)| (key.clone(), runs.len()))
+            .collect()
+    };
+    assert_eq!(
+        announced.len(),
+        1,
+        "one card, announced by both: {announced:?}"
+    );
+    assert_eq!(announced[0].1, 2, "{announced:?}");
+    assert!(
+        announced[0].0.starts_with("announced:o-9:card-o-9-"),
+        "{announced:?}"
+    );
     running.stop().await;
 }
 

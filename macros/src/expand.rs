@@ -42,6 +42,7 @@ pub fn expand(item: ItemFn, options: &Options, sig: &Signature, key: Option<Key>
     let key_fn = key_fn(&key, &key_pats);
     let fingerprint_fn = fingerprint_fn(options, &key_pats);
     let encode_result_fn = encode_result_fn(options, sig);
+    let on_duplicate_fn = on_duplicate_fn(options, &ok_type, &arg_vars);
 
     quote! {
         #(#docs)*
@@ -66,6 +67,7 @@ pub fn expand(item: ItemFn, options: &Options, sig: &Signature, key: Option<Key>
             #key_fn
             #fingerprint_fn
             #encode_result_fn
+            #on_duplicate_fn
 
             async fn call(&self, args: Self::Args) -> ::core::result::Result<Self::Output, ::idem::__private::HandlerError> {
                 let (#(#arg_vars,)*) = args;
@@ -81,8 +83,24 @@ fn config(name: &syn::Ident, options: &Options) -> TokenStream {
         .name
         .as_ref()
         .map_or_else(|| name.to_string(), |given| given.value.value());
-    let stream = options.stream.as_ref().map(|s| &s.value);
     let mut calls = TokenStream::new();
+    let constructor = match (&options.service, &options.stream) {
+        (Some(service), _) => {
+            let service = &service.value;
+            quote!(::idem::__private::HandlerConfig::service(#handler, #service))
+        }
+        (None, stream) => {
+            let stream = stream.as_ref().map(|s| &s.value);
+            quote!(::idem::__private::HandlerConfig::new(#handler, #stream))
+        }
+    };
+    if let Some(version) = &options.version {
+        let version = &version.value;
+        calls.extend(quote!(.version(#version)));
+    }
+    if options.on_duplicate.is_some() {
+        calls.extend(quote!(.on_duplicate(true)));
+    }
     if let Some(consumer) = &options.consumer {
         let consumer = &consumer.value;
         calls.extend(quote!(.consumer(#consumer)));
@@ -153,7 +171,7 @@ fn config(name: &syn::Ident, options: &Options) -> TokenStream {
         };
         calls.extend(quote!(.start(#start)));
     }
-    quote!(::idem::__private::HandlerConfig::new(#handler, #stream) #calls)
+    quote!(#constructor #calls)
 }
 
 fn key_fn(key: &Option<Key>, pats: &[syn::Pat]) -> TokenStream {
@@ -212,7 +230,9 @@ fn fingerprint_fn(options: &Options, pats: &[syn::Pat]) -> TokenStream {
 }
 
 fn encode_result_fn(options: &Options, sig: &Signature) -> TokenStream {
-    let stores = options.store_result.as_ref().is_some_and(|s| s.value);
+    // A service's replies are its stored results.
+    let stores =
+        options.service.is_some() || options.store_result.as_ref().is_some_and(|s| s.value);
     let Some(ok_type) = sig.ok_type.as_ref().filter(|_| stores) else {
         return TokenStream::new();
     };
@@ -225,6 +245,29 @@ fn encode_result_fn(options: &Options, sig: &Signature) -> TokenStream {
             output: &Self::Output,
         ) -> ::core::result::Result<::core::option::Option<::idem::__private::Bytes>, ::idem::__private::SerdeJsonError> {
             #encode
+        }
+    }
+}
+
+/// `on_duplicate = hook`: `hook(stored_result, <the handler's arguments>)`.
+fn on_duplicate_fn(
+    options: &Options,
+    ok_type: &TokenStream,
+    arg_vars: &[syn::Ident],
+) -> TokenStream {
+    let Some(hook) = &options.on_duplicate else {
+        return TokenStream::new();
+    };
+    let hook = &hook.value;
+    let call = quote_spanned!(hook.span()=> #hook(previous, #(#arg_vars),*));
+    quote! {
+        fn on_duplicate(
+            &self,
+            args: Self::Args,
+            stored: ::core::option::Option<::idem::__private::Bytes>,
+        ) -> impl ::core::future::Future<Output = ::core::result::Result<(), ::idem::__private::HandlerError>> + Send {
+            let (#(#arg_vars,)*) = args;
+            ::idem::__private::on_duplicate::<#ok_type, _, _, _>(stored, move |previous| #call)
         }
     }
 }

@@ -30,7 +30,10 @@ pub const OPTION_NAMES: &[&str] = &[
     "on_missing_key",
     "fingerprint",
     "store_result",
+    "on_duplicate",
     "start",
+    "service",
+    "version",
 ];
 
 /// One `name` or `name = value`.
@@ -132,7 +135,10 @@ pub struct Options {
     pub on_missing_key: Option<Given<MissingKey>>,
     pub fingerprint: Option<Given<Fingerprint>>,
     pub store_result: Option<Given<bool>>,
+    pub on_duplicate: Option<Given<syn::Path>>,
     pub start: Option<Given<StartAt>>,
+    pub service: Option<Given<LitStr>>,
+    pub version: Option<Given<LitStr>>,
 }
 
 impl Options {
@@ -175,6 +181,9 @@ impl Options {
             "linger" => self.linger.is_some(),
             "on_missing_key" => self.on_missing_key.is_some(),
             "fingerprint" => self.fingerprint.is_some(),
+            "on_duplicate" => self.on_duplicate.is_some(),
+            "service" => self.service.is_some(),
+            "version" => self.version.is_some(),
             _ => self.store_result.is_some(),
         }
     }
@@ -212,6 +221,40 @@ impl Options {
                     self.name = Some(Given::new(&name, lit));
                 }
             }
+            "service" => {
+                if let Some(lit) = string(&value, &label, errors) {
+                    let text = lit.value();
+                    if text.is_empty()
+                        || !text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+                    {
+                        errors.push(
+                            lit.span(),
+                            "`service` must be a NATS micro service name: letters, digits, `_` or `-`",
+                        );
+                    }
+                    self.service = Some(Given::new(&name, lit));
+                }
+            }
+            "version" => {
+                if let Some(lit) = string(&value, &label, errors) {
+                    let text = lit.value();
+                    let parts: Vec<&str> = text.split(['-', '+']).next().unwrap_or("").split('.').collect();
+                    if parts.len() != 3 || !parts.iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())) {
+                        errors.push(lit.span(), "`version` is the service's semantic version, e.g. \"1.2.0\"");
+                    }
+                    self.version = Some(Given::new(&name, lit));
+                }
+            }
+            "on_duplicate" => match value {
+                Expr::Path(path) if path.qself.is_none() => {
+                    self.on_duplicate = Some(Given::new(&name, path.path));
+                }
+                other => errors.push(
+                    other.span(),
+                    "`on_duplicate` names an async function: `on_duplicate = announce_again`, called as \
+                     `announce_again(stored_result, <the handler's arguments>)`",
+                ),
+            },
             "start" => match (&value, word(&value).as_deref()) {
                 (_, Some("all")) => self.start = Some(Given::new(&name, StartAt::All)),
                 (_, Some("new")) => self.start = Some(Given::new(&name, StartAt::New)),
@@ -367,6 +410,12 @@ impl Options {
             "on_missing_key" => self.on_missing_key.as_ref().and_then(|g| span(&g.name)),
             "batch" => self.batch.as_ref().and_then(|g| span(&g.name)),
             "linger" => self.linger.as_ref().and_then(|g| span(&g.name)),
+            "consumer" => self.consumer.as_ref().and_then(|g| span(&g.name)),
+            "dead_letter" => self.dead_letter.as_ref().and_then(|g| span(&g.name)),
+            "retry" => self.retry.as_ref().and_then(|g| span(&g.name)),
+            "start" => self.start.as_ref().and_then(|g| span(&g.name)),
+            "on_duplicate" => self.on_duplicate.as_ref().and_then(|g| span(&g.name)),
+            "version" => self.version.as_ref().and_then(|g| span(&g.name)),
             _ => None,
         }
     }

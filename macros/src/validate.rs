@@ -24,13 +24,16 @@ pub enum Key {
 
 /// Runs every cross-check; returns the resolved key source.
 pub fn validate(options: &Options, sig: &Signature, errors: &mut Errors) -> Option<Key> {
-    if options.stream.is_none() {
+    let dedup = options.dedup.as_ref().map_or(DedupMode::Kv, |d| d.value);
+    served(options, errors);
+    if let Some(hook) = &options.on_duplicate
+        && (dedup == DedupMode::Off || !options.store_result.as_ref().is_some_and(|s| s.value))
+    {
         errors.push(
-            Span::call_site(),
-            "missing `stream = \"…\"`: the JetStream stream this handler consumes",
+            hook.name.span(),
+            "`on_duplicate` hands a duplicate the result its key completed with: add `store_result` (and keep dedup on)",
         );
     }
-    let dedup = options.dedup.as_ref().map_or(DedupMode::Kv, |d| d.value);
     if dedup == DedupMode::Off {
         for option in ["retention", "lease", "fingerprint", "store_result"] {
             if let Some(span) = options.span_of(option) {
@@ -99,6 +102,51 @@ pub fn validate(options: &Options, sig: &Signature, errors: &mut Errors) -> Opti
             Key::Expr(expr.clone())
         }
     })
+}
+
+/// A handler consumes a stream or serves requests: checks the options that
+/// belong to one or the other.
+fn served(options: &Options, errors: &mut Errors) {
+    match (&options.stream, &options.service) {
+        (None, None) => errors.push(
+            Span::call_site(),
+            "missing `stream = \"…\"`: the JetStream stream this handler consumes \
+             (or `service = \"…\"` to serve it as request/reply)",
+        ),
+        (Some(_), Some(service)) => errors.push(
+            service.name.span(),
+            "`service` serves the handler as request/reply, `stream` has it consume a stream: give one of them",
+        ),
+        (Some(_), None) => {
+            if let Some(span) = options.span_of("version") {
+                errors.push(span, "`version` is a service's version: it needs `service = \"…\"`");
+            }
+        }
+        (None, Some(_)) => {
+            if options.subject.is_none() {
+                errors.push(
+                    Span::call_site(),
+                    "missing `subject = \"…\"`: the subject the service's requests arrive on",
+                );
+            }
+            for option in [
+                "consumer",
+                "dead_letter",
+                "start",
+                "retry",
+                "batch",
+                "linger",
+                "on_duplicate",
+            ] {
+                if let Some(span) = options.span_of(option) {
+                    errors.push(
+                        span,
+                        format!("`{option}` is for stream handlers: a service handler answers each request, and the client asks again"),
+                    );
+                }
+            }
+        }
+    }
 }
 
 fn binds(bound: &BTreeSet<String>, path: &Path) -> bool {

@@ -64,6 +64,19 @@ impl Delivery {
         }
     }
 
+    /// A request to a request/reply handler: subject, payload and headers;
+    /// no stream, first delivery.
+    pub(crate) fn from_request(message: &async_nats::Message) -> Self {
+        Self {
+            subject: message.subject.to_string(),
+            payload: message.payload.clone(),
+            headers: message.headers.clone().unwrap_or_default(),
+            stream: String::new(),
+            stream_sequence: 0,
+            delivered: 1,
+        }
+    }
+
     /// Adds a header.
     pub fn with_header(mut self, name: &str, value: &str) -> Self {
         self.headers.insert(name, value);

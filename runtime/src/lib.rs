@@ -59,6 +59,7 @@ pub mod handler;
 pub mod key;
 pub mod outbox;
 pub mod publisher;
+pub mod reply;
 pub mod retry;
 pub mod runtime;
 mod server_error;
@@ -121,6 +122,36 @@ pub mod __private {
         value: &T,
     ) -> Result<Option<Bytes>, serde_json::Error> {
         serde_json::to_vec(value).map(|v| Some(Bytes::from(v)))
+    }
+
+    /// What `on_duplicate = hook` calls: the stored result decoded as the
+    /// handler's `Ok` type, handed to `hook`. A duplicate without a stored
+    /// result (completed before `store_result` was turned on) does not call
+    /// it; one whose result no longer decodes is a permanent failure, to be
+    /// dead-lettered for an operator to see.
+    pub async fn on_duplicate<T, F, Fut, E>(
+        stored: Option<Bytes>,
+        hook: F,
+    ) -> Result<(), HandlerError>
+    where
+        T: serde::de::DeserializeOwned,
+        F: FnOnce(T) -> Fut,
+        Fut: std::future::Future<Output = Result<(), E>>,
+        E: Into<HandlerError>,
+    {
+        let Some(stored) = stored else {
+            tracing::warn!(
+                "a duplicate's key has no stored result (completed before store_result was on): on_duplicate not called"
+            );
+            return Ok(());
+        };
+        let previous = serde_json::from_slice(&stored).map_err(|source| {
+            HandlerError::permanent(crate::handler::StoredResultUndecodable {
+                target: std::any::type_name::<T>(),
+                source,
+            })
+        })?;
+        hook(previous).await.map_err(Into::into)
     }
 
     /// Converts the body's error into a `HandlerError`.

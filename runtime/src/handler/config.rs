@@ -78,6 +78,20 @@ pub enum ConfigError {
         /// The handler.
         handler: String,
     },
+    /// A service name NATS micro services do not accept.
+    #[error("handler `{handler}`: service name {service:?} must be letters, digits, `_` or `-`")]
+    ServiceName {
+        /// The handler.
+        handler: String,
+        /// The name.
+        service: String,
+    },
+    /// A request/reply handler without the subject its requests arrive on.
+    #[error("handler `{handler}`: a service handler needs the subject its requests arrive on")]
+    NoEndpointSubject {
+        /// The handler.
+        handler: String,
+    },
     /// A bad subject.
     #[error("handler `{handler}`: {option}: {source}")]
     Subject {
@@ -170,8 +184,15 @@ pub struct HandlerConfig {
     /// namespaces its claims, names its consumer, stats and dead letters.
     /// Keep it when renaming the function.
     pub name: String,
-    /// The stream it consumes.
+    /// The stream it consumes (empty for a request/reply handler).
     pub stream: String,
+    /// The NATS micro service that serves the handler as a request/reply
+    /// endpoint on `subject`, instead of a stream's consumer (see
+    /// [`service`](Self::service)).
+    pub service: Option<String>,
+    /// The service's version (semver; default `0.1.0`), as
+    /// `$SRV.INFO` shows it.
+    pub version: String,
     /// The durable consumer's name (default: the handler's name).
     pub consumer: String,
     /// The filter subject (default: all of the stream's subjects).
@@ -195,6 +216,10 @@ pub struct HandlerConfig {
     pub fingerprint: FingerprintSource,
     /// Whether the `Ok` value is stored for duplicates.
     pub store_result: bool,
+    /// Whether a duplicate's delivery is handed to the handler's
+    /// [`on_duplicate`](crate::Handler::on_duplicate) with the stored
+    /// result (the attribute's `on_duplicate = …`).
+    pub on_duplicate: bool,
     /// How many keys this process completed are remembered in memory, so
     /// that their duplicates are answered without asking the store
     /// (default: 16,384; 0 turns it off). `dedup = kv` only.
@@ -219,6 +244,8 @@ impl HandlerConfig {
         Self {
             name: name.to_owned(),
             stream: stream.to_owned(),
+            service: None,
+            version: "0.1.0".to_owned(),
             consumer: name.to_owned(),
             subject: None,
             dedup: Dedup::default(),
@@ -230,11 +257,46 @@ impl HandlerConfig {
             on_missing_key: OnMissingKey::default(),
             fingerprint: FingerprintSource::default(),
             store_result: false,
+            on_duplicate: false,
             recent_completions: 16_384,
             start: None,
             batch: 32,
             linger: Duration::from_millis(2),
         }
+    }
+
+    /// The defaults for a handler `name` served as a request/reply endpoint
+    /// of the NATS micro service `service` (async-nats' `service` API, so it
+    /// answers `$SRV.PING`, `INFO` and `STATS`), on `subject`: the first
+    /// request with a key runs, its result is stored with the claim and
+    /// replied; a request repeating it gets the stored reply. Results are
+    /// always stored.
+    ///
+    /// ```
+    /// use idem::handler::HandlerConfig;
+    ///
+    /// let config = HandlerConfig::service("charge", "payments").subject("payments.charge");
+    /// assert_eq!(config.validate(), Ok(()));
+    /// assert!(config.store_result);
+    /// ```
+    pub fn service(name: &str, service: &str) -> Self {
+        let mut config = Self::new(name, "");
+        config.service = Some(service.to_owned());
+        config.store_result = true;
+        config
+    }
+
+    /// The service's version (`service` handlers only).
+    ///
+    /// ```
+    /// use idem::handler::HandlerConfig;
+    ///
+    /// let config = HandlerConfig::service("charge", "payments").version("2.1.0");
+    /// assert_eq!(config.version, "2.1.0");
+    /// ```
+    pub fn version(mut self, version: &str) -> Self {
+        self.version = version.to_owned();
+        self
     }
 
     /// `dedup = transactional`: lets up to `messages` deliveries share one
@@ -383,6 +445,21 @@ impl HandlerConfig {
         self
     }
 
+    /// Hands each duplicate's delivery, with the stored result, to the
+    /// handler's [`on_duplicate`](crate::Handler::on_duplicate) before it
+    /// is acknowledged (what `on_duplicate = …` sets).
+    ///
+    /// ```
+    /// use idem::handler::HandlerConfig;
+    ///
+    /// let config = HandlerConfig::new("issue_card", "PAYMENTS").store_result(true).on_duplicate(true);
+    /// assert!(config.on_duplicate);
+    /// ```
+    pub fn on_duplicate(mut self, hook: bool) -> Self {
+        self.on_duplicate = hook;
+        self
+    }
+
     /// How many completed keys this process remembers, to answer their
     /// duplicates without a round trip to the store; 0 turns it off.
     ///
@@ -413,8 +490,26 @@ impl HandlerConfig {
             handler: handler(),
             source,
         })?;
-        if self.stream.is_empty() {
-            return Err(ConfigError::NoStream { handler: handler() });
+        match &self.service {
+            Some(service)
+                if service.is_empty()
+                    || !service
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') =>
+            {
+                return Err(ConfigError::ServiceName {
+                    handler: handler(),
+                    service: service.clone(),
+                });
+            }
+            Some(_) if self.subject.is_none() => {
+                return Err(ConfigError::NoEndpointSubject { handler: handler() });
+            }
+            Some(_) => {}
+            None if self.stream.is_empty() => {
+                return Err(ConfigError::NoStream { handler: handler() });
+            }
+            None => {}
         }
         let subject_error = |option, source| ConfigError::Subject {
             handler: handler(),
@@ -467,6 +562,8 @@ mod tests {
         match error {
             ConfigError::Name { .. } => "Name",
             ConfigError::NoStream { .. } => "NoStream",
+            ConfigError::ServiceName { .. } => "ServiceName",
+            ConfigError::NoEndpointSubject { .. } => "NoEndpointSubject",
             ConfigError::Subject { .. } => "Subject",
             ConfigError::DeadLetterLoop { .. } => "DeadLetterLoop",
             ConfigError::ZeroConcurrency { .. } => "ZeroConcurrency",
@@ -484,6 +581,11 @@ mod tests {
         let cases = [
             (HandlerConfig::new("h.x", "S"), "Name"),
             (HandlerConfig::new("h", ""), "NoStream"),
+            (
+                HandlerConfig::service("h", "pay.ments").subject("a"),
+                "ServiceName",
+            ),
+            (HandlerConfig::service("h", "payments"), "NoEndpointSubject"),
             (base().subject("orders..x"), "Subject"),
             (base().dead_letter("dead.*"), "Subject"),
             (base().dead_letter("orders.created"), "DeadLetterLoop"),

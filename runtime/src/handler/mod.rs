@@ -80,6 +80,22 @@ pub trait Handler: Send + Sync + 'static {
         Ok(None)
     }
 
+    /// What a duplicate's delivery does, given the arguments made from it
+    /// and the result stored when its key completed (`None` if none was
+    /// stored): nothing by default. `on_duplicate = hook` on the attribute
+    /// calls `hook(previous, <the handler's arguments>)` — e.g. to announce
+    /// the outcome again for a consumer that missed it — without running
+    /// the effect again. Its `Err` is retried and dead-lettered as a
+    /// handler's; the key stays completed either way.
+    fn on_duplicate(
+        &self,
+        args: Self::Args,
+        stored: Option<Bytes>,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send {
+        let _ = (args, stored);
+        std::future::ready(Ok(()))
+    }
+
     /// Runs the handler's body.
     fn call(
         &self,
@@ -125,6 +141,19 @@ impl PrepareError {
             PrepareError::Key(_) => DeadLetterReason::MissingKey,
         }
     }
+}
+
+/// A duplicate's stored result that no longer decodes as the handler's
+/// `Ok` type (it changed since the key completed): `on_duplicate` cannot be
+/// called, and the duplicate is dead-lettered with this error.
+#[derive(Debug, thiserror::Error)]
+#[error("the stored result does not decode as {target}: {source}")]
+pub struct StoredResultUndecodable {
+    /// The handler's `Ok` type.
+    pub target: &'static str,
+    /// The decoder's error.
+    #[source]
+    pub source: serde_json::Error,
 }
 
 /// Extracts the arguments, the key and the fingerprint of a delivery for

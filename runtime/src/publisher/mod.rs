@@ -16,6 +16,7 @@
 
 mod error;
 mod message;
+mod request;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -31,6 +32,7 @@ use tracing::debug;
 
 pub use error::PublishError;
 pub use message::Outgoing;
+pub use request::{RequestError, Requester};
 
 use crate::BoxError;
 use crate::retry::{Retry, RetryDecision};

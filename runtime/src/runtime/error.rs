@@ -186,6 +186,16 @@ pub enum RuntimeError {
         /// What happened.
         reason: String,
     },
+    /// A request/reply handler's service or endpoint could not be started
+    /// (e.g. a version that is not semver, or no permission to subscribe to
+    /// the endpoint's subject).
+    #[error("handler `{handler}`: its service endpoint could not start: {reason}")]
+    ServiceFailed {
+        /// The handler.
+        handler: String,
+        /// What the client library said.
+        reason: String,
+    },
 }
 
 crate::error::debug_as_report!(RuntimeError);

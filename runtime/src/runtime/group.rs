@@ -355,7 +355,7 @@ impl<H: Handler> Shared<H> {
         let (claim, ballot) = match answer {
             Answer::Claimed(claim, ballot) => (claim, ballot),
             Answer::Refused(outcome) => {
-                return boxed(self.refused(message, delivery, outcome)).await;
+                return boxed(self.refused(message, delivery, outcome, prepared.args)).await;
             }
             Answer::Alone => {
                 drop(prepared);

@@ -28,6 +28,7 @@ mod pace;
 mod pipeline;
 mod provision;
 mod recent;
+mod service;
 mod settle;
 mod stats;
 #[cfg(feature = "postgres")]
@@ -75,6 +76,7 @@ trait Registration: Send {
 struct StartContext {
     #[cfg(feature = "postgres")]
     postgres: Option<(sqlx::PgPool, String)>,
+    client: async_nats::Client,
     js: async_nats::jetstream::Context,
     state: StateMap,
     kv: KvStoreConfig,
@@ -110,9 +112,14 @@ impl<H: Handler> Registration for Registered<H> {
                     source,
                 }
             })?;
+            let serves = config.service.is_some();
             let Provisioned { backend, consumer } =
                 patiently(&config, || provision_handler(&ctx, &config)).await?;
-            info!(handler = %config.name, stream = %config.stream, consumer = %config.consumer, dedup = ?config.dedup, "handler ready");
+            if serves {
+                info!(handler = %config.name, service = ?config.service, subject = ?config.subject, dedup = ?config.dedup, "handler ready");
+            } else {
+                info!(handler = %config.name, stream = %config.stream, consumer = %config.consumer, dedup = ?config.dedup, "handler ready");
+            }
             // The claim bucket keeps records for the handler's retention.
             let recent = Recent::new(config.recent_completions, config.retention);
             #[cfg(feature = "postgres")]
@@ -140,10 +147,13 @@ impl<H: Handler> Registration for Registered<H> {
                 active: active::ActiveKeys::default(),
                 takes_fence,
             };
-            let worker: Box<dyn Worker> = Box::new(HandlerWorker {
-                shared: Arc::new(shared),
-                consumer,
-            });
+            let worker: Box<dyn Worker> = match consumer {
+                Some(consumer) => Box::new(HandlerWorker {
+                    shared: Arc::new(shared),
+                    consumer,
+                }),
+                None => Box::new(service::ServiceWorker::start(&ctx.client, shared).await?),
+            };
             Ok(worker)
         })
     }
@@ -200,11 +210,13 @@ fn check_state<A: FromDelivery>(
 /// What a handler needs from the servers before its first fetch.
 struct Provisioned {
     backend: Backend,
-    consumer: async_nats::jetstream::consumer::PullConsumer,
+    /// The durable consumer; none for a request/reply handler.
+    consumer: Option<async_nats::jetstream::consumer::PullConsumer>,
 }
 
 /// Checks or creates everything `config` needs: claim bucket or inbox,
-/// stream, dead-letter coverage, durable consumer.
+/// stream, dead-letter coverage, durable consumer (the claim store only,
+/// for a request/reply handler).
 async fn provision_handler(
     ctx: &StartContext,
     config: &HandlerConfig,
@@ -237,10 +249,19 @@ async fn provision_handler(
             });
         }
     };
+    if config.service.is_some() {
+        return Ok(Provisioned {
+            backend,
+            consumer: None,
+        });
+    }
     let stream = provision::stream(&ctx.js, config, ctx.create_streams).await?;
     provision::dead_letters(&ctx.js, config, ctx.kv.replica_count()).await?;
     let consumer = provision::consumer(&stream, config).await?;
-    Ok(Provisioned { backend, consumer })
+    Ok(Provisioned {
+        backend,
+        consumer: Some(consumer),
+    })
 }
 
 /// How long start-up keeps trying while the servers do not answer (a
@@ -411,6 +432,9 @@ impl RuntimeBuilder {
                     second_stream: config.stream,
                 });
             }
+            if config.service.is_some() {
+                continue;
+            }
             if let Some(first) = consumers.insert(
                 (config.stream.clone(), config.consumer.clone()),
                 config.name.clone(),
@@ -427,6 +451,7 @@ impl RuntimeBuilder {
         let ctx = StartContext {
             #[cfg(feature = "postgres")]
             postgres: self.postgres,
+            client: self.client.clone(),
             js: async_nats::jetstream::new(self.client.clone()),
             state: self.state,
             kv: self.kv,

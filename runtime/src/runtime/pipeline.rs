@@ -215,7 +215,7 @@ impl<H: Handler> Shared<H> {
                 )
                 .await;
             };
-            if self.recent.is_done(&key, prepared.fingerprint) {
+            if !self.config.on_duplicate && self.recent.is_done(&key, prepared.fingerprint) {
                 self.count(Outcome::Duplicate);
                 return ack_recorded(message).await;
             }
@@ -239,7 +239,8 @@ impl<H: Handler> Shared<H> {
             }
             Ok(refused) => {
                 discard(begun).await;
-                return Box::pin(self.refused(message, delivery, refused)).await;
+                let args = prepared.args;
+                return Box::pin(self.refused(message, delivery, refused, args)).await;
             }
             Err(e) => {
                 discard(begun).await;
@@ -268,7 +269,7 @@ impl<H: Handler> Shared<H> {
     ) -> (u32, Ran<H::Output>) {
         let attempt = held.attempt(delivery);
         let ran = self
-            .run(message, held, asked, self.handler.call(args))
+            .run(Some(message), held, asked, self.handler.call(args))
             .await;
         (attempt, ran)
     }
@@ -308,9 +309,10 @@ impl<H: Handler> Shared<H> {
     /// checked before every poll of the handler, so a process waking from a
     /// freeze stops its handler before the handler takes another step.
     /// `asked` is when the claim was requested: the lease counts from then.
+    /// `progress`: the JetStream message to send in-progress acks for.
     pub(super) async fn run<T>(
         &self,
-        message: &Message,
+        progress: Option<&Message>,
         held: &mut Held,
         asked: Instant,
         call: impl Future<Output = Result<T, HandlerError>>,
@@ -347,7 +349,9 @@ impl<H: Handler> Shared<H> {
                 // runs even while the handler waits on nothing that would.
                 () = tokio::time::sleep_until(lease_ends.at()), if fenced => {}
                 _ = keepalive.tick() => {
-                    if let Err(e) = Box::pin(message.ack_with(AckKind::Progress)).await {
+                    if let Some(message) = progress
+                        && let Err(e) = Box::pin(message.ack_with(AckKind::Progress)).await
+                    {
                         warn!(error = %e, "could not send an in-progress ack");
                     }
                     // A renewal may take no longer than a renewal period,
@@ -391,7 +395,7 @@ impl<H: Handler> Shared<H> {
         };
         let stored = self.stored_result(&output);
         let sent = Instant::now();
-        match self.record_completion(message, &held, stored).await {
+        match self.record_completion(Some(message), &held, stored).await {
             Some(Completion::Recorded) => {
                 if let Held::Kv(_) = held {
                     self.recent.remember(&claim.key, claim.fingerprint, sent);
@@ -441,11 +445,11 @@ impl<H: Handler> Shared<H> {
     /// Records completion, retrying while the store cannot be reached:
     /// meanwhile nobody else can take the claim over, and the claim's
     /// revision fences a retry that lands late. In-progress acks between
-    /// attempts keep the server from redelivering the message. Gives up
-    /// only at the shutdown deadline (`None`).
-    async fn record_completion(
+    /// attempts keep the server from redelivering the message (`progress`).
+    /// Gives up only at the shutdown deadline (`None`).
+    pub(super) async fn record_completion(
         &self,
-        message: &Message,
+        progress: Option<&Message>,
         held: &Held,
         result: Option<bytes::Bytes>,
     ) -> Option<Completion> {
@@ -455,7 +459,9 @@ impl<H: Handler> Shared<H> {
                 Ok(completion) => return Some(completion),
                 Err(e) => {
                     warn!(error = %e, ?pause, "could not record completion; retrying");
-                    let _ = message.ack_with(AckKind::Progress).await;
+                    if let Some(message) = progress {
+                        let _ = message.ack_with(AckKind::Progress).await;
+                    }
                     tokio::select! {
                         () = sleep(pause) => {}
                         () = self.hard_stop.cancelled() => {

@@ -10,11 +10,12 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{AckKind, Message};
+use tokio::time::Instant;
 use tracing::{error, warn};
 
 use super::backend::Held;
 use super::dead_letter::{self, Reason};
-use super::pipeline::{HandlerPanicked, Shared};
+use super::pipeline::{HandlerPanicked, Ran, Shared};
 use super::stats::Outcome;
 use crate::claim::ClaimOutcome;
 use crate::fingerprint::Fingerprint;
@@ -70,8 +71,13 @@ impl<H: Handler> Shared<H> {
         message: &Message,
         delivery: &Delivery,
         outcome: ClaimOutcome,
+        args: H::Args,
     ) {
         match outcome {
+            ClaimOutcome::Duplicate { result } if self.config.on_duplicate => {
+                self.count(Outcome::Duplicate);
+                self.answer_duplicate(message, delivery, args, result).await;
+            }
             ClaimOutcome::Duplicate { .. } | ClaimOutcome::Dead => {
                 self.count(Outcome::Duplicate);
                 ack_recorded(message).await;
@@ -87,6 +93,33 @@ impl<H: Handler> Shared<H> {
                 error!("a granted claim was taken for a refusal; NAKed");
                 nak(message, MIN_NAK_DELAY).await;
             }
+        }
+    }
+
+    /// Hands a duplicate and its stored result to the handler's
+    /// `on_duplicate` (panics caught, progress acks sent as for a run),
+    /// then acknowledges it; a failure is retried and dead-lettered as a
+    /// handler's, with the key left completed.
+    async fn answer_duplicate(
+        &self,
+        message: &Message,
+        delivery: &Delivery,
+        args: H::Args,
+        stored: Option<bytes::Bytes>,
+    ) {
+        let mut held = Held::Nothing;
+        let hook = self.handler.on_duplicate(args, stored);
+        match self
+            .run(Some(message), &mut held, Instant::now(), hook)
+            .await
+        {
+            Ran::Returned(()) => ack_recorded(message).await,
+            Ran::Failed(error) => {
+                let attempt = deliveries(delivery);
+                Box::pin(self.failed(message, delivery, error, attempt, held)).await;
+            }
+            Ran::CutOff => self.interrupted(message, held).await,
+            Ran::LeaseLost(why) => self.lease_lost(why),
         }
     }
 

@@ -33,7 +33,10 @@ pub enum Outcome {
     StoreUnavailable,
     /// The payload did not decode (also counted as dead-lettered).
     DecodeFailed,
-    /// No key, and `on_missing_key = reject`: acknowledged and dropped.
+    /// No key, and `on_missing_key = reject`: acknowledged and dropped. For
+    /// a request/reply handler: a request answered with an error asking
+    /// again cannot cure (it does not decode, has no key, or the handler
+    /// refused it with a permanent error).
     Rejected,
     /// Shutdown interrupted the handler: claim released, NAKed.
     Interrupted,
