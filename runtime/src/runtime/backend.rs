@@ -48,6 +48,19 @@ pub(crate) enum Backend {
     Transactional(super::transactional::TxInbox),
 }
 
+impl Backend {
+    /// Where the claims are, as dead letters name it (`Idem-Store`):
+    /// `kv:<bucket>` or `postgres:<schema>`; none without claims.
+    pub(crate) fn location(&self) -> Option<String> {
+        match self {
+            Backend::Off => None,
+            Backend::Kv(store) => Some(format!("kv:{}", store.map().name())),
+            #[cfg(feature = "postgres")]
+            Backend::Transactional(inbox) => Some(format!("postgres:{}", inbox.schema)),
+        }
+    }
+}
+
 /// What a delivery holds while its handler runs.
 pub(crate) enum Held {
     /// Nothing to hold (`dedup = off`, or a delivery that never got a claim).

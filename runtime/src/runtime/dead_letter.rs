@@ -27,6 +27,19 @@ pub mod headers {
     pub const SEQUENCE: &str = "Idem-Original-Sequence";
     /// The original `Nats-Msg-Id`, if any.
     pub const MESSAGE_ID: &str = "Idem-Original-Msg-Id";
+    /// The claim record's key (handler and idempotency key, as the store
+    /// keeps it), when the message had claimed one: what a replay clears.
+    pub const KEY: &str = "Idem-Key";
+    /// Where that record is: `kv:<bucket>` or `postgres:<schema>`.
+    pub const STORE: &str = "Idem-Store";
+}
+
+/// The claim record a dead letter's message held, for its headers.
+pub(crate) struct Record<'a> {
+    /// The record key.
+    pub(crate) key: &'a crate::key::RecordKey,
+    /// [`headers::STORE`]'s value.
+    pub(crate) store: String,
 }
 
 /// Why a message is dead-lettered, with the error for `Idem-Error`.
@@ -46,6 +59,7 @@ pub(crate) async fn publish(
     delivery: &Delivery,
     reason: Reason<'_>,
     attempts: u32,
+    record: Option<Record<'_>>,
 ) -> Result<(), BoxError> {
     let mut out = HeaderMap::new();
     for (name, values) in delivery.headers().iter() {
@@ -58,6 +72,10 @@ pub(crate) async fn publish(
     }
     if let Some(id) = delivery.message_id() {
         out.insert(headers::MESSAGE_ID, id);
+    }
+    if let Some(record) = record {
+        out.insert(headers::KEY, record.key.as_str());
+        out.insert(headers::STORE, record.store.as_str());
     }
     out.insert(headers::HANDLER, config.name.as_str());
     out.insert(headers::REASON, reason.code.as_str());

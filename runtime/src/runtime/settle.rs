@@ -303,8 +303,15 @@ impl<H: Handler> Shared<H> {
             Err(e) => return self.store_unavailable(message, delivery, e).await,
         }
         let reason = Reason { code, error };
+        let record = held
+            .claim()
+            .zip(self.backend.location())
+            .map(|(claim, store)| dead_letter::Record {
+                key: &claim.key,
+                store,
+            });
         if let Err(e) =
-            dead_letter::publish(&self.js, &self.config, delivery, reason, attempts).await
+            dead_letter::publish(&self.js, &self.config, delivery, reason, attempts, record).await
         {
             error!(error = %e, reason = %code, subject = %self.config.dead_letter, "could not store the dead letter; the message and its key are kept");
             // The key stays this payload's: a KV claim stays pending (the

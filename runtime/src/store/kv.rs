@@ -178,6 +178,8 @@ impl KvStoreConfig {
 /// timeout.
 #[derive(Clone, Debug)]
 pub struct KvBucket {
+    /// The bucket's name (its shards' base name).
+    name: String,
     /// One store per shard; a key lives in the one [`shard_of`] picks.
     shards: Vec<kv::Store>,
     retention: Duration,
@@ -225,10 +227,38 @@ impl KvStore {
         kv_server::check(&client.server_info().version, config.replicas)?;
         let shards = kv_bucket::open(js, &config).await?;
         Ok(CasStore::over(KvBucket {
+            name: config.bucket_name().to_owned(),
             shards,
             retention: config.retention,
             op_timeout: config.op_timeout,
         }))
+    }
+}
+
+impl KvStore {
+    /// Opens an existing bucket as it is — its retention, replicas and
+    /// shards read from the server — for tools such as the `idem` CLI that
+    /// inspect the claims a runtime made; `Ok(None)` if there is no bucket
+    /// of that name. Creates nothing.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: async_nats::Client) -> Result<(), idem::store::StoreError> {
+    /// use idem::store::KvStore;
+    ///
+    /// let js = async_nats::jetstream::new(client);
+    /// if let Some(store) = KvStore::open_existing(&js, "idem_claims").await? {
+    ///     println!("{} shard(s)", store.map().shard_count());
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn open_existing(
+        js: &jetstream::Context,
+        bucket: &str,
+    ) -> Result<Option<Self>, StoreError> {
+        match kv_bucket::existing(js, bucket).await? {
+            Some(config) => Self::open(js, config).await.map(Some),
+            None => Ok(None),
+        }
     }
 }
 
@@ -244,6 +274,16 @@ fn shard_of(key: &str, shards: usize) -> usize {
 }
 
 impl KvBucket {
+    /// The bucket's name, as [`KvStoreConfig::bucket`] gave it.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// How many shards the bucket has.
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
     /// The store of the shard that holds `key`.
     fn store(&self, key: &str) -> &kv::Store {
         let index = shard_of(key, self.shards.len());

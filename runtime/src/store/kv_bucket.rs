@@ -37,6 +37,38 @@ pub(super) async fn open(
     Ok(shards)
 }
 
+/// The configuration of the existing bucket `bucket`, read from its first
+/// shard's stream: for tools that open a bucket as it is, not as a runtime
+/// would create it. `Ok(None)`: there is no such bucket.
+pub(super) async fn existing(
+    js: &jetstream::Context,
+    bucket: &str,
+) -> Result<Option<KvStoreConfig>, StoreError> {
+    let found = match js.get_stream(format!("KV_{bucket}")).await {
+        Ok(stream) => stream.cached_info().config.clone(),
+        Err(e) if matches!(e.kind(), GetStreamErrorKind::JetStream(ref j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND) =>
+        {
+            return Ok(None);
+        }
+        Err(e) => return Err(StoreError::unavailable(StoreOp::Read, e)),
+    };
+    // "…, shard 1 of K" for K > 1; no count for one shard.
+    let shards = found
+        .description
+        .as_deref()
+        .and_then(|d| d.rsplit_once(" of "))
+        .and_then(|(_, count)| count.parse().ok())
+        .unwrap_or(1);
+    Ok(Some(
+        KvStoreConfig::default()
+            .bucket(bucket)
+            .retention(found.max_age)
+            .replicas(found.num_replicas.max(1))
+            .storage(found.storage)
+            .shards(shards),
+    ))
+}
+
 /// Opens shard `index` of the bucket, creating it when absent.
 async fn open_shard(
     js: &jetstream::Context,

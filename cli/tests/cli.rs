@@ -1,0 +1,269 @@
+//! The `idem` binary against a real server: dead letters listed, replayed
+//! after the handler was fixed — applied once each — and a second replay
+//! applying nothing; keys shown and forgotten; status per handler.
+
+use std::collections::HashMap;
+use std::process::Output;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use idem::runtime::Outcome;
+use idem::testing::NatsServer;
+use idem::{HandlerError, Json, Retry, Runtime, State, idempotent};
+use serde::{Deserialize, Serialize};
+use tokio::time::{Instant, sleep};
+
+#[derive(Serialize, Deserialize)]
+struct Order {
+    id: String,
+}
+
+/// Whether the handler is still broken, and what it did per key.
+#[derive(Clone, Default)]
+struct World {
+    broken: Arc<AtomicBool>,
+    effects: Arc<Mutex<HashMap<String, u32>>>,
+}
+
+impl World {
+    fn effects(&self) -> HashMap<String, u32> {
+        self.effects
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+#[idempotent(stream = "ORDERS", subject = "orders.created", key = order.id, retry = Retry::none())]
+async fn ship_order(
+    Json(order): Json<Order>,
+    State(world): State<World>,
+) -> Result<(), HandlerError> {
+    if world.broken.load(Ordering::SeqCst) {
+        return Err(HandlerError::permanent(
+            "the warehouse API rejects the address format",
+        ));
+    }
+    *world
+        .effects
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .entry(order.id)
+        .or_default() += 1;
+    Ok(())
+}
+
+/// Runs `idem ARGS --server URL`.
+fn idem(server: &NatsServer, args: &[&str]) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_idem"))
+        .args(args)
+        .args(["--server", &server.client_url()])
+        .env_remove("DATABASE_URL")
+        .output()
+        .expect("run the idem binary")
+}
+
+fn json(output: &Output) -> serde_json::Value {
+    assert!(
+        output.status.success(),
+        "idem failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    })
+}
+
+async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not within 30 s");
+        sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn dead_letters_replayed_after_a_fix_apply_once_and_a_second_replay_applies_nothing() {
+    const N: usize = 5;
+    let server = NatsServer::start().await.expect("nats-server");
+    let client = server.connect().await.expect("connect");
+    let js = jetstream::new(client.clone());
+    js.create_stream(stream::Config {
+        name: "ORDERS".into(),
+        subjects: vec!["orders.>".into()],
+        ..Default::default()
+    })
+    .await
+    .expect("stream");
+    let world = World::default();
+    world.broken.store(true, Ordering::SeqCst);
+    let runtime = Runtime::builder(client.clone())
+        .state(world.clone())
+        .handler(ship_order)
+        .shutdown_on(std::future::pending())
+        .build()
+        .await
+        .expect("runtime");
+    let stats = runtime.stats();
+    let running = tokio::spawn(runtime.run());
+    for i in 0..N {
+        let order = Order {
+            id: format!("o-{i}"),
+        };
+        js.publish(
+            "orders.created",
+            serde_json::to_vec(&order).expect("json").into(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("PubAck");
+    }
+    until("every order dead-lettered", || {
+        stats.handler("ship_order").get(Outcome::DeadLettered) == N as u64
+    })
+    .await;
+
+    // Listed, with the reason and the error.
+    let listed = json(&idem(
+        &server,
+        &["dead", "list", "--json", "--handler", "ship_order"],
+    ));
+    let letters = listed.as_array().expect("a list");
+    assert_eq!(letters.len(), N, "{listed}");
+    for letter in letters {
+        assert_eq!(letter["reason"], "handler_error");
+        assert_eq!(letter["subject"], "orders.created");
+        assert!(
+            letter["error"]
+                .as_str()
+                .unwrap_or("")
+                .contains("address format"),
+            "{letter}"
+        );
+    }
+    // The key is dead, and the CLI says so.
+    let shown = json(&idem(
+        &server,
+        &["keys", "show", "ship_order", "o-0", "--json"],
+    ));
+    assert_eq!(shown["state"], "dead", "{shown}");
+    // A filter that matches nothing lists nothing.
+    let none = json(&idem(
+        &server,
+        &["dead", "list", "--json", "--reason", "decode"],
+    ));
+    assert_eq!(none.as_array().map(Vec::len), Some(0));
+
+    // The handler is fixed; the dead letters are replayed.
+    world.broken.store(false, Ordering::SeqCst);
+    let replayed = json(&idem(&server, &["dead", "replay", "--yes", "--json"]));
+    let report = replayed.as_array().expect("a report");
+    assert_eq!(report.len(), N, "{replayed}");
+    assert!(
+        report.iter().all(|r| r["outcome"] == "republished"),
+        "{replayed}"
+    );
+    until("every replay applied", || world.effects().len() == N).await;
+    until("every replay counted", || {
+        stats.handler("ship_order").get(Outcome::Processed) == N as u64
+    })
+    .await;
+
+    // A second replay finds nothing to do.
+    let again = json(&idem(&server, &["dead", "replay", "--yes", "--json"]));
+    assert_eq!(again.as_array().map(Vec::len), Some(0), "{again}");
+    let left = json(&idem(&server, &["dead", "list", "--json"]));
+    assert_eq!(left.as_array().map(Vec::len), Some(0), "{left}");
+    // Each key applied once, and is done.
+    assert!(
+        world.effects().values().all(|&runs| runs == 1),
+        "{:?}",
+        world.effects()
+    );
+    let shown = json(&idem(
+        &server,
+        &["keys", "show", "ship_order", "o-0", "--json"],
+    ));
+    assert_eq!(shown["state"], "done", "{shown}");
+
+    // Status: the handler's consumer is drained.
+    let status = json(&idem(&server, &["status", "--json"]));
+    let handlers = status["handlers"].as_array().expect("handlers");
+    let ship = handlers
+        .iter()
+        .find(|h| h["handler"] == "ship_order")
+        .unwrap_or_else(|| panic!("ship_order in {status}"));
+    assert_eq!(ship["stream"], "ORDERS");
+    assert_eq!(ship["pending"], 0);
+    running.abort();
+}
+
+#[tokio::test]
+async fn keys_forget_asks_first_and_exit_codes_tell_scripts_what_happened() {
+    let server = NatsServer::start().await.expect("nats-server");
+    let js = jetstream::new(server.connect().await.expect("connect"));
+    let store = idem::store::KvStore::open(&js, idem::store::KvStoreConfig::default())
+        .await
+        .expect("bucket");
+    let key = idem::key::RecordKey::new(
+        &idem::key::HandlerName::new("ship_order").expect("name"),
+        &idem::key::IdempotencyKey::new("o-7").expect("key"),
+    );
+    let claimed = idem::store::DedupStore::claim(&store, &key, None, Duration::from_secs(30))
+        .await
+        .expect("claim");
+    let idem::claim::ClaimOutcome::Claimed(claim) = claimed else {
+        panic!("a fresh key is free: {claimed:?}");
+    };
+    idem::store::DedupStore::complete(&store, &claim, Some("shipped".into()))
+        .await
+        .expect("complete");
+
+    let shown = json(&idem(
+        &server,
+        &["keys", "show", "ship_order", "o-7", "--json"],
+    ));
+    assert_eq!(shown["state"], "done");
+    assert_eq!(shown["result"], "shipped");
+    assert_eq!(shown["attempts"], 1);
+    // Without --yes, and no "y" on standard input: nothing changes, exit 4.
+    let refused = idem(&server, &["keys", "forget", "ship_order", "o-7"]);
+    assert_eq!(
+        refused.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert_eq!(
+        json(&idem(
+            &server,
+            &["keys", "show", "ship_order", "o-7", "--json"]
+        ))["state"],
+        "done"
+    );
+    // With --yes it is gone: show exits 3 (not found).
+    let forgot = idem(&server, &["keys", "forget", "ship_order", "o-7", "--yes"]);
+    assert!(
+        forgot.status.success(),
+        "{}",
+        String::from_utf8_lossy(&forgot.stderr)
+    );
+    let gone = idem(&server, &["keys", "show", "ship_order", "o-7"]);
+    assert_eq!(
+        gone.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&gone.stderr)
+    );
+    // A reason that does not exist is bad usage (2), and names the reasons.
+    let bad = idem(&server, &["dead", "list", "--reason", "oops"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("retries_exhausted"));
+}
