@@ -44,6 +44,11 @@
 //! * `testing` — [`testing`]: real `nats-server` processes and 3-node
 //!   clusters for tests, which can be killed, paused and restarted; the
 //!   dedup-store conformance suite.
+//! * `postgres` — `dedup = transactional`, [`Tx`], the PostgreSQL dedup
+//!   store and outbox (sqlx).
+//! * `metrics` — counters and latency histograms through the `metrics`
+//!   facade.
+//! * `opentelemetry` — W3C trace context across the broker ([`trace`]).
 
 pub use idem_macros::idempotent;
 
@@ -65,6 +70,7 @@ pub mod runtime;
 mod server_error;
 pub mod store;
 pub mod subject;
+pub mod trace;
 #[cfg(feature = "postgres")]
 pub mod tx;
 

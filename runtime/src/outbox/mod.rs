@@ -253,6 +253,7 @@ impl Outbox {
     /// Stores messages in one transaction (one fsync); returns their ids once
     /// they are on disk.
     pub async fn enqueue_all(&self, messages: Vec<Outgoing>) -> Result<Vec<String>, OutboxError> {
+        let messages: Vec<Outgoing> = messages.into_iter().map(Outgoing::traced).collect();
         let inner = &self.inner;
         let max = inner.publisher.max_payload();
         for message in &messages {

@@ -69,6 +69,7 @@ impl PgOutbox {
         conn: &mut PgConnection,
         message: Outgoing,
     ) -> Result<String, StoreError> {
+        let message = message.traced();
         let headers = serde_json::to_string(&message.header_pairs())
             .map_err(|e| StoreError::unavailable(StoreOp::Create, e))?;
         sqlx::query(&format!(

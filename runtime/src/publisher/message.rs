@@ -74,6 +74,13 @@ impl Outgoing {
         &self.payload
     }
 
+    /// The message with the current span's trace context in its headers
+    /// (feature `opentelemetry`; see `trace.rs`).
+    pub(crate) fn traced(mut self) -> Self {
+        crate::trace::inject(&mut self.headers);
+        self
+    }
+
     /// The headers as (name, value) pairs, for storing the message.
     pub(crate) fn header_pairs(&self) -> Vec<(String, String)> {
         self.headers

@@ -166,6 +166,7 @@ impl Publisher {
     /// Sends `message` and resends it with the same id until the broker
     /// confirms it or the deadline passes. Bad input fails at once.
     pub async fn send(&self, message: Outgoing) -> Result<Published, PublishError> {
+        let message = message.traced();
         validate_publish(&message.subject).map_err(|source| PublishError::InvalidSubject {
             subject: message.subject.clone(),
             source,

@@ -49,7 +49,7 @@ pub use dead_letter::headers;
 pub use error::RuntimeError;
 pub use health::{HandlerHealth, Health, HealthProbe, LastError};
 pub use provision::DEAD_LETTER_STREAM;
-pub use stats::{Counts, Outcome, Stats};
+pub use stats::{Counts, Latency, Outcome, Stats};
 
 use crate::extract::{FromDelivery, StateMap, StateNeed};
 use crate::handler::{Dedup, Handler, HandlerConfig};

@@ -20,7 +20,7 @@ use super::backend::{Backend, Begun, Completion, Held, discard};
 use super::faults::Faults;
 use super::recent::Recent;
 use super::settle::{ack_recorded, deliveries, in_flight_delay, nak};
-use super::stats::{Counters, Outcome};
+use super::stats::{Counters, Latency, Outcome};
 use crate::claim::{ClaimOutcome, Transition};
 use crate::extract::StateMap;
 use crate::handler::{Handler, HandlerConfig, prepare};
@@ -161,6 +161,7 @@ impl<H: Handler> Shared<H> {
             key = field::Empty,
             outcome = field::Empty,
         );
+        crate::trace::continue_in(&span, delivery.headers());
         self.process(&message, &delivery).instrument(span).await;
     }
 
@@ -229,6 +230,7 @@ impl<H: Handler> Shared<H> {
         .await;
         if claimed.is_ok() {
             self.status.store_answered();
+            self.counters.observe(Latency::Claim, asked.elapsed());
         }
         let claim = match claimed {
             Ok(ClaimOutcome::Claimed(claim)) => claim,
@@ -268,9 +270,11 @@ impl<H: Handler> Shared<H> {
         args: H::Args,
     ) -> (u32, Ran<H::Output>) {
         let attempt = held.attempt(delivery);
+        let began = Instant::now();
         let ran = self
             .run(Some(message), held, asked, self.handler.call(args))
             .await;
+        self.counters.observe(Latency::Handler, began.elapsed());
         (attempt, ran)
     }
 
@@ -454,9 +458,13 @@ impl<H: Handler> Shared<H> {
         result: Option<bytes::Bytes>,
     ) -> Option<Completion> {
         let mut pause = Duration::from_millis(50);
+        let began = Instant::now();
         loop {
             match held.complete(&self.backend, result.clone()).await {
-                Ok(completion) => return Some(completion),
+                Ok(completion) => {
+                    self.counters.observe(Latency::Completion, began.elapsed());
+                    return Some(completion);
+                }
                 Err(e) => {
                     warn!(error = %e, ?pause, "could not record completion; retrying");
                     if let Some(message) = progress {

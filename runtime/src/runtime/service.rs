@@ -26,7 +26,7 @@ use tracing::{Instrument, Span, field, info_span, warn};
 use super::RuntimeError;
 use super::backend::{Completion, Held, discard};
 use super::pipeline::{Ran, Shared, boxed, state_with};
-use super::stats::Outcome;
+use super::stats::{Latency, Outcome};
 use super::worker::Worker;
 use crate::claim::{Claim, ClaimOutcome};
 use crate::handler::{Handler, prepare};
@@ -183,6 +183,7 @@ impl<H: Handler> Shared<H> {
             key = field::Empty,
             outcome = field::Empty,
         );
+        crate::trace::continue_in(&span, delivery.headers());
         let reply = boxed(self.reply_to(&delivery)).instrument(span).await;
         reply.send(&request).await;
     }
@@ -244,6 +245,7 @@ impl<H: Handler> Shared<H> {
                 }
             };
             self.status.store_answered();
+            self.counters.observe(Latency::Claim, asked.elapsed());
             if let Some(fence) = &fence {
                 fence.set(claim.revision);
             }
@@ -263,10 +265,10 @@ impl<H: Handler> Shared<H> {
         args: H::Args,
     ) -> (u32, Ran<H::Output>) {
         let attempt = held.attempt(delivery);
-        (
-            attempt,
-            self.run(None, held, asked, self.handler.call(args)).await,
-        )
+        let began = Instant::now();
+        let ran = self.run(None, held, asked, self.handler.call(args)).await;
+        self.counters.observe(Latency::Handler, began.elapsed());
+        (attempt, ran)
     }
 
     /// The reply to a claim that may not run.

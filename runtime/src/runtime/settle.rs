@@ -16,7 +16,7 @@ use tracing::{error, warn};
 use super::backend::Held;
 use super::dead_letter::{self, Reason};
 use super::pipeline::{HandlerPanicked, Ran, Shared};
-use super::stats::Outcome;
+use super::stats::{Latency, Outcome};
 use crate::claim::ClaimOutcome;
 use crate::fingerprint::Fingerprint;
 use crate::handler::{DeadLetterReason, Handler, OnMissingKey, PrepareError};
@@ -144,6 +144,11 @@ impl<H: Handler> Shared<H> {
     /// confirmed ack is what keeps a second run rare.
     pub(super) async fn succeeded(&self, message: &Message, recorded: bool) {
         self.count(Outcome::Processed);
+        if let Ok(info) = message.info()
+            && let Ok(waited) = std::time::SystemTime::now().duration_since(info.published.into())
+        {
+            self.counters.observe(Latency::EndToEnd, waited);
+        }
         if self.faults.drop_this_ack() {
             return;
         }

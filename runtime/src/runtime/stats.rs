@@ -1,6 +1,9 @@
 //! Counters per handler and outcome, readable as a [`Stats`] snapshot while
 //! the runtime runs, and exported through the `metrics` facade with the
-//! `metrics` feature (`idem_messages_total{handler, outcome}`).
+//! `metrics` feature (`idem_messages_total{handler, outcome}`), with the
+//! latencies of each step as histograms ([`Latency`]).
+
+use std::time::Duration;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -88,6 +91,59 @@ impl Outcome {
     }
 }
 
+/// A step whose duration the runtime measures; with the `metrics` feature,
+/// a histogram in seconds labelled by `handler`.
+///
+/// ```
+/// use idem::runtime::Latency;
+///
+/// assert_eq!(Latency::Handler.metric(), "idem_handler_duration_seconds");
+/// assert_eq!(Latency::ALL.len(), 4);
+/// ```
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Latency {
+    /// The handler's run, from its call to its return (or failure).
+    Handler,
+    /// Claiming the key: the dedup store's answer to the claim.
+    Claim,
+    /// Recording completion (with the stored result), retries included.
+    Completion,
+    /// From the broker storing the message to its acknowledgement
+    /// (processed messages only).
+    EndToEnd,
+}
+
+impl Latency {
+    /// Every step.
+    pub const ALL: [Latency; 4] = [
+        Latency::Handler,
+        Latency::Claim,
+        Latency::Completion,
+        Latency::EndToEnd,
+    ];
+
+    /// The histogram's name.
+    pub fn metric(self) -> &'static str {
+        match self {
+            Latency::Handler => "idem_handler_duration_seconds",
+            Latency::Claim => "idem_claim_duration_seconds",
+            Latency::Completion => "idem_completion_duration_seconds",
+            Latency::EndToEnd => "idem_end_to_end_seconds",
+        }
+    }
+
+    #[cfg(feature = "metrics")]
+    fn description(self) -> &'static str {
+        match self {
+            Latency::Handler => "how long idem handlers ran",
+            Latency::Claim => "how long claiming an idempotency key took",
+            Latency::Completion => "how long recording completion took",
+            Latency::EndToEnd => "from the broker storing a message to its acknowledgement",
+        }
+    }
+}
+
 /// One handler's counters.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
@@ -102,6 +158,15 @@ impl Counters {
         #[cfg(feature = "metrics")]
         metrics::counter!("idem_messages_total", "handler" => self.handler.clone(), "outcome" => outcome.name())
             .increment(1);
+    }
+
+    /// Records how long `latency`'s step took.
+    pub(crate) fn observe(&self, latency: Latency, took: Duration) {
+        #[cfg(feature = "metrics")]
+        metrics::histogram!(latency.metric(), "handler" => self.handler.clone())
+            .record(took.as_secs_f64());
+        #[cfg(not(feature = "metrics"))]
+        let _ = (latency, took);
     }
 
     fn snapshot(&self) -> Counts {
@@ -147,6 +212,14 @@ impl Stats {
         let mut all = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         all.entry(handler.to_owned())
             .or_insert_with(|| {
+                #[cfg(feature = "metrics")]
+                for latency in Latency::ALL {
+                    metrics::describe_histogram!(
+                        latency.metric(),
+                        metrics::Unit::Seconds,
+                        latency.description()
+                    );
+                }
                 Arc::new(Counters {
                     handler: handler.to_owned(),
                     ..Counters::default()
