@@ -14,6 +14,7 @@ mod error;
 mod inbox;
 mod keys;
 mod output;
+mod provision;
 mod status;
 
 use std::process::ExitCode;
@@ -49,6 +50,9 @@ enum Command {
     /// The PostgreSQL inbox (`dedup = transactional`).
     #[command(subcommand)]
     Inbox(inbox::InboxCommand),
+    /// Creates (or checks) the claim bucket and the dead-letter stream, for
+    /// workers that may not create them.
+    Provision(provision::ProvisionArgs),
 }
 
 #[tokio::main]
@@ -60,6 +64,7 @@ async fn main() -> ExitCode {
         Command::Dead(command) => dead::run(&cli.connection, &out, command).await,
         Command::Status => status::run(&cli.connection, &out).await,
         Command::Inbox(command) => inbox::run(&cli.connection, &out, command).await,
+        Command::Provision(args) => provision::run(&cli.connection, &out, args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -267,3 +267,29 @@ async fn keys_forget_asks_first_and_exit_codes_tell_scripts_what_happened() {
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("retries_exhausted"));
 }
+
+#[tokio::test]
+async fn provision_creates_the_shared_pieces_once_and_checks_them_after() {
+    let server = NatsServer::start().await.expect("nats-server");
+    let js = jetstream::new(server.connect().await.expect("connect"));
+    let made = json(&idem(&server, &["provision", "--retention", "2d", "--json"]));
+    assert_eq!(made["bucket"], "idem_claims");
+    js.get_stream(idem::runtime::DEAD_LETTER_STREAM)
+        .await
+        .expect("the dead-letter stream");
+    let bucket = idem::store::KvStore::open_existing(&js, "idem_claims")
+        .await
+        .expect("read")
+        .expect("the bucket");
+    assert_eq!(bucket.map().shard_count(), 1);
+    // Again: checked, not changed.
+    json(&idem(&server, &["provision", "--retention", "2d", "--json"]));
+    // Another retention than the bucket has is refused, naming the setting.
+    let refused = idem(&server, &["provision", "--retention", "3d"]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("max_age"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+}

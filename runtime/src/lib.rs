@@ -63,6 +63,7 @@ pub mod fingerprint;
 pub mod handler;
 pub mod key;
 pub mod outbox;
+pub mod permissions;
 pub mod publisher;
 pub mod reply;
 pub mod retry;

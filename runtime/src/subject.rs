@@ -73,3 +73,28 @@ pub fn validate_publish(subject: &str) -> Result<(), SubjectError> {
     }
     Ok(())
 }
+
+/// Whether the filter `filter` (wildcards allowed) matches the concrete
+/// subject `subject`.
+///
+/// ```
+/// use idem::subject::matches;
+///
+/// assert!(matches("payments.>", "payments.dead"));
+/// assert!(matches("payments.*.dead", "payments.eu.dead"));
+/// assert!(!matches("payments.*", "payments.eu.dead"));
+/// assert!(!matches("payments.>", "payments"));
+/// ```
+pub fn matches(filter: &str, subject: &str) -> bool {
+    let mut wanted = filter.split('.');
+    let mut given = subject.split('.');
+    loop {
+        match (wanted.next(), given.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(w), Some(g)) if w == g => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}

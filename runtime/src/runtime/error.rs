@@ -186,6 +186,21 @@ pub enum RuntimeError {
         /// What happened.
         reason: String,
     },
+    /// The server refused a publish or subscription the handler needs: the
+    /// account lacks a permission (see docs/permissions.md).
+    #[error(
+        "handler `{handler}`: the server refused to let this connection {operation} {subject:?}: \
+         grant it in the account's permissions (docs/permissions.md lists what a worker needs), \
+         or provision with an admin (`RuntimeBuilder::provision`, `idem provision`)"
+    )]
+    PermissionDenied {
+        /// The handler.
+        handler: String,
+        /// What was refused.
+        operation: crate::permissions::Operation,
+        /// The subject.
+        subject: String,
+    },
     /// A request/reply handler's service or endpoint could not be started
     /// (e.g. a version that is not semver, or no permission to subscribe to
     /// the endpoint's subject).

@@ -48,7 +48,7 @@ pub use crate::handler::DeadLetterReason;
 pub use dead_letter::headers;
 pub use error::RuntimeError;
 pub use health::{HandlerHealth, Health, HealthProbe, LastError};
-pub use provision::DEAD_LETTER_STREAM;
+pub use provision::{DEAD_LETTER_STREAM, DEAD_LETTER_SUBJECTS};
 pub use stats::{Counts, Latency, Outcome, Stats};
 
 use crate::extract::{FromDelivery, StateMap, StateNeed};
@@ -256,7 +256,7 @@ async fn provision_handler(
         });
     }
     let stream = provision::stream(&ctx.js, config, ctx.create_streams).await?;
-    provision::dead_letters(&ctx.js, config, ctx.kv.replica_count()).await?;
+    provision::dead_letters(&ctx.js, &stream, config, ctx.kv.replica_count()).await?;
     let consumer = provision::consumer(&stream, config).await?;
     Ok(Provisioned {
         backend,
@@ -277,7 +277,20 @@ async fn patiently<T, F: Future<Output = Result<T, RuntimeError>>>(
     let deadline = tokio::time::Instant::now() + STARTUP_PATIENCE;
     let mut pause = Duration::from_millis(100);
     loop {
-        match attempt().await {
+        let began = std::time::Instant::now();
+        let result = attempt().await;
+        // Silence the server explained as a permission violation (seen when
+        // the client was connected with `idem::permissions::watch`).
+        if result.is_err()
+            && let Some(denial) = crate::permissions::denied_since(began)
+        {
+            return Err(RuntimeError::PermissionDenied {
+                handler: config.name.clone(),
+                operation: denial.operation,
+                subject: denial.subject,
+            });
+        }
+        match result {
             Err(e) if e.is_transient() && tokio::time::Instant::now() + pause < deadline => {
                 tracing::warn!(handler = %config.name, error = %e, ?pause, "start-up: the servers did not answer; trying again");
                 tokio::time::sleep(pause).await;
@@ -418,6 +431,89 @@ impl RuntimeBuilder {
     /// configuration error, is returned at once
     /// ([`RuntimeError::is_transient`]).
     pub async fn build(self) -> Result<Runtime, RuntimeError> {
+        self.check_registrations()?;
+        let stats = Stats::default();
+        let ctx = self.start_context(&stats);
+        let mut workers = Vec::with_capacity(self.handlers.len());
+        for registration in self.handlers {
+            workers.push(registration.start(ctx.clone()).await?);
+        }
+        let health = HealthProbe::new(
+            self.client,
+            workers.iter().map(|worker| worker.status()).collect(),
+        );
+        Ok(Runtime {
+            workers,
+            stats,
+            health,
+            shutdown: self.shutdown.unwrap_or_else(|| Box::pin(termination())),
+            grace: self.grace,
+        })
+    }
+
+    /// Creates (or checks) everything the handlers need — the claim
+    /// bucket, the PostgreSQL inbox's tables, streams (with
+    /// [`create_missing_streams`](Self::create_missing_streams)), the
+    /// dead-letter stream, each handler's durable consumer — and returns
+    /// without running anything: for an admin (a deploy step, or the
+    /// service binary started with `--provision`), so that workers can run
+    /// with a user that may not create or change any of it
+    /// (docs/permissions.md).
+    ///
+    /// ```no_run
+    /// # use idem::{idempotent, HandlerError, Json};
+    /// # #[idempotent(stream = "PAYMENTS", key = id, start = all)]
+    /// # async fn issue_membership_card(Json(id): Json<u64>) -> Result<(), HandlerError> { Ok(()) }
+    /// # async fn demo(admin: async_nats::Client) -> Result<(), idem::runtime::RuntimeError> {
+    /// use idem::Runtime;
+    ///
+    /// Runtime::builder(admin).handler(issue_membership_card).provision().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn provision(self) -> Result<(), RuntimeError> {
+        self.check_registrations()?;
+        #[cfg(feature = "postgres")]
+        if let Some((pool, schema)) = &self.postgres {
+            crate::store::PgStore::migrate(pool, schema)
+                .await
+                .map_err(|source| RuntimeError::Store {
+                    handler: "(the inbox)".into(),
+                    source,
+                })?;
+        }
+        let ctx = self.start_context(&Stats::default());
+        for registration in &self.handlers {
+            let config = registration.config();
+            config.validate()?;
+            patiently(&config, || provision_handler(&ctx, &config)).await?;
+            info!(handler = %config.name, "provisioned");
+        }
+        Ok(())
+    }
+
+    /// What start-up hands each registration.
+    fn start_context(&self, stats: &Stats) -> StartContext {
+        StartContext {
+            #[cfg(feature = "postgres")]
+            postgres: self.postgres.clone(),
+            client: self.client.clone(),
+            js: async_nats::jetstream::new(self.client.clone()),
+            state: self.state.clone(),
+            kv: self.kv.clone(),
+            create_streams: self.create_streams,
+            stats: stats.clone(),
+            faults: self.faults.clone(),
+            clock: self.clock,
+        }
+    }
+
+    /// Refuses what no start-up can cure: no handlers, two with one name,
+    /// two on one consumer.
+    #[expect(
+        clippy::result_large_err,
+        reason = "start-up only; the public API returns RuntimeError as it is"
+    )]
+    fn check_registrations(&self) -> Result<(), RuntimeError> {
         if self.handlers.is_empty() {
             return Err(RuntimeError::NoHandlers);
         }
@@ -447,34 +543,7 @@ impl RuntimeBuilder {
                 });
             }
         }
-        let stats = Stats::default();
-        let ctx = StartContext {
-            #[cfg(feature = "postgres")]
-            postgres: self.postgres,
-            client: self.client.clone(),
-            js: async_nats::jetstream::new(self.client.clone()),
-            state: self.state,
-            kv: self.kv,
-            create_streams: self.create_streams,
-            stats: stats.clone(),
-            faults: self.faults,
-            clock: self.clock,
-        };
-        let mut workers = Vec::with_capacity(self.handlers.len());
-        for registration in self.handlers {
-            workers.push(registration.start(ctx.clone()).await?);
-        }
-        let health = HealthProbe::new(
-            self.client,
-            workers.iter().map(|worker| worker.status()).collect(),
-        );
-        Ok(Runtime {
-            workers,
-            stats,
-            health,
-            shutdown: self.shutdown.unwrap_or_else(|| Box::pin(termination())),
-            grace: self.grace,
-        })
+        Ok(())
     }
 
     /// Builds and runs until shutdown.

@@ -14,7 +14,9 @@ use crate::store::{KvStore, KvStoreConfig};
 
 /// The stream the runtime creates for dead letters under `idem.dead.>`.
 pub const DEAD_LETTER_STREAM: &str = "IDEM_DEAD_LETTERS";
-const DEAD_LETTER_SUBJECTS: &str = "idem.dead.>";
+/// The subjects of [`DEAD_LETTER_STREAM`]: default dead-letter subjects
+/// are `idem.dead.<handler>`.
+pub const DEAD_LETTER_SUBJECTS: &str = "idem.dead.>";
 
 fn js_error<'a>(
     config: &'a HandlerConfig,
@@ -123,7 +125,13 @@ pub(super) async fn consumer(
                     "unlimited (-1): a server that gives up drops messages silently".into(),
                 ));
             }
-            // Settings that only tune delivery follow the handler's config.
+            // Settings that only tune delivery follow the handler's config
+            // (changed only when they differ: a worker may run without the
+            // right to change consumers).
+            if found.ack_wait == wanted.ack_wait && found.max_ack_pending == wanted.max_ack_pending
+            {
+                return Ok(existing);
+            }
             stream
                 .update_consumer(wanted)
                 .await
@@ -183,21 +191,51 @@ async fn deliver_policy(
 
 /// Makes sure a stream stores the handler's dead letters; the one the
 /// runtime creates has as many replicas as the claim bucket.
+///
+/// Asks only what a worker without admin rights may ask: whether the
+/// handler's own stream, or the dead-letter stream, captures the subject
+/// (stream info); only for a subject neither does, which stream captures it
+/// (`$JS.API.STREAM.NAMES`).
 pub(super) async fn dead_letters(
     js: &jetstream::Context,
+    stream: &stream::Stream,
     config: &HandlerConfig,
     replicas: usize,
 ) -> Result<(), RuntimeError> {
-    if js
-        .stream_by_subject(config.dead_letter.clone())
-        .await
-        .is_ok()
-    {
+    let dead = &config.dead_letter;
+    let captures = |found: &stream::Config| {
+        found
+            .subjects
+            .iter()
+            .any(|f| crate::subject::matches(f, dead))
+    };
+    if captures(&stream.cached_info().config) {
         return Ok(());
     }
-    if !config.dead_letter.starts_with("idem.dead.") {
+    let ours = dead.starts_with("idem.dead.");
+    if ours {
+        match js.get_stream(DEAD_LETTER_STREAM).await {
+            Ok(found) if captures(&found.cached_info().config) => return Ok(()),
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), GetStreamErrorKind::JetStream(ref j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND) =>
+                {}
+            Err(e) => return Err(js_error(config, "look up the dead-letter stream")(e.into())),
+        }
+    }
+    match js.stream_by_subject(dead.clone()).await {
+        Ok(_) => return Ok(()),
+        Err(e)
+            if e.kind() == async_nats::jetstream::context::GetStreamByNameErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(js_error(
+                config,
+                "find the stream of the dead-letter subject",
+            )(e.into()));
+        }
+    }
+    if !ours {
         return Err(RuntimeError::DeadLetterUncovered {
-            subject: config.dead_letter.clone(),
+            subject: dead.clone(),
             handler: config.name.clone(),
         });
     }

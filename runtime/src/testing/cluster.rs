@@ -95,6 +95,7 @@ impl Cluster {
                 format!("n{i}"),
                 port,
                 Some(route),
+                "",
             )?);
         }
         // All nodes run before any is awaited: a meta leader needs a quorum.

@@ -70,10 +70,36 @@ impl NatsServer {
     /// Starts a single server with the given binary (to test against a
     /// specific server version).
     pub async fn start_with(binary: &NatsBinary) -> Result<Self, HarnessError> {
+        Self::start_configured_with(binary, "").await
+    }
+
+    /// Starts a single server with `config` added to its configuration
+    /// file — accounts, users and their permissions, limits. Give the
+    /// configuration a `no_auth_user` so that the harness (and
+    /// [`connect`](Self::connect)) can still connect without credentials.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), idem::testing::HarnessError> {
+    /// use idem::testing::NatsServer;
+    ///
+    /// let server = NatsServer::start_configured(r#"
+    ///     accounts { APP { jetstream: enabled, users: [ {user: admin, password: admin} ] } }
+    ///     no_auth_user: admin
+    /// "#).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn start_configured(config: &str) -> Result<Self, HarnessError> {
+        Self::start_configured_with(&NatsBinary::locate()?, config).await
+    }
+
+    async fn start_configured_with(
+        binary: &NatsBinary,
+        config: &str,
+    ) -> Result<Self, HarnessError> {
         let mut attempt = 1;
         loop {
             let port = free_port()?;
-            let mut server = Self::spawn(binary, format!("idem-{port}"), port, None)?;
+            let mut server = Self::spawn(binary, format!("idem-{port}"), port, None, config)?;
             match ready::until_ready(&mut server).await {
                 Ok(()) => return Ok(server),
                 Err(e) if e.is_port_collision() && attempt < START_ATTEMPTS => attempt += 1,
@@ -89,6 +115,7 @@ impl NatsServer {
         name: String,
         port: u16,
         route: Option<Route>,
+        config: &str,
     ) -> Result<Self, HarnessError> {
         let dir = tempfile::Builder::new()
             .prefix("idem-nats-")
@@ -102,21 +129,21 @@ impl NatsServer {
             child: None,
             dir,
         };
+        let mut file = config.to_owned();
         if server.route.is_some() {
             // A cluster node carries the tag `node:<name>`, so that a
             // stream can be placed on it (`Placement::tags`).
-            std::fs::write(
-                server.tags_config(),
-                format!("server_tags: [\"node:{}\"]\n", server.name),
-            )
-            .map_err(HarnessError::TempDir)?;
+            file.push_str(&format!("\nserver_tags: [\"node:{}\"]\n", server.name));
+        }
+        if !file.trim().is_empty() {
+            std::fs::write(server.config_file(), file).map_err(HarnessError::TempDir)?;
         }
         server.launch()?;
         Ok(server)
     }
 
-    fn tags_config(&self) -> PathBuf {
-        self.dir.path().join("tags.conf")
+    fn config_file(&self) -> PathBuf {
+        self.dir.path().join("server.conf")
     }
 
     fn launch(&mut self) -> Result<(), HarnessError> {
@@ -148,8 +175,10 @@ impl NatsServer {
             "--store_dir".into(),
             self.store_dir().display().to_string(),
         ];
+        if self.config_file().exists() {
+            args.extend(["--config".into(), self.config_file().display().to_string()]);
+        }
         if let Some(route) = &self.route {
-            args.extend(["--config".into(), self.tags_config().display().to_string()]);
             let peers: Vec<String> = route
                 .peer_ports
                 .iter()
