@@ -272,7 +272,10 @@ async fn keys_forget_asks_first_and_exit_codes_tell_scripts_what_happened() {
 async fn provision_creates_the_shared_pieces_once_and_checks_them_after() {
     let server = NatsServer::start().await.expect("nats-server");
     let js = jetstream::new(server.connect().await.expect("connect"));
-    let made = json(&idem(&server, &["provision", "--retention", "2d", "--json"]));
+    let made = json(&idem(
+        &server,
+        &["provision", "--retention", "2d", "--json"],
+    ));
     assert_eq!(made["bucket"], "idem_claims");
     js.get_stream(idem::runtime::DEAD_LETTER_STREAM)
         .await
@@ -283,7 +286,10 @@ async fn provision_creates_the_shared_pieces_once_and_checks_them_after() {
         .expect("the bucket");
     assert_eq!(bucket.map().shard_count(), 1);
     // Again: checked, not changed.
-    json(&idem(&server, &["provision", "--retention", "2d", "--json"]));
+    json(&idem(
+        &server,
+        &["provision", "--retention", "2d", "--json"],
+    ));
     // Another retention than the bucket has is refused, naming the setting.
     let refused = idem(&server, &["provision", "--retention", "3d"]);
     assert_eq!(refused.status.code(), Some(1));

@@ -140,6 +140,80 @@ impl HandlerError {
     pub fn error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
         &*self.source
     }
+
+    /// The error with its kind, as a standard error (its message says the
+    /// kind; its source is the underlying error's source).
+    pub fn into_std(self) -> BoxError {
+        Box::new(Reported(self))
+    }
+}
+
+/// `HandlerError` is used as an error where a `std::error::Error` is
+/// expected the way `anyhow::Error` is, and for the same reason: it cannot
+/// implement the trait itself and also take any error with `?` (the blanket
+/// `From` below would then convert it into itself). It dereferences to the
+/// underlying error, `?` turns it into a `Box<dyn Error>` (what `main`
+/// returns), and [`into_std`](HandlerError::into_std) into a
+/// `Box<dyn Error + Send + Sync>` (a `thiserror` source):
+///
+/// ```
+/// use idem::HandlerError;
+///
+/// fn charge() -> Result<(), HandlerError> {
+///     Err(HandlerError::permanent("card declined"))
+/// }
+///
+/// fn main() -> Result<(), Box<dyn std::error::Error>> {
+///     let error = (|| -> Result<(), Box<dyn std::error::Error>> { Ok(charge()?) })().unwrap_err();
+///     assert_eq!(error.to_string(), "permanent: card declined");
+///     let underlying: &dyn std::error::Error = &*HandlerError::retryable("timeout");
+///     assert_eq!(underlying.to_string(), "timeout");
+///     let boxed: idem::BoxError = HandlerError::retryable("timeout").into_std();
+///     assert_eq!(boxed.to_string(), "retryable: timeout");
+///     Ok(())
+/// }
+/// ```
+impl std::ops::Deref for HandlerError {
+    type Target = dyn std::error::Error + Send + Sync + 'static;
+
+    fn deref(&self) -> &Self::Target {
+        &*self.source
+    }
+}
+
+impl AsRef<dyn std::error::Error + Send + Sync> for HandlerError {
+    fn as_ref(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &*self.source
+    }
+}
+
+/// The error with its kind, as a standard error.
+impl From<HandlerError> for Box<dyn std::error::Error + 'static> {
+    fn from(error: HandlerError) -> Self {
+        Box::new(Reported(error))
+    }
+}
+
+/// A `HandlerError` as a `std::error::Error`: its message (kind included)
+/// and, as its source, the underlying error's source.
+struct Reported(HandlerError);
+
+impl fmt::Display for Reported {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl fmt::Debug for Reported {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl std::error::Error for Reported {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source.source()
+    }
 }
 
 /// `?` on any error makes a retryable `HandlerError`.
