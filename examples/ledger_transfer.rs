@@ -19,13 +19,12 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::PullConsumer, message::PublishMessage, stream};
 use idem::outbox::PgOutbox;
-use idem::publisher::{Outgoing, Publisher};
+use idem::publisher::Outgoing;
 use idem::runtime::Outcome;
 use idem::store::PgStore;
 use idem::testing::{DEFAULT_DATABASE_URL, LocalNats};
 use idem::{HandlerError, Json, Retry, Runtime, State, Tx, idempotent};
 use serde::{Deserialize, Serialize};
-use tokio_util::sync::CancellationToken;
 
 const SCHEMA: &str = "idem_example_ledger";
 const ACCOUNTS: i64 = 10;
@@ -162,14 +161,9 @@ async fn main() -> Result<(), BoxError> {
             .await?;
     }
 
-    // The relay publishes TransferCompleted events as their transactions commit.
+    // Handlers enqueue TransferCompleted events in their transaction; each
+    // runtime relays them as the transactions commit.
     let outbox = PgOutbox::open(pool.clone(), SCHEMA).await?;
-    let relay_stop = CancellationToken::new();
-    let relay = tokio::spawn(
-        outbox
-            .clone()
-            .relay(Publisher::new(client.clone()), relay_stop.clone()),
-    );
 
     // Worker 1 loses every 5th ack and is stopped abruptly after a while.
     let (stop_first, first_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -178,6 +172,7 @@ async fn main() -> Result<(), BoxError> {
             outbox: outbox.clone(),
         })
         .postgres(pool.clone(), SCHEMA)
+        .relay(outbox.clone())
         .handler(apply_transfer)
         .drop_every_nth_ack(5)
         .shutdown_grace(Duration::ZERO)
@@ -205,6 +200,7 @@ async fn main() -> Result<(), BoxError> {
             outbox: outbox.clone(),
         })
         .postgres(pool.clone(), SCHEMA)
+        .relay(outbox.clone())
         .handler(apply_transfer)
         .shutdown_on(async {
             let _ = second_stopped.await;
@@ -231,8 +227,6 @@ async fn main() -> Result<(), BoxError> {
     }
     let _ = stop_second.send(());
     second.await??;
-    relay_stop.cancel();
-    relay.await?;
 
     let after = total(&pool).await?;
     let applied: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {SCHEMA}.applied"))

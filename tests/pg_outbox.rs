@@ -195,3 +195,56 @@ async fn a_relay_killed_mid_batch_and_two_new_relays_publish_each_row_once() {
         "every row published exactly once"
     );
 }
+
+#[idem::idempotent(stream = "TRANSFERS", subject = "transfers.requested", key = id, dedup = transactional)]
+async fn complete_transfer(
+    idem::Json(id): idem::Json<u64>,
+    tx: idem::Tx,
+    idem::State(outbox): idem::State<PgOutbox>,
+) -> Result<(), idem::HandlerError> {
+    let mut conn = tx.conn().await?;
+    outbox
+        .enqueue(
+            &mut conn,
+            Outgoing::new("transfers.completed", id.to_string()).with_id(format!("completed-{id}")),
+        )
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_runtime_relays_what_its_handlers_enqueue_and_stops_the_relay_with_them() {
+    let setup = Setup::new().await;
+    let client = setup.server.connect().await.expect("connect");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let runtime = idem::Runtime::builder(client.clone())
+        .postgres(setup.db.pool().clone(), setup.db.schema())
+        .state(setup.outbox.clone())
+        .relay(setup.outbox.clone())
+        .handler(complete_transfer)
+        .shutdown_on(async {
+            let _ = stopped.await;
+        })
+        .build()
+        .await
+        .expect("runtime");
+    let running = tokio::spawn(runtime.run());
+    for id in 0..10u64 {
+        setup
+            .js
+            .publish("transfers.requested", id.to_string().into())
+            .await
+            .expect("publish")
+            .await
+            .expect("PubAck");
+    }
+    // 10 requests, and the 10 events their handlers enqueued.
+    setup.until_stored(20, Duration::from_secs(30)).await;
+    let _ = stop.send(());
+    running
+        .await
+        .expect("runtime task")
+        .expect("the runtime (and its relay) stop cleanly");
+    assert_eq!(setup.outbox.pending().await.expect("pending"), 0);
+    assert_eq!(setup.stored().await, 20, "each event published once");
+}

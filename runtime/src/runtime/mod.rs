@@ -316,9 +316,42 @@ pub struct RuntimeBuilder {
     clock: crate::clock::SkewedClock,
     #[cfg(feature = "postgres")]
     postgres: Option<(sqlx::PgPool, String)>,
+    #[cfg(feature = "postgres")]
+    relays: Vec<crate::outbox::PgOutbox>,
 }
 
 impl RuntimeBuilder {
+    /// Runs `outbox`'s relay with the runtime: started by
+    /// [`Runtime::run`], publishing through a [`Publisher`](crate::Publisher)
+    /// on the runtime's client, stopped after the handlers have finished
+    /// (what they enqueued last is relayed before it stops, or by the next
+    /// process). Handlers enqueue through the same `PgOutbox`, shared as
+    /// state.
+    ///
+    /// ```no_run
+    /// # use idem::{idempotent, HandlerError, Json, Tx};
+    /// # #[idempotent(stream = "LEDGER", key = id, dedup = transactional)]
+    /// # async fn apply_transfer(Json(id): Json<u64>, tx: Tx) -> Result<(), HandlerError> { let _ = tx; Ok(()) }
+    /// # async fn demo(client: async_nats::Client, pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+    /// use idem::outbox::PgOutbox;
+    /// use idem::Runtime;
+    ///
+    /// let outbox = PgOutbox::open(pool.clone(), "idem").await?;
+    /// Runtime::builder(client)
+    ///     .postgres(pool, "idem")
+    ///     .state(outbox.clone())
+    ///     .relay(outbox)
+    ///     .handler(apply_transfer)
+    ///     .run()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "postgres")]
+    pub fn relay(mut self, outbox: crate::outbox::PgOutbox) -> Self {
+        self.relays.push(outbox);
+        self
+    }
+
     /// The database of `dedup = transactional` handlers: their claim rows go
     /// in `schema`'s `idem_inbox` (migrate it first with
     /// [`PgStore::migrate`](crate::store::PgStore::migrate)).
@@ -439,11 +472,21 @@ impl RuntimeBuilder {
             workers.push(registration.start(ctx.clone()).await?);
         }
         let health = HealthProbe::new(
-            self.client,
+            self.client.clone(),
             workers.iter().map(|worker| worker.status()).collect(),
         );
+        #[cfg(feature = "postgres")]
+        let relays = {
+            let publisher = crate::Publisher::new(self.client.clone());
+            self.relays
+                .into_iter()
+                .map(|outbox| (outbox, publisher.clone()))
+                .collect()
+        };
         Ok(Runtime {
             workers,
+            #[cfg(feature = "postgres")]
+            relays,
             stats,
             health,
             shutdown: self.shutdown.unwrap_or_else(|| Box::pin(termination())),
@@ -555,6 +598,9 @@ impl RuntimeBuilder {
 /// Runs registered handlers until shutdown.
 pub struct Runtime {
     workers: Vec<Box<dyn Worker>>,
+    /// PostgreSQL outboxes to relay while the handlers run.
+    #[cfg(feature = "postgres")]
+    relays: Vec<(crate::outbox::PgOutbox, crate::Publisher)>,
     stats: Stats,
     health: HealthProbe,
     shutdown: BoxFuture<()>,
@@ -576,6 +622,8 @@ impl Runtime {
             clock: crate::clock::SkewedClock::default(),
             #[cfg(feature = "postgres")]
             postgres: None,
+            #[cfg(feature = "postgres")]
+            relays: Vec::new(),
         }
     }
 
@@ -603,6 +651,14 @@ impl Runtime {
     )]
     pub async fn run(self) -> Result<(), RuntimeError> {
         let stop = CancellationToken::new();
+        // Relays stop after the workers: what the last handlers enqueued
+        // still goes out.
+        let stop_relays = CancellationToken::new();
+        let mut relays = tokio::task::JoinSet::<()>::new();
+        #[cfg(feature = "postgres")]
+        for (outbox, publisher) in self.relays {
+            relays.spawn(outbox.relay(publisher, stop_relays.clone()));
+        }
         let mut running = tokio::task::JoinSet::new();
         for worker in self.workers {
             let handler = worker.name().to_owned();
@@ -640,6 +696,8 @@ impl Runtime {
                 failure.get_or_insert(e);
             }
         }
+        stop_relays.cancel();
+        while relays.join_next().await.is_some() {}
         failure.map_or(Ok(()), Err)
     }
 }
