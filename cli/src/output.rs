@@ -3,7 +3,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
+use comfy_table::{Table, presets::NOTHING};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
@@ -54,7 +54,7 @@ impl Output {
 /// A table with the given column headers.
 pub fn table<const N: usize>(header: [&str; N]) -> Table {
     let mut table = Table::new();
-    table.load_preset(UTF8_BORDERS_ONLY).set_header(header);
+    table.load_preset(NOTHING).set_header(header);
     table
 }
 

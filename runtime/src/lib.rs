@@ -36,8 +36,20 @@
 //! * [`handler`] — what the attribute generates ([`Handler`]) and the steps
 //!   before a claim; [`extract`] — the argument extractors.
 //! * [`claim`], [`store`] — the claim state machine and the dedup stores.
+//! * [`runtime`] — the [`Runtime`] that runs handlers (stream consumers and
+//!   request/reply endpoints), its stats, health and provisioning;
+//!   [`reply`] — what request/reply endpoints answer with when it is not a
+//!   result.
+//! * [`publisher`] — [`Publisher`] (resend until confirmed) and the
+//!   [`Requester`](publisher::Requester) of request/reply; [`outbox`] — the
+//!   crash-safe local and PostgreSQL outboxes.
 //! * [`retry`] — retry policies; [`key`], [`fingerprint`] — keys and
-//!   payload fingerprints.
+//!   payload fingerprints; [`subject`], [`duration`], [`clock`] — the
+//!   small rules they are built on.
+//! * [`permissions`] — permission violations named as such; [`trace`] —
+//!   trace context across the broker.
+//! * `Tx` (feature `postgres`) — the transaction a `dedup = transactional`
+//!   handler runs in.
 //!
 //! ## Features
 //!
