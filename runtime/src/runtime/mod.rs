@@ -61,6 +61,9 @@ use pipeline::Shared;
 use recent::Recent;
 use worker::{HandlerWorker, Worker};
 
+pub(crate) use pipeline::HandlerPanicked;
+pub(crate) use settle::{Failure, after_failure};
+
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// What registering a handler leaves for start-up.

@@ -105,7 +105,7 @@ impl LeaseEnd {
 pub(crate) struct HandlerPanicked(pub(crate) String);
 
 impl HandlerPanicked {
-    fn from_payload(payload: &(dyn std::any::Any + Send)) -> Self {
+    pub(crate) fn from_payload(payload: &(dyn std::any::Any + Send)) -> Self {
         let text = payload
             .downcast_ref::<&str>()
             .map(|s| (*s).to_owned())

@@ -19,7 +19,7 @@ use super::pipeline::{HandlerPanicked, Ran, Shared};
 use super::stats::{Latency, Outcome};
 use crate::claim::ClaimOutcome;
 use crate::fingerprint::Fingerprint;
-use crate::handler::{DeadLetterReason, Handler, OnMissingKey, PrepareError};
+use crate::handler::{DeadLetterReason, Handler, HandlerConfig, OnMissingKey, PrepareError};
 use crate::retry::{Retry, RetryDecision};
 use crate::store::StoreError;
 use crate::{Delivery, HandlerError};
@@ -37,11 +37,28 @@ pub(super) fn store_backoff(attempt: u32) -> Duration {
 }
 
 /// What a failed attempt leads to.
-pub(super) enum Failure {
+pub(crate) enum Failure {
     /// NAK with this delay.
     Retry(Duration),
     /// Dead-letter with this reason.
     DeadLetter(DeadLetterReason),
+}
+
+/// What a failed attempt leads to: a retry per the handler's policy (never
+/// sooner than the error's `retry_after` hint), or a dead letter
+/// (permanent errors; the last attempt, as `panic` if it panicked).
+pub(crate) fn after_failure(config: &HandlerConfig, error: &HandlerError, attempt: u32) -> Failure {
+    if error.is_permanent() {
+        return Failure::DeadLetter(DeadLetterReason::HandlerError);
+    }
+    let decision = config.retry.after_failure(attempt);
+    match decision.at_least(error.retry_hint()) {
+        RetryDecision::RetryAfter(delay) => Failure::Retry(delay),
+        RetryDecision::GiveUp if error.error().is::<HandlerPanicked>() => {
+            Failure::DeadLetter(DeadLetterReason::Panic)
+        }
+        RetryDecision::GiveUp => Failure::DeadLetter(DeadLetterReason::RetriesExhausted),
+    }
 }
 
 /// How many times JetStream has delivered the message: paces NAKs that are
@@ -185,20 +202,9 @@ impl<H: Handler> Shared<H> {
         }
     }
 
-    /// Retry per the policy (never sooner than the error's `retry_after`
-    /// hint), or dead-letter (permanent errors, last attempt).
+    /// What this handler's failed attempt leads to ([`after_failure`]).
     pub(super) fn after_failure(&self, error: &HandlerError, attempt: u32) -> Failure {
-        if error.is_permanent() {
-            return Failure::DeadLetter(DeadLetterReason::HandlerError);
-        }
-        let decision = self.config.retry.after_failure(attempt);
-        match decision.at_least(error.retry_hint()) {
-            RetryDecision::RetryAfter(delay) => Failure::Retry(delay),
-            RetryDecision::GiveUp if error.error().is::<HandlerPanicked>() => {
-                Failure::DeadLetter(DeadLetterReason::Panic)
-            }
-            RetryDecision::GiveUp => Failure::DeadLetter(DeadLetterReason::RetriesExhausted),
-        }
+        after_failure(&self.config, error, attempt)
     }
 
     /// Dead-letters a payload that reuses a key first claimed by another.

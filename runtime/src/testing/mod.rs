@@ -1,3 +1,7 @@
+//! Testing handlers: [`Driver`] runs your handler's deliveries through
+//! claim, retry and dead-letter decisions on an in-memory store, with no
+//! server at all; the rest of this module runs real servers.
+//!
 //! Real `nats-server` processes for tests: single servers and 3-node
 //! clusters on loopback, each with a fresh temporary store, that a test can
 //! kill (SIGKILL), stop (SIGTERM), pause (SIGSTOP), resume (SIGCONT) and
@@ -25,6 +29,7 @@ mod cluster;
 pub mod conformance;
 #[cfg(feature = "postgres")]
 mod database;
+mod driver;
 mod error;
 mod local;
 mod ports;
@@ -36,6 +41,7 @@ pub use binary::NatsBinary;
 pub use cluster::Cluster;
 #[cfg(feature = "postgres")]
 pub use database::{DEFAULT_DATABASE_URL, TestDatabase};
+pub use driver::{Driver, Handled};
 pub use error::HarnessError;
 pub use local::{DEFAULT_URL, LocalNats};
 pub use proxy::{Flow, Proxy};
