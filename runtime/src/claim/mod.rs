@@ -1,4 +1,4 @@
-//! The claim state machine of the design notes: the record kept per
+//! The claim state machine of docs/design.md: the record kept per
 //! (handler, key), the pure decision about an existing record, and the typed
 //! outcomes a [`DedupStore`](crate::store::DedupStore) returns.
 //!

@@ -22,7 +22,7 @@ pub enum ClaimState {
     },
     /// The owner gave the claim back after a retryable failure; the next
     /// delivery may claim it. (A release is a CAS update to this state, never
-    /// a delete: see the design notes on create-after-delete.)
+    /// a delete: see docs/design.md on create-after-delete.)
     Released,
     /// The handler's effect happened and was recorded.
     Done,

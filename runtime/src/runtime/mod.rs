@@ -1,5 +1,5 @@
 //! The consumer runtime: runs every registered handler against its durable
-//! pull consumer, executing the claim state machine of the design notes for
+//! pull consumer, executing the claim state machine of docs/design.md for
 //! each delivery.
 //!
 //! ```no_run

@@ -1,6 +1,6 @@
 //! One delivery, start to finish, for every dedup level: prepare → claim →
 //! run (lease renewal, progress acks, panics caught) → finish → acknowledge
-//! — or retry, or dead-letter (`settle.rs`). Executes the design notes'
+//! — or retry, or dead-letter (`settle.rs`). Executes docs/design.md's
 //! steps; the decisions are the claim state machine's and the retry
 //! policy's, and what each level does at each step is `backend.rs`'s.
 
