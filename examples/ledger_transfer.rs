@@ -18,9 +18,9 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::PullConsumer, message::PublishMessage, stream};
+use idem::consumer::Outcome;
 use idem::outbox::PgOutbox;
 use idem::publisher::Outgoing;
-use idem::runtime::Outcome;
 use idem::store::PgStore;
 use idem::testing::{DEFAULT_DATABASE_URL, LocalNats};
 use idem::{HandlerError, Json, Retry, Runtime, State, Tx, idempotent};

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, message::PublishMessage, stream};
-use idem::runtime::{DEAD_LETTER_STREAM, Outcome, headers};
+use idem::consumer::{DEAD_LETTER_STREAM, Outcome, headers};
 use idem::store::KvStoreConfig;
 use idem::testing::LocalNats;
 use idem::{HandlerError, Json, Retry, Runtime, State, idempotent};

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
-use idem::runtime::Outcome;
+use idem::consumer::Outcome;
 use idem::testing::LocalNats;
 use idem::{HandlerError, Json, Retry, Runtime, State, idempotent};
 

@@ -5,9 +5,9 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
+use idem::consumer::{Latency, Outcome, Stats};
 use idem::outbox::{Outbox, OutboxConfig};
 use idem::publisher::{Outgoing, Publisher};
-use idem::runtime::{Latency, Outcome, Stats};
 use idem::testing::NatsServer;
 use idem::{HandlerError, Json, Runtime, idempotent};
 use opentelemetry::trace::TracerProvider as _;

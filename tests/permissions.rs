@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
+use idem::consumer::{Outcome, RuntimeError};
 use idem::publisher::{Outgoing, Publisher};
-use idem::runtime::{Outcome, RuntimeError};
 use idem::testing::NatsServer;
 use idem::{HandlerError, Json, Runtime, State, idempotent};
 use serde::{Deserialize, Serialize};
@@ -166,7 +166,7 @@ async fn a_worker_and_a_producer_with_the_documented_permissions_run_the_main_ex
         .expect("the poison payment's dead letter");
     assert_eq!(
         dead.headers
-            .get(idem::runtime::headers::REASON)
+            .get(idem::consumer::headers::REASON)
             .map(|v| v.as_str()),
         Some("handler_error")
     );

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::PullConsumer, message::PublishMessage, stream};
 use idem::claim::ClaimState;
+use idem::consumer::{DEAD_LETTER_STREAM, Outcome, Stats, headers};
 use idem::key::{HandlerName, IdempotencyKey, RecordKey};
-use idem::runtime::{DEAD_LETTER_STREAM, Outcome, Stats, headers};
 use idem::store::{DedupStore, KvStore, KvStoreConfig};
 use idem::testing::{NatsServer, Proxy};
 use idem::{HandlerError, Json, Retry, Runtime, State, idempotent};
@@ -262,9 +262,9 @@ async fn late_handler_from_now(
 
 struct Running {
     stats: Stats,
-    health: idem::runtime::HealthProbe,
+    health: idem::consumer::HealthProbe,
     stop: oneshot::Sender<()>,
-    task: JoinHandle<Result<(), idem::runtime::RuntimeError>>,
+    task: JoinHandle<Result<(), idem::consumer::RuntimeError>>,
 }
 
 impl Running {
@@ -304,7 +304,7 @@ impl Setup {
 
     async fn start(
         &self,
-        configure: impl FnOnce(idem::runtime::RuntimeBuilder) -> idem::runtime::RuntimeBuilder,
+        configure: impl FnOnce(idem::consumer::RuntimeBuilder) -> idem::consumer::RuntimeBuilder,
     ) -> Running {
         let (stop, stopped) = oneshot::channel::<()>();
         let builder = Runtime::builder(self.server.connect().await.expect("connect"))
@@ -928,7 +928,7 @@ async fn start_up_errors_name_the_problem() {
         .err()
         .expect("no stream");
     assert!(
-        matches!(err, idem::runtime::RuntimeError::StreamMissing { .. }),
+        matches!(err, idem::consumer::RuntimeError::StreamMissing { .. }),
         "{err}"
     );
     let err = Runtime::builder(client.clone())
@@ -937,7 +937,7 @@ async fn start_up_errors_name_the_problem() {
         .err()
         .expect("no handlers");
     assert!(
-        matches!(err, idem::runtime::RuntimeError::NoHandlers),
+        matches!(err, idem::consumer::RuntimeError::NoHandlers),
         "{err}"
     );
     let err = Runtime::builder(client.clone())
@@ -948,7 +948,7 @@ async fn start_up_errors_name_the_problem() {
         .err()
         .expect("twice");
     assert!(
-        matches!(err, idem::runtime::RuntimeError::DuplicateHandler { .. }),
+        matches!(err, idem::consumer::RuntimeError::DuplicateHandler { .. }),
         "{err}"
     );
     let err = Runtime::builder(client)
@@ -959,7 +959,7 @@ async fn start_up_errors_name_the_problem() {
         .err()
         .expect("one name twice");
     assert!(
-        matches!(err, idem::runtime::RuntimeError::DuplicateHandler { .. }),
+        matches!(err, idem::consumer::RuntimeError::DuplicateHandler { .. }),
         "{err}"
     );
 }
@@ -1017,7 +1017,7 @@ async fn start_up_fails_at_once_on_a_missing_stream() {
         .expect("no ORDERS stream");
     assert!(!error.is_transient(), "{error}");
     assert!(
-        matches!(error, idem::runtime::RuntimeError::StreamMissing { .. }),
+        matches!(error, idem::consumer::RuntimeError::StreamMissing { .. }),
         "{error}"
     );
     // What `fn main() -> Result<(), Box<dyn Error>>` prints: the message
@@ -1324,7 +1324,7 @@ async fn two_handlers_with_one_function_name_in_one_runtime_are_refused_at_build
         .err()
         .expect("orders::apply and refunds::apply would share claims");
     assert!(
-        matches!(error, idem::runtime::RuntimeError::DuplicateHandler { .. }),
+        matches!(error, idem::consumer::RuntimeError::DuplicateHandler { .. }),
         "{error}"
     );
     assert!(error.to_string().contains("name = "), "{error}");
@@ -1355,7 +1355,7 @@ async fn a_handler_name_another_service_registered_in_the_shared_bucket_is_refus
     assert!(
         matches!(
             &refused,
-            idem::runtime::RuntimeError::HandlerNameTaken { stream, .. } if stream == "ORDERS"
+            idem::consumer::RuntimeError::HandlerNameTaken { stream, .. } if stream == "ORDERS"
         ),
         "{refused}"
     );
@@ -1415,7 +1415,7 @@ async fn a_new_consumer_on_a_stream_holding_its_messages_is_refused_unless_start
     assert!(
         matches!(
             error,
-            idem::runtime::RuntimeError::NewConsumerWouldReplay { messages: 2, .. }
+            idem::consumer::RuntimeError::NewConsumerWouldReplay { messages: 2, .. }
         ),
         "{error}"
     );

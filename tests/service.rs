@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use idem::consumer::Outcome;
 use idem::publisher::{RequestError, Requester};
 use idem::reply::ReplyErrorKind;
-use idem::runtime::Outcome;
 use idem::testing::{NatsServer, TestDatabase};
 use idem::{HandlerError, Json, Retry, Runtime, State, Tx, idempotent};
 use serde::{Deserialize, Serialize};
@@ -75,13 +75,13 @@ struct Served {
     client: async_nats::Client,
     runs: Runs,
     stop: oneshot::Sender<()>,
-    task: JoinHandle<Result<(), idem::runtime::RuntimeError>>,
-    stats: idem::runtime::Stats,
+    task: JoinHandle<Result<(), idem::consumer::RuntimeError>>,
+    stats: idem::consumer::Stats,
 }
 
 impl Served {
     async fn start(
-        configure: impl FnOnce(idem::runtime::RuntimeBuilder) -> idem::runtime::RuntimeBuilder,
+        configure: impl FnOnce(idem::consumer::RuntimeBuilder) -> idem::consumer::RuntimeBuilder,
     ) -> Self {
         let server = NatsServer::start().await.expect("nats-server");
         let client = server.connect().await.expect("connect");

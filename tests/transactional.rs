@@ -7,9 +7,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::PullConsumer, message::PublishMessage, stream};
+use idem::consumer::{Outcome, Stats};
 use idem::handler::{HandlerConfig, StartAt};
 use idem::key::{HandlerName, IdempotencyKey, RecordKey};
-use idem::runtime::{Outcome, Stats};
 use idem::testing::{NatsServer, TestDatabase};
 use idem::{HandlerError, Json, Retry, Runtime, State, Tx, idempotent};
 use serde::{Deserialize, Serialize};
@@ -119,7 +119,7 @@ struct Setup {
 struct Worker {
     stats: Stats,
     stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<Result<(), idem::runtime::RuntimeError>>,
+    task: tokio::task::JoinHandle<Result<(), idem::consumer::RuntimeError>>,
 }
 
 impl Worker {
@@ -186,7 +186,7 @@ impl Setup {
     async fn worker_with(
         &self,
         pool: sqlx::PgPool,
-        configure: impl FnOnce(idem::runtime::RuntimeBuilder) -> idem::runtime::RuntimeBuilder,
+        configure: impl FnOnce(idem::consumer::RuntimeBuilder) -> idem::consumer::RuntimeBuilder,
     ) -> Worker {
         self.tuned_worker(pool, configure, |config| config).await
     }
@@ -212,7 +212,7 @@ impl Setup {
     async fn tuned_worker(
         &self,
         pool: sqlx::PgPool,
-        configure: impl FnOnce(idem::runtime::RuntimeBuilder) -> idem::runtime::RuntimeBuilder,
+        configure: impl FnOnce(idem::consumer::RuntimeBuilder) -> idem::consumer::RuntimeBuilder,
         tune: impl Fn(HandlerConfig) -> HandlerConfig + Send + 'static,
     ) -> Worker {
         let (stop, stopped) = oneshot::channel::<()>();
@@ -238,7 +238,7 @@ impl Setup {
     /// The dead-letter stream is gone: dead letters cannot be stored.
     async fn dead_letters_gone(&self) {
         self.js
-            .delete_stream(idem::runtime::DEAD_LETTER_STREAM)
+            .delete_stream(idem::consumer::DEAD_LETTER_STREAM)
             .await
             .expect("delete the dead-letter stream");
     }
@@ -247,7 +247,7 @@ impl Setup {
     async fn dead_letters_back(&self) {
         self.js
             .create_stream(stream::Config {
-                name: idem::runtime::DEAD_LETTER_STREAM.into(),
+                name: idem::consumer::DEAD_LETTER_STREAM.into(),
                 subjects: vec!["idem.dead.>".into()],
                 ..Default::default()
             })
@@ -570,7 +570,7 @@ async fn a_dead_letter_that_cannot_be_stored_keeps_the_message_until_it_can() {
     assert_eq!(worker.count(Outcome::DeadLettered), 1);
     let letter = setup
         .js
-        .get_stream(idem::runtime::DEAD_LETTER_STREAM)
+        .get_stream(idem::consumer::DEAD_LETTER_STREAM)
         .await
         .expect("stream")
         .get_last_raw_message_by_subject("idem.dead.apply_transfer")
@@ -579,7 +579,7 @@ async fn a_dead_letter_that_cannot_be_stored_keeps_the_message_until_it_can() {
     assert_eq!(
         letter
             .headers
-            .get(idem::runtime::headers::REASON)
+            .get(idem::consumer::headers::REASON)
             .map(|v| v.to_string())
             .as_deref(),
         Some("handler_error")

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull, stream};
 use futures::StreamExt;
+use idem::consumer::Outcome;
 use idem::handler::HandlerConfig;
-use idem::runtime::Outcome;
 use idem::store::KvStoreConfig;
 use idem::{HandlerError, Json, Runtime, State, Tx, idempotent};
 use tokio::sync::Semaphore;

@@ -235,7 +235,7 @@ pub async fn worker_role(url: &str, in_flight: usize) -> Result<(), BoxError> {
     timeout(STEP, async {
         while (stats
             .handler("bench_hold")
-            .get(idem::runtime::Outcome::Processed) as usize)
+            .get(idem::consumer::Outcome::Processed) as usize)
             < in_flight
         {
             tokio::time::sleep(Duration::from_millis(10)).await;

@@ -28,7 +28,7 @@ pub struct Connection {
     )]
     pub bucket: String,
     /// The stream that stores dead letters.
-    #[arg(long, env = "IDEM_DEAD_STREAM", default_value = idem::runtime::DEAD_LETTER_STREAM, global = true)]
+    #[arg(long, env = "IDEM_DEAD_STREAM", default_value = idem::consumer::DEAD_LETTER_STREAM, global = true)]
     pub dead_stream: String,
     /// The PostgreSQL database of the inbox (`dedup = transactional`).
     #[arg(long, env = "DATABASE_URL", global = true)]

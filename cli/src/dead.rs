@@ -21,10 +21,10 @@ use bytes::Bytes;
 use clap::Subcommand;
 use futures::StreamExt;
 use idem::claim::ClaimState;
+use idem::consumer::headers;
 use idem::handler::DeadLetterReason;
 use idem::key::RecordKey;
 use idem::publisher::{Outgoing, Publisher};
-use idem::runtime::headers;
 use idem::store::{DedupStore, KvStore, PgStore};
 use serde::Serialize;
 

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream::stream;
-use idem::runtime::{DEAD_LETTER_STREAM, DEAD_LETTER_SUBJECTS};
+use idem::consumer::{DEAD_LETTER_STREAM, DEAD_LETTER_SUBJECTS};
 use idem::store::{KvStore, KvStoreConfig};
 use serde::Serialize;
 

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
-use idem::runtime::Outcome;
+use idem::consumer::Outcome;
 use idem::testing::NatsServer;
 use idem::{HandlerError, Json, Retry, Runtime, State, idempotent};
 use serde::{Deserialize, Serialize};
@@ -277,7 +277,7 @@ async fn provision_creates_the_shared_pieces_once_and_checks_them_after() {
         &["provision", "--retention", "2d", "--json"],
     ));
     assert_eq!(made["bucket"], "idem_claims");
-    js.get_stream(idem::runtime::DEAD_LETTER_STREAM)
+    js.get_stream(idem::consumer::DEAD_LETTER_STREAM)
         .await
         .expect("the dead-letter stream");
     let bucket = idem::store::KvStore::open_existing(&js, "idem_claims")

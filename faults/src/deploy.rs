@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
 use futures::TryStreamExt;
-use idem::runtime::DEAD_LETTER_STREAM;
+use idem::consumer::DEAD_LETTER_STREAM;
 use idem::store::KvStoreConfig;
 use idem::testing::{Cluster, NatsServer, Proxy, TestDatabase};
 use nix::sys::signal::{Signal, kill};

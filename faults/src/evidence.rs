@@ -7,8 +7,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use idem::claim::ClaimState;
+use idem::consumer::{DEAD_LETTER_STREAM, headers};
 use idem::key::{HandlerName, IdempotencyKey, RecordKey};
-use idem::runtime::{DEAD_LETTER_STREAM, headers};
 use idem::store::{DedupStore, KvStore, KvStoreConfig, PgStore};
 
 use crate::deploy::{Deployment, Exit, Fallible};

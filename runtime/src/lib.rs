@@ -36,7 +36,7 @@
 //! * [`handler`] — what the attribute generates ([`Handler`]) and the steps
 //!   before a claim; [`extract`] — the argument extractors.
 //! * [`claim`], [`store`] — the claim state machine and the dedup stores.
-//! * [`runtime`] — the [`Runtime`] that runs handlers (stream consumers and
+//! * [`consumer`] — the [`Runtime`] that runs handlers (stream consumers and
 //!   request/reply endpoints), its stats, health and provisioning;
 //!   [`reply`] — what request/reply endpoints answer with when it is not a
 //!   result.
@@ -66,6 +66,7 @@ pub use idem_macros::idempotent;
 
 pub mod claim;
 pub mod clock;
+pub mod consumer;
 mod delivery;
 pub mod duration;
 mod error;
@@ -79,7 +80,6 @@ pub mod permissions;
 pub mod publisher;
 pub mod reply;
 pub mod retry;
-pub mod runtime;
 mod server_error;
 pub mod store;
 pub mod subject;
@@ -90,6 +90,7 @@ pub mod tx;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use consumer::Runtime;
 pub use delivery::{Delivery, MSG_ID_HEADER};
 pub use error::{BoxError, ErrorKind, HandlerError, ResultExt};
 pub use extract::{Json, State};
@@ -97,7 +98,6 @@ pub use fence::Fence;
 pub use handler::Handler;
 pub use publisher::Publisher;
 pub use retry::Retry;
-pub use runtime::Runtime;
 #[cfg(feature = "postgres")]
 pub use tx::Tx;
 

@@ -7,7 +7,7 @@
 //! connection's event callback, so idem can only see them through it:
 //! connect with [`watch`] (or call [`record`] from your own callback), and
 //! a start-up that meets silence reports
-//! [`RuntimeError::PermissionDenied`](crate::runtime::RuntimeError::PermissionDenied)
+//! [`RuntimeError::PermissionDenied`](crate::consumer::RuntimeError::PermissionDenied)
 //! naming the subject the server refused, at once, instead of waiting and
 //! then blaming the servers. docs/permissions.md lists what each role
 //! needs.

@@ -12,8 +12,6 @@
 mod cas;
 mod error;
 mod kv;
-mod kv_bucket;
-mod kv_server;
 mod memory;
 #[cfg(feature = "postgres")]
 mod pg;
@@ -28,9 +26,11 @@ pub use error::{StoreError, StoreOp};
 pub use kv::{KvBucket, KvStore, KvStoreConfig, MIN_RETENTION};
 pub use memory::{MemoryMap, MemoryStore};
 #[cfg(feature = "postgres")]
-pub use pg::{MIGRATOR, PgMap, PgStore};
+pub(crate) use pg::inbox::{IGNORED_FAILED_STATEMENT, SealError, TxInbox, failed_for_another};
 #[cfg(feature = "postgres")]
-pub(crate) use pg::{fingerprint_column, key_columns, migrated_schema, revision_sequence};
+pub(crate) use pg::migrated_schema;
+#[cfg(feature = "postgres")]
+pub use pg::{MIGRATOR, PgMap, PgStore};
 
 use crate::claim::{Claim, ClaimOutcome, Owner, Snapshot, Transition};
 use crate::fingerprint::Fingerprint;

@@ -18,12 +18,12 @@ use bytes::Bytes;
 use futures::FutureExt;
 
 use crate::claim::ClaimOutcome;
+use crate::consumer::{Failure, HandlerPanicked, after_failure};
 use crate::extract::StateMap;
 use crate::handler::{
     DeadLetterReason, Dedup, Handler, HandlerConfig, OnMissingKey, PrepareError, prepare,
 };
 use crate::key::{HandlerName, RecordKey};
-use crate::runtime::{Failure, HandlerPanicked, after_failure};
 use crate::store::{DedupStore, MemoryStore};
 use crate::{Delivery, Fence, HandlerError};
 

@@ -10,7 +10,10 @@ use async_nats::jetstream::stream::StorageType;
 use async_nats::jetstream::{self};
 use bytes::Bytes;
 
-use super::{CasStore, Create, RevisionedMap, StoreError, StoreOp, Write, kv_bucket, kv_server};
+mod bucket;
+mod server;
+
+use super::{CasStore, Create, RevisionedMap, StoreError, StoreOp, Write};
 
 /// The shortest retention a bucket may have.
 pub const MIN_RETENTION: Duration = Duration::from_secs(1);
@@ -224,8 +227,8 @@ impl KvStore {
                 .map_err(|elapsed| StoreError::unavailable(StoreOp::Provision, elapsed))?
                 .map_err(|e| StoreError::unavailable(StoreOp::Provision, e))?;
         }
-        kv_server::check(&client.server_info().version, config.replicas)?;
-        let shards = kv_bucket::open(js, &config).await?;
+        server::check(&client.server_info().version, config.replicas)?;
+        let shards = bucket::open(js, &config).await?;
         Ok(CasStore::over(KvBucket {
             name: config.bucket_name().to_owned(),
             shards,
@@ -255,7 +258,7 @@ impl KvStore {
         js: &jetstream::Context,
         bucket: &str,
     ) -> Result<Option<Self>, StoreError> {
-        match kv_bucket::existing(js, bucket).await? {
+        match bucket::existing(js, bucket).await? {
             Some(config) => Self::open(js, config).await.map(Some),
             None => Ok(None),
         }

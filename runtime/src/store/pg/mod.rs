@@ -6,6 +6,8 @@
 //! Revisions come from one sequence, so a row deleted and created again can
 //! never be mistaken for the row a stale claim read (no ABA).
 
+pub(crate) mod inbox;
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -7,8 +7,9 @@
 //! the first transaction rolls back, the row vanishes with the effect and
 //! the waiter claims it.
 //!
-//! This module owns the inbox's SQL; what the pipeline does with each
-//! answer is in `backend` and `pipeline`, shared with `dedup = kv`.
+//! This module owns the inbox's SQL; what the consumer does with each
+//! answer is in `consumer/backend.rs` and `consumer/pipeline.rs`, shared
+//! with `dedup = kv`.
 
 use std::time::Duration;
 
@@ -16,14 +17,12 @@ use bytes::Bytes;
 use sqlx::postgres::PgPool;
 use sqlx::{PgConnection, Row};
 
+use super::{fingerprint_column, key_columns, migrated_schema, revision_sequence};
 use crate::claim::{Claim, ClaimOutcome, Owner};
 use crate::clock::{Clock, SystemClock, UnixMillis};
 use crate::fingerprint::Fingerprint;
 use crate::key::RecordKey;
-use crate::store::{
-    PgStore, StoreError, StoreOp, fingerprint_column, key_columns, migrated_schema,
-    revision_sequence,
-};
+use crate::store::{PgStore, StoreError, StoreOp};
 
 /// The savepoint between a claim and the handler's effects.
 const HANDLER_SAVEPOINT: &str = "idem_handler";

@@ -45,7 +45,7 @@ pub(crate) enum Backend {
     Kv(Box<KvStore>),
     /// `dedup = transactional`: the inbox table, in the handler's transaction.
     #[cfg(feature = "postgres")]
-    Transactional(super::transactional::TxInbox),
+    Transactional(crate::store::TxInbox),
 }
 
 impl Backend {
@@ -372,7 +372,7 @@ fn log_transition(what: &str, result: Result<Transition, StoreError>) {
 /// aborted transaction: then nothing commits and the attempt failed.
 #[cfg(feature = "postgres")]
 async fn commit(
-    inbox: &super::transactional::TxInbox,
+    inbox: &crate::store::TxInbox,
     tx: &crate::Tx,
     claim: &Claim,
     result: Option<Bytes>,
@@ -385,9 +385,9 @@ async fn commit(
         Committed::Yes => Completion::Recorded,
         // Left open: the failed run's ending rolls back to the savepoint
         // after the claim, which recovers an aborted transaction.
-        Committed::Aborted(e) => Completion::Aborted(
-            format!("{}: {e}", super::transactional::IGNORED_FAILED_STATEMENT).into(),
-        ),
+        Committed::Aborted(e) => {
+            Completion::Aborted(format!("{}: {e}", crate::store::IGNORED_FAILED_STATEMENT).into())
+        }
         // Unknown outcome if the commit itself failed: the redelivery
         // finds the row (duplicate) or not (runs again) — never both effects.
         Committed::Failed(e) => Completion::NotRecorded(e),
@@ -413,9 +413,9 @@ pub(crate) enum Committed {
 #[cfg(feature = "postgres")]
 pub(crate) async fn commit_sealed(
     tx: &crate::Tx,
-    sealed: Result<(), super::transactional::SealError>,
+    sealed: Result<(), crate::store::SealError>,
 ) -> Committed {
-    use super::transactional::SealError;
+    use crate::store::SealError;
     match sealed {
         Ok(()) => {}
         Err(SealError::Aborted(e)) => return Committed::Aborted(e),
@@ -435,7 +435,7 @@ pub(crate) async fn commit_sealed(
 
 /// Writes a claim row's ending in a transaction of its own.
 #[cfg(feature = "postgres")]
-async fn end_alone(inbox: &super::transactional::TxInbox, claim: &Claim, end: End) {
+async fn end_alone(inbox: &crate::store::TxInbox, claim: &Claim, end: End) {
     if let Err(e) = inbox.end_alone(claim, end.row_state()).await {
         warn!(error = %e, "could not {}; a redelivery counts from the last recorded attempt (a dead letter is published again under the same id)", end.what());
     }

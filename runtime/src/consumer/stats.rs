@@ -95,7 +95,7 @@ impl Outcome {
 /// a histogram in seconds labelled by `handler`.
 ///
 /// ```
-/// use idem::runtime::Latency;
+/// use idem::consumer::Latency;
 ///
 /// assert_eq!(Latency::Handler.metric(), "idem_handler_duration_seconds");
 /// assert_eq!(Latency::ALL.len(), 4);
@@ -199,7 +199,7 @@ impl Counts {
 /// it any time.
 ///
 /// ```
-/// use idem::runtime::{Outcome, Stats};
+/// use idem::consumer::{Outcome, Stats};
 ///
 /// let stats = Stats::default();
 /// assert_eq!(stats.handler("issue_card").get(Outcome::Processed), 0);

@@ -33,11 +33,11 @@ use tracing::{Span, debug, field, warn};
 use super::backend::{Committed, Held, commit_sealed, roll_back};
 use super::pipeline::{Ran, Shared, boxed, state_with};
 use super::settle::Failure;
-use super::transactional::{IGNORED_FAILED_STATEMENT, TxInbox, failed_for_another};
 use crate::claim::{Claim, ClaimOutcome};
 use crate::fingerprint::Fingerprint;
 use crate::handler::{Handler, HandlerConfig, prepare};
 use crate::key::RecordKey;
+use crate::store::{IGNORED_FAILED_STATEMENT, TxInbox, failed_for_another};
 use crate::tx::Slot;
 use crate::{Delivery, Fence, HandlerError, Tx};
 

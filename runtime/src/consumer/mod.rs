@@ -6,7 +6,7 @@
 //! # use idem::{idempotent, HandlerError, Json};
 //! # #[idempotent(stream = "PAYMENTS", key = id)]
 //! # async fn issue_membership_card(Json(id): Json<u64>) -> Result<(), HandlerError> { Ok(()) }
-//! # async fn demo(client: async_nats::Client) -> Result<(), idem::runtime::RuntimeError> {
+//! # async fn demo(client: async_nats::Client) -> Result<(), idem::consumer::RuntimeError> {
 //! use idem::Runtime;
 //!
 //! Runtime::builder(client)
@@ -31,8 +31,6 @@ mod recent;
 mod service;
 mod settle;
 mod stats;
-#[cfg(feature = "postgres")]
-mod transactional;
 mod worker;
 
 use std::collections::BTreeMap;
@@ -61,7 +59,10 @@ use pipeline::Shared;
 use recent::Recent;
 use worker::{HandlerWorker, Worker};
 
+// What idem::testing::Driver decides with, as the runtime does.
+#[cfg(feature = "testing")]
 pub(crate) use pipeline::HandlerPanicked;
+#[cfg(feature = "testing")]
 pub(crate) use settle::{Failure, after_failure};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -237,7 +238,7 @@ async fn provision_handler(
                     handler: config.name.clone(),
                 });
             };
-            let inbox = transactional::TxInbox::open(pool.clone(), schema)
+            let inbox = crate::store::TxInbox::open(pool.clone(), schema)
                 .await
                 .map_err(|source| RuntimeError::Store {
                     handler: config.name.clone(),
@@ -418,7 +419,7 @@ impl RuntimeBuilder {
     /// service already uses for shutdown (its `cancelled_owned()`).
     ///
     /// ```no_run
-    /// # async fn demo(client: async_nats::Client) -> Result<(), idem::runtime::RuntimeError> {
+    /// # async fn demo(client: async_nats::Client) -> Result<(), idem::consumer::RuntimeError> {
     /// use tokio_util::sync::CancellationToken;
     ///
     /// let shutdown = CancellationToken::new();
@@ -510,7 +511,7 @@ impl RuntimeBuilder {
     /// # use idem::{idempotent, HandlerError, Json};
     /// # #[idempotent(stream = "PAYMENTS", key = id, start = all)]
     /// # async fn issue_membership_card(Json(id): Json<u64>) -> Result<(), HandlerError> { Ok(()) }
-    /// # async fn demo(admin: async_nats::Client) -> Result<(), idem::runtime::RuntimeError> {
+    /// # async fn demo(admin: async_nats::Client) -> Result<(), idem::consumer::RuntimeError> {
     /// use idem::Runtime;
     ///
     /// Runtime::builder(admin).handler(issue_membership_card).provision().await?;

@@ -222,7 +222,7 @@ impl RuntimeError {
     /// configuration to fix.
     ///
     /// ```
-    /// use idem::runtime::RuntimeError;
+    /// use idem::consumer::RuntimeError;
     ///
     /// assert!(!RuntimeError::NoHandlers.is_transient());
     /// ```
