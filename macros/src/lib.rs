@@ -10,7 +10,6 @@ mod expand;
 mod options;
 mod retry;
 mod signature;
-mod subject;
 mod validate;
 
 use proc_macro::TokenStream;

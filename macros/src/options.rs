@@ -10,7 +10,6 @@ use syn::spanned::Spanned;
 use syn::{Expr, ExprLit, Ident, Lit, LitInt, LitStr, Token};
 
 use crate::errors::Errors;
-use crate::subject;
 
 /// Every option the attribute accepts, for "did you mean" and the docs.
 pub const OPTION_NAMES: &[&str] = &[
@@ -291,9 +290,9 @@ impl Options {
             "subject" | "dead_letter" => {
                 if let Some(lit) = string(&value, &label, errors) {
                     let checked = if label == "subject" {
-                        subject::validate_filter(&lit.value())
+                        idem_grammar::subject::validate_filter(&lit.value())
                     } else {
-                        subject::validate_publish(&lit.value())
+                        idem_grammar::subject::validate_publish(&lit.value())
                     };
                     if let Err(problem) = checked {
                         errors.push(lit.span(), format!("invalid `{label}`: {problem}"));
@@ -460,13 +459,10 @@ fn word(value: &Expr) -> Option<String> {
 }
 
 fn duration(lit: &LitStr, errors: &mut Errors) -> Option<Duration> {
-    match humantime::parse_duration(&lit.value()) {
+    match idem_grammar::duration::parse(&lit.value()) {
         Ok(duration) => Some(duration),
-        Err(_) => {
-            errors.push(
-                lit.span(),
-                format!("{:?} is not a duration: write a number and a unit, e.g. \"250ms\", \"30s\", \"5m\", \"7d\"", lit.value()),
-            );
+        Err(invalid) => {
+            errors.push(lit.span(), invalid.to_string());
             None
         }
     }

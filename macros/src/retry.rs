@@ -27,15 +27,9 @@ impl<'ast> Visit<'ast> for RetryVisitor<'_> {
                     lit: Lit::Str(text),
                     ..
                 }) = arg
-                    && humantime::parse_duration(&text.value()).is_err()
+                    && let Err(invalid) = idem_grammar::duration::parse(&text.value())
                 {
-                    self.errors.push(
-                        text.span(),
-                        format!(
-                            "{:?} is not a duration: write a number and a unit, e.g. \"250ms\", \"30s\", \"5m\"",
-                            text.value()
-                        ),
-                    );
+                    self.errors.push(text.span(), invalid.to_string());
                 }
             }
         }

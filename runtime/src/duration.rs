@@ -39,9 +39,9 @@ impl IntoDuration for Duration {
 
 impl IntoDuration for &str {
     fn into_duration(self) -> DurationSpec {
-        match humantime::parse_duration(self) {
+        match idem_grammar::duration::parse(self) {
             Ok(d) => DurationSpec::Valid(d),
-            Err(_) => DurationSpec::Invalid(self.to_owned()),
+            Err(invalid) => DurationSpec::Invalid(invalid.text),
         }
     }
 }
@@ -52,17 +52,9 @@ impl IntoDuration for String {
     }
 }
 
-/// A text that is not a duration.
-#[derive(Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "{text:?} is not a duration: write a number and a unit, e.g. \"250ms\", \"30s\", \"5m\", \"7d\""
-)]
-pub struct InvalidDuration {
-    /// The text.
-    pub text: String,
-}
-
-crate::error::debug_as_report!(InvalidDuration);
+/// A text that is not a duration (the grammar `#[idempotent]` checks
+/// literals with, from the `idem-grammar` crate).
+pub use idem_grammar::duration::InvalidDuration;
 
 impl DurationSpec {
     /// The duration, or the error naming the text.
