@@ -240,6 +240,79 @@ fn full_jitter(delay: Duration) -> Duration {
     Duration::from_nanos(fastrand::u64(0..=nanos))
 }
 
+/// The pauses of one of idem's own retry loops — start-up, completion
+/// records, pulls, an unreachable store, a key held elsewhere, resends: a
+/// [`Retry`] without an attempt limit, counted by the loop that waits.
+/// Every such loop is one of these, and their constants are here.
+#[derive(Clone, Debug)]
+pub(crate) struct Schedule {
+    policy: Retry,
+    attempt: u32,
+}
+
+impl Schedule {
+    /// Exponential from `base` to `cap`, without end.
+    pub(crate) fn exponential(base: Duration, cap: Duration) -> Self {
+        Self::of(Retry::exponential(base, cap))
+    }
+
+    /// `policy`'s pauses, without its attempt limit.
+    pub(crate) fn of(policy: Retry) -> Self {
+        Self {
+            policy: policy.attempts(u32::MAX),
+            attempt: 0,
+        }
+    }
+
+    /// Start-up while the servers do not answer: 100 ms doubling to 5 s.
+    pub(crate) fn startup() -> Self {
+        Self::exponential(Duration::from_millis(100), Duration::from_secs(5))
+    }
+
+    /// Recording a completion while the store is out of reach: 50 ms
+    /// doubling to 1 s (nobody can take the claim meanwhile).
+    pub(crate) fn completion() -> Self {
+        Self::exponential(Duration::from_millis(50), Duration::from_secs(1))
+    }
+
+    /// Pulls that fail: 100 ms doubling to 2 s.
+    pub(crate) fn pulls() -> Self {
+        Self::exponential(Duration::from_millis(100), Duration::from_secs(2))
+    }
+
+    /// A delivery NAKed because the dedup store is unreachable: 250 ms
+    /// doubling to 10 s, with jitter, by delivery count.
+    pub(crate) fn store_unreachable() -> Self {
+        Self::of(Retry::exponential(Duration::from_millis(250), Duration::from_secs(10)).jitter())
+    }
+
+    /// A delivery NAKed because another worker holds its key: 50 ms
+    /// doubling by delivery count (the caller caps it at the lease).
+    pub(crate) fn key_held() -> Self {
+        Self::exponential(Duration::from_millis(50), Duration::from_secs(3600))
+    }
+
+    /// The pause after the next failure.
+    pub(crate) fn next(&mut self) -> Duration {
+        self.attempt = self.attempt.saturating_add(1);
+        self.at(self.attempt)
+    }
+
+    /// The pause after failure `attempt` (1-based), for loops whose count
+    /// is kept elsewhere (a message's delivery count).
+    pub(crate) fn at(&self, attempt: u32) -> Duration {
+        match self.policy.after_failure(attempt.max(1)) {
+            RetryDecision::RetryAfter(pause) => pause,
+            RetryDecision::GiveUp => self.policy.nominal_delay(u32::MAX),
+        }
+    }
+
+    /// Back to the first pause, after a success.
+    pub(crate) fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
 impl fmt::Debug for Retry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut s = f.debug_struct("Retry");
@@ -277,6 +350,17 @@ mod tests {
         // Far past any sane attempt count the arithmetic saturates at the cap.
         let many = Retry::exponential("1s", "1h").attempts(u32::MAX);
         assert_eq!(delay(&many, 200), Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn a_schedule_counts_its_own_failures_and_never_ends() {
+        let mut pulls = Schedule::pulls();
+        let pauses: Vec<u128> = (0..7).map(|_| pulls.next().as_millis()).collect();
+        assert_eq!(pauses, [100, 200, 400, 800, 1600, 2000, 2000]);
+        pulls.reset();
+        assert_eq!(pulls.next(), Duration::from_millis(100));
+        assert_eq!(Schedule::startup().at(u32::MAX), Duration::from_secs(5));
+        assert_eq!(Schedule::key_held().at(3), Duration::from_millis(200));
     }
 
     #[test]

@@ -279,8 +279,9 @@ async fn patiently<T, F: Future<Output = Result<T, RuntimeError>>>(
     mut attempt: impl FnMut() -> F,
 ) -> Result<T, RuntimeError> {
     let deadline = tokio::time::Instant::now() + STARTUP_PATIENCE;
-    let mut pause = Duration::from_millis(100);
+    let mut pauses = crate::retry::Schedule::startup();
     loop {
+        let pause = pauses.next();
         let began = std::time::Instant::now();
         let result = attempt().await;
         // Silence the server explained as a permission violation (seen when
@@ -298,7 +299,6 @@ async fn patiently<T, F: Future<Output = Result<T, RuntimeError>>>(
             Err(e) if e.is_transient() && tokio::time::Instant::now() + pause < deadline => {
                 tracing::warn!(handler = %config.name, error = %e, ?pause, "start-up: the servers did not answer; trying again");
                 tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(5));
             }
             result => return result,
         }

@@ -457,7 +457,7 @@ impl<H: Handler> Shared<H> {
         held: &Held,
         result: Option<bytes::Bytes>,
     ) -> Option<Completion> {
-        let mut pause = Duration::from_millis(50);
+        let mut pauses = crate::retry::Schedule::completion();
         let began = Instant::now();
         loop {
             match held.complete(&self.backend, result.clone()).await {
@@ -466,6 +466,7 @@ impl<H: Handler> Shared<H> {
                     return Some(completion);
                 }
                 Err(e) => {
+                    let pause = pauses.next();
                     warn!(error = %e, ?pause, "could not record completion; retrying");
                     if let Some(message) = progress {
                         let _ = message.ack_with(AckKind::Progress).await;
@@ -477,7 +478,6 @@ impl<H: Handler> Shared<H> {
                             return None;
                         }
                     }
-                    pause = (pause * 2).min(Duration::from_secs(1));
                 }
             }
         }

@@ -20,20 +20,13 @@ use super::stats::{Latency, Outcome};
 use crate::claim::ClaimOutcome;
 use crate::fingerprint::Fingerprint;
 use crate::handler::{DeadLetterReason, Handler, HandlerConfig, OnMissingKey, PrepareError};
-use crate::retry::{Retry, RetryDecision};
+use crate::retry::{RetryDecision, Schedule};
 use crate::store::StoreError;
 use crate::{Delivery, HandlerError};
 
-/// Backoff while the dedup store is unreachable.
+/// Backoff while the dedup store is unreachable, by delivery count.
 pub(super) fn store_backoff(attempt: u32) -> Duration {
-    match Retry::exponential(Duration::from_millis(250), Duration::from_secs(10))
-        .attempts(u32::MAX)
-        .jitter()
-        .after_failure(attempt)
-    {
-        RetryDecision::RetryAfter(delay) => delay.max(Duration::from_millis(50)),
-        RetryDecision::GiveUp => Duration::from_secs(10),
-    }
+    Schedule::store_unreachable().at(attempt).max(MIN_NAK_DELAY)
 }
 
 /// What a failed attempt leads to.
@@ -72,9 +65,10 @@ pub(super) fn deliveries(delivery: &Delivery) -> u32 {
 /// finish in milliseconds, so the duplicate is answered soon; a slow holder
 /// costs a handful of cheap claim attempts, not a storm.
 pub(super) fn in_flight_delay(delivered: u32, remaining_lease: Duration) -> Duration {
-    let backoff = Duration::from_millis(50)
-        .saturating_mul(2u32.saturating_pow(delivered.saturating_sub(1).min(16)));
-    backoff.min(remaining_lease).max(MIN_NAK_DELAY)
+    Schedule::key_held()
+        .at(delivered)
+        .min(remaining_lease)
+        .max(MIN_NAK_DELAY)
 }
 
 /// The shortest NAK delay: a redelivery storm helps nobody.

@@ -93,6 +93,7 @@ const IDLE_CHECK: Duration = Duration::from_secs(5);
 /// whether the consumer still exists.
 struct Liveness {
     failures: u32,
+    pauses: crate::retry::Schedule,
     idle_checked: Instant,
     seen_gone: u32,
 }
@@ -101,6 +102,7 @@ impl Liveness {
     fn new() -> Self {
         Self {
             failures: 0,
+            pauses: crate::retry::Schedule::pulls(),
             idle_checked: Instant::now(),
             seen_gone: 0,
         }
@@ -109,6 +111,7 @@ impl Liveness {
     /// A pull brought a message, or ended as the server ends pulls.
     fn answered(&mut self) {
         self.failures = 0;
+        self.pauses.reset();
     }
 
     /// A pull failed.
@@ -118,13 +121,11 @@ impl Liveness {
 
     /// After failed pulls: the pause before the next, or `None` once
     /// enough of them in a row and the server say the consumer is gone.
-    async fn pause_unless_gone(&self, consumer: &PullConsumer) -> Option<Duration> {
+    async fn pause_unless_gone(&mut self, consumer: &PullConsumer) -> Option<Duration> {
         if self.failures >= GONE_AFTER && consumer_gone(consumer).await {
             return None;
         }
-        Some(Duration::from_millis(
-            100 * u64::from(self.failures.min(20)),
-        ))
+        Some(self.pauses.next())
     }
 
     /// After an empty pull: whether the consumer is gone, asked at most

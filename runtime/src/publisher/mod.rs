@@ -35,7 +35,7 @@ pub use message::Outgoing;
 pub use request::{RequestError, Requester};
 
 use crate::BoxError;
-use crate::retry::{Retry, RetryDecision};
+use crate::retry::{Retry, Schedule};
 use crate::subject::validate_publish;
 
 /// How the publisher resends. Defaults: 2 s per attempt, backoff from 100 ms
@@ -96,7 +96,7 @@ struct Shared {
     client: async_nats::Client,
     config: PublisherConfig,
     /// Pauses between attempts, from the config.
-    backoff: Retry,
+    backoff: Schedule,
     /// Subjects whose stream and duplicate window were checked.
     streams: Mutex<HashSet<String>>,
     /// Held while a subject is looked up: the first burst of sends to a new
@@ -120,9 +120,8 @@ impl Publisher {
 
     /// A publisher with its own resend policy.
     pub fn with_config(client: async_nats::Client, config: PublisherConfig) -> Self {
-        let backoff = Retry::exponential(config.backoff_base, config.backoff_cap)
-            .attempts(u32::MAX)
-            .jitter();
+        let backoff =
+            Schedule::of(Retry::exponential(config.backoff_base, config.backoff_cap).jitter());
         Self {
             inner: Arc::new(Shared {
                 js: jetstream::new(client.clone()),
@@ -219,10 +218,7 @@ impl Publisher {
                 Err(Resolve::Fatal(e)) => return Err(e),
                 Err(Resolve::Transient(e)) => e,
             };
-            let pause = match self.inner.backoff.after_failure(attempts) {
-                RetryDecision::RetryAfter(pause) => pause,
-                RetryDecision::GiveUp => self.inner.config.backoff_cap,
-            };
+            let pause = self.inner.backoff.at(attempts);
             if started.elapsed() + pause >= self.inner.config.deadline {
                 return Err(PublishError::DeadlineExceeded {
                     message_id: message.id.clone(),
