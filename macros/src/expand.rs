@@ -7,9 +7,8 @@ use quote::{format_ident, quote, quote_spanned};
 use syn::ItemFn;
 use syn::spanned::Spanned;
 
-use crate::options::{DedupMode, Fingerprint, MissingKey, Options, StartAt};
+use crate::options::{DedupMode, Fingerprint, Key, MissingKey, Options, StartAt};
 use crate::signature::{Signature, by_reference};
-use crate::validate::Key;
 
 pub fn expand(item: ItemFn, options: &Options, sig: &Signature, key: Option<Key>) -> TokenStream {
     let vis = &item.vis;

@@ -43,7 +43,7 @@ use options::{Options, RawOptions};
 ///
 /// | option | default | meaning |
 /// |---|---|---|
-/// | `stream = "NAME"` | required | the JetStream stream consumed |
+/// | `stream = "NAME"` | required (or `service`) | the JetStream stream consumed |
 /// | `name = "NAME"` | the function's name | the handler's identity: its claims, consumer, stats and dead-letter subject are keyed by it. Set it to keep the identity when renaming the function; unique in a runtime (and in a claim bucket, across services) |
 /// | `start = all \| new \| <sequence>` | none | where a *new* durable consumer starts. Without it, a new consumer on a stream that already holds its messages is refused at start-up (a renamed handler would replay them) |
 /// | `consumer = "NAME"` | the handler's name | the durable consumer |
@@ -60,8 +60,13 @@ use options::{Options, RawOptions};
 /// | `on_missing_key = dead_letter \| reject` | `dead_letter` | what to do when no key can be extracted |
 /// | `fingerprint = payload \| none \| <expr>` | `payload` | what tells a duplicate from a reused key |
 /// | `store_result` | off | store the `Ok` value (`Serialize + DeserializeOwned`) and hand it to duplicates |
+/// | `on_duplicate = hook` | none | with `store_result`: each duplicate delivery calls `hook(stored_result, <the handler's arguments>)` (an `async fn` returning `Result<(), E>`) before it is acknowledged — e.g. to announce the outcome again without running the effect |
+/// | `service = "NAME"` | — | instead of `stream`: serve the handler as a request/reply endpoint of the NATS micro service `NAME`, on `subject` (required); the result is stored and replied, repeats get the stored reply |
+/// | `version = "1.0.0"` | `"0.1.0"` | the service's version |
 ///
-/// `retention`, `lease`, `fingerprint` and `store_result` need dedup on.
+/// `retention`, `lease`, `fingerprint` and `store_result` need dedup on;
+/// `consumer`, `dead_letter`, `start`, `retry`, `batch`, `linger` and
+/// `on_duplicate` are for stream handlers, not services.
 /// Literals (durations, subjects, attempts, concurrency) are checked at
 /// compile time; every mistake is reported at once, at its token.
 #[proc_macro_attribute]

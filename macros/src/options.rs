@@ -11,30 +11,6 @@ use syn::{Expr, ExprLit, Ident, Lit, LitInt, LitStr, Token};
 
 use crate::errors::Errors;
 
-/// Every option the attribute accepts, for "did you mean" and the docs.
-pub const OPTION_NAMES: &[&str] = &[
-    "name",
-    "stream",
-    "consumer",
-    "subject",
-    "key",
-    "dedup",
-    "retention",
-    "lease",
-    "retry",
-    "dead_letter",
-    "concurrency",
-    "batch",
-    "linger",
-    "on_missing_key",
-    "fingerprint",
-    "store_result",
-    "on_duplicate",
-    "start",
-    "service",
-    "version",
-];
-
 /// One `name` or `name = value`.
 pub struct RawOption {
     pub name: Ident,
@@ -64,13 +40,17 @@ impl Parse for RawOptions {
 }
 
 /// Where the idempotency key comes from.
-pub enum KeySource {
+#[derive(Clone)]
+pub enum Key {
     /// An expression over the handler's arguments.
     Expr(Expr),
-    /// `header("Name")`.
+    /// `header("Name")`: a header's value.
     Header(LitStr),
     /// `msg_id`: the broker message id.
     MessageId,
+    /// A function `fn(&Delivery) -> impl ToKey` (a bare path that is not an
+    /// argument; told apart from `Expr` by validation).
+    Function(syn::Path),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -122,7 +102,7 @@ pub struct Options {
     pub stream: Option<Given<LitStr>>,
     pub consumer: Option<Given<LitStr>>,
     pub subject: Option<Given<LitStr>>,
-    pub key: Option<Given<KeySource>>,
+    pub key: Option<Given<Key>>,
     pub dedup: Option<Given<DedupMode>>,
     pub retention: Option<Given<Duration>>,
     pub lease: Option<Given<Duration>>,
@@ -140,297 +120,463 @@ pub struct Options {
     pub version: Option<Given<LitStr>>,
 }
 
+/// One option: its name, whether it may stand alone as a flag (`name`
+/// meaning `name = true`), how its value is parsed into its field, and
+/// whether that field was given (the name's token, for duplicates and for
+/// errors about the option as a whole). Adding an option is adding an
+/// entry to [`OPTIONS`] and its field to [`Options`].
+pub struct Spec {
+    pub name: &'static str,
+    flag: bool,
+    parse: fn(&mut Options, Ident, Expr, &mut Errors),
+    given: fn(&Options) -> Option<&Ident>,
+}
+
+/// Every option the attribute accepts.
+pub static OPTIONS: &[Spec] = &[
+    Spec {
+        name: "name",
+        flag: false,
+        parse: |o, name, value, errors| {
+            o.name = handler_name(&value, errors).map(|v| Given::new(&name, v))
+        },
+        given: |o| named(&o.name),
+    },
+    Spec {
+        name: "stream",
+        flag: false,
+        parse: |o, name, value, errors| {
+            o.stream = plain_name(&value, "stream", errors).map(|v| Given::new(&name, v))
+        },
+        given: |o| named(&o.stream),
+    },
+    Spec {
+        name: "service",
+        flag: false,
+        parse: |o, name, value, errors| {
+            o.service = service_name(&value, errors).map(|v| Given::new(&name, v))
+        },
+        given: |o| named(&o.service),
+    },
+    Spec {
+        name: "version",
+        flag: false,
+        parse: |o, name, value, errors| {
+            o.version = version(&value, errors).map(|v| Given::new(&name, v))
+        },
+        given: |o| named(&o.version),
+    },
+    Spec {
+        name: "consumer",
+        flag: false,
+        parse: |o, name, value, errors| {
+            o.consumer = plain_name(&value, "consumer", errors).map(|v| Given::new(&name, v))
+        },
+        given: |o| named(&o.consumer),
+    },
+    Spec {
+        name: "subject",
+        flag: false,
+        parse: |o, name, value, errors| {
+            o.subject = subject(
+                &value,
+                "subject",
+                idem_grammar::subject::validate_filter,
+                errors,
+            )
+            .map(|v| Given::new(&name, v))
+        },
+        given: |o| named(&o.subject),
+    },
+    Spec {
+        name: "key",
+        flag: false,
+        parse: |o, name, value, _| o.key = Some(Given::new(&name, key(value))),
+        given: |o| named(&o.key),
+    },
+    Spec {
+        name: "dedup",
+        flag: false,
+        parse: |o, name, value, errors| {
+            o.dedup = choice(
+                &value,
+                &[
+                    ("off", DedupMode::Off),
+                    ("kv", DedupMode::Kv),
+                    ("transactional", DedupMode::Transactional),
+                ],
+                "`dedup` is one of `off`, `kv` (the default) or `transactional`",
+                errors,
+            )
+            .map(|v| Given::new(&name, v))
+        },
+        given: |o| named(&o.dedup),
+    },
+    Spec {
+        name: "retention",
+        flag: false,
+        parse: |o, name, value, errors| {
+            o.retention =
+                positive_duration(&value, "retention", errors).map(|v| Given::new(&name, v))
+        },
+        given: |o| named(&o.retention),
+    },
+    Spec {
+        name: "lease",
+        flag: false,
+        parse: |o, name, value, errors| {
+            o.lease = positive_duration(&value, "lease", errors).map(|v| Given::new(&name, v))
+        },
+        given: |o| named(&o.lease),
+    },
+    Spec {
+        name: "retry",
+        flag: false,
+        parse: |o, name, value, errors| {
+            crate::retry::check(&value, errors);
+            o.retry = Some(Given::new(&name, value));
+        },
+        given: |o| named(&o.retry),
+    },
+    Spec {
+        name: "dead_letter",
+        flag: false,
+        parse: |o, name, value, errors| {
+            o.dead_letter = subject(
+                &value,
+                "dead_letter",
+                idem_grammar::subject::validate_publish,
+                errors,
+            )
+            .map(|v| Given::new(&name, v))
+        },
+        given: |o| named(&o.dead_letter),
+    },
+    Spec {
+        name: "concurrency",
+        flag: false,
+        parse: |o, name, value, errors| {
+            o.concurrency = count(&value, "concurrency", errors).map(|v| Given::new(&name, v))
+        },
+        given: |o| named(&o.concurrency),
+    },
+    Spec {
+        name: "batch",
+        flag: false,
+        parse: |o, name, value, errors| {
+            o.batch = count(&value, "batch", errors).map(|v| Given::new(&name, v))
+        },
+        given: |o| named(&o.batch),
+    },
+    Spec {
+        name: "linger",
+        flag: false,
+        parse: |o, name, value, errors| {
+            o.linger = string(&value, "linger", errors)
+                .and_then(|lit| duration(&lit, errors))
+                .map(|v| Given::new(&name, v))
+        },
+        given: |o| named(&o.linger),
+    },
+    Spec {
+        name: "on_missing_key",
+        flag: false,
+        parse: |o, name, value, errors| {
+            o.on_missing_key = choice(
+                &value,
+                &[
+                    ("dead_letter", MissingKey::DeadLetter),
+                    ("reject", MissingKey::Reject),
+                ],
+                "`on_missing_key` is `dead_letter` (the default) or `reject`",
+                errors,
+            )
+            .map(|v| Given::new(&name, v))
+        },
+        given: |o| named(&o.on_missing_key),
+    },
+    Spec {
+        name: "fingerprint",
+        flag: false,
+        parse: |o, name, value, _| {
+            let fingerprint = match word(&value).as_deref() {
+                Some("payload") => Fingerprint::Payload,
+                Some("none") => Fingerprint::None,
+                _ => Fingerprint::Expr(value),
+            };
+            o.fingerprint = Some(Given::new(&name, fingerprint));
+        },
+        given: |o| named(&o.fingerprint),
+    },
+    Spec {
+        name: "store_result",
+        flag: true,
+        parse: |o, name, value, errors| {
+            o.store_result = flag(&value, "store_result", errors).map(|v| Given::new(&name, v))
+        },
+        given: |o| named(&o.store_result),
+    },
+    Spec {
+        name: "on_duplicate",
+        flag: false,
+        parse: |o, name, value, errors| {
+            o.on_duplicate = hook(value, errors).map(|v| Given::new(&name, v))
+        },
+        given: |o| named(&o.on_duplicate),
+    },
+    Spec {
+        name: "start",
+        flag: false,
+        parse: |o, name, value, errors| {
+            o.start = start(&value, errors).map(|v| Given::new(&name, v))
+        },
+        given: |o| named(&o.start),
+    },
+];
+
+fn named<T>(given: &Option<Given<T>>) -> Option<&Ident> {
+    given.as_ref().map(|g| &g.name)
+}
+
 impl Options {
     /// Parses every option, collecting every error.
     pub fn from_raw(raw: RawOptions, errors: &mut Errors) -> Options {
         let mut options = Options::default();
         for RawOption { name, value } in raw.0 {
             let label = name.to_string();
-            if !OPTION_NAMES.contains(&label.as_str()) {
+            let Some(spec) = OPTIONS.iter().find(|spec| spec.name == label) else {
                 errors.push(name.span(), unknown_option(&label));
                 continue;
-            }
-            if options.has(&label) {
+            };
+            if (spec.given)(&options).is_some() {
                 errors.push(
                     name.span(),
                     format!("duplicate option `{label}`: give each option once"),
                 );
                 continue;
             }
-            options.set(name, value, errors);
+            let value = match value {
+                Some(value) => value,
+                None if spec.flag => syn::parse_quote_spanned!(name.span()=> true),
+                None => {
+                    errors.push(
+                        name.span(),
+                        format!("`{label}` needs a value: `{label} = …`"),
+                    );
+                    continue;
+                }
+            };
+            (spec.parse)(&mut options, name, value, errors);
         }
         options
     }
 
-    fn has(&self, label: &str) -> bool {
-        match label {
-            "name" => self.name.is_some(),
-            "start" => self.start.is_some(),
-            "stream" => self.stream.is_some(),
-            "consumer" => self.consumer.is_some(),
-            "subject" => self.subject.is_some(),
-            "key" => self.key.is_some(),
-            "dedup" => self.dedup.is_some(),
-            "retention" => self.retention.is_some(),
-            "lease" => self.lease.is_some(),
-            "retry" => self.retry.is_some(),
-            "dead_letter" => self.dead_letter.is_some(),
-            "concurrency" => self.concurrency.is_some(),
-            "batch" => self.batch.is_some(),
-            "linger" => self.linger.is_some(),
-            "on_missing_key" => self.on_missing_key.is_some(),
-            "fingerprint" => self.fingerprint.is_some(),
-            "on_duplicate" => self.on_duplicate.is_some(),
-            "service" => self.service.is_some(),
-            "version" => self.version.is_some(),
-            _ => self.store_result.is_some(),
-        }
-    }
-
-    fn set(&mut self, name: Ident, value: Option<Expr>, errors: &mut Errors) {
-        let label = name.to_string();
-        // `store_result` alone is a flag; every other option needs a value.
-        let value = match (value, label.as_str()) {
-            (None, "store_result") => {
-                self.store_result = Some(Given { name, value: true });
-                return;
-            }
-            (None, _) => {
-                errors.push(
-                    name.span(),
-                    format!("`{label}` needs a value: `{label} = …`"),
-                );
-                return;
-            }
-            (Some(value), _) => value,
-        };
-        match label.as_str() {
-            "name" => {
-                if let Some(lit) = string(&value, &label, errors) {
-                    let text = lit.value();
-                    if text.is_empty()
-                        || text.len() > 64
-                        || !text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-                    {
-                        errors.push(
-                            lit.span(),
-                            "`name` must be 1 to 64 letters, digits, `_` or `-`: it names the handler's claims, consumer and stats",
-                        );
-                    }
-                    self.name = Some(Given::new(&name, lit));
-                }
-            }
-            "service" => {
-                if let Some(lit) = string(&value, &label, errors) {
-                    let text = lit.value();
-                    if text.is_empty()
-                        || !text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-                    {
-                        errors.push(
-                            lit.span(),
-                            "`service` must be a NATS micro service name: letters, digits, `_` or `-`",
-                        );
-                    }
-                    self.service = Some(Given::new(&name, lit));
-                }
-            }
-            "version" => {
-                if let Some(lit) = string(&value, &label, errors) {
-                    let text = lit.value();
-                    let parts: Vec<&str> = text.split(['-', '+']).next().unwrap_or("").split('.').collect();
-                    if parts.len() != 3 || !parts.iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())) {
-                        errors.push(lit.span(), "`version` is the service's semantic version, e.g. \"1.2.0\"");
-                    }
-                    self.version = Some(Given::new(&name, lit));
-                }
-            }
-            "on_duplicate" => match value {
-                Expr::Path(path) if path.qself.is_none() => {
-                    self.on_duplicate = Some(Given::new(&name, path.path));
-                }
-                other => errors.push(
-                    other.span(),
-                    "`on_duplicate` names an async function: `on_duplicate = announce_again`, called as \
-                     `announce_again(stored_result, <the handler's arguments>)`",
-                ),
-            },
-            "start" => match (&value, word(&value).as_deref()) {
-                (_, Some("all")) => self.start = Some(Given::new(&name, StartAt::All)),
-                (_, Some("new")) => self.start = Some(Given::new(&name, StartAt::New)),
-                (
-                    Expr::Lit(ExprLit {
-                        lit: Lit::Int(int), ..
-                    }),
-                    _,
-                ) => match int.base10_parse::<u64>() {
-                    Ok(0) | Err(_) => errors.push(
-                        int.span(),
-                        "`start = <sequence>` takes a stream sequence from 1",
-                    ),
-                    Ok(_) => self.start = Some(Given::new(&name, StartAt::Sequence(int.clone()))),
-                },
-                _ => errors.push(
-                    value.span(),
-                    "`start` is `all` (every message in the stream), `new` (only messages published from now on) or a stream sequence",
-                ),
-            },
-            "stream" | "consumer" => {
-                if let Some(lit) = string(&value, &label, errors) {
-                    if lit.value().is_empty() || lit.value().contains(['.', ' ', '*', '>']) {
-                        errors.push(lit.span(), format!("`{label}` must be a non-empty name without `.`, spaces or wildcards"));
-                    }
-                    let slot = if label == "stream" {
-                        &mut self.stream
-                    } else {
-                        &mut self.consumer
-                    };
-                    *slot = Some(Given::new(&name, lit));
-                }
-            }
-            "subject" | "dead_letter" => {
-                if let Some(lit) = string(&value, &label, errors) {
-                    let checked = if label == "subject" {
-                        idem_grammar::subject::validate_filter(&lit.value())
-                    } else {
-                        idem_grammar::subject::validate_publish(&lit.value())
-                    };
-                    if let Err(problem) = checked {
-                        errors.push(lit.span(), format!("invalid `{label}`: {problem}"));
-                    }
-                    let slot = if label == "subject" {
-                        &mut self.subject
-                    } else {
-                        &mut self.dead_letter
-                    };
-                    *slot = Some(Given::new(&name, lit));
-                }
-            }
-            "key" => self.key = key_source(value).map(|v| Given::new(&name, v)),
-            "dedup" => match word(&value).as_deref() {
-                Some("off") => self.dedup = Some(Given::new(&name, DedupMode::Off)),
-                Some("kv") => self.dedup = Some(Given::new(&name, DedupMode::Kv)),
-                Some("transactional") => {
-                    self.dedup = Some(Given::new(&name, DedupMode::Transactional))
-                }
-                _ => errors.push(
-                    value.span(),
-                    "`dedup` is one of `off`, `kv` (the default) or `transactional`",
-                ),
-            },
-            "retention" | "lease" => {
-                if let Some(duration) =
-                    string(&value, &label, errors).and_then(|lit| duration(&lit, errors))
-                {
-                    if duration.is_zero() {
-                        errors.push(value.span(), format!("`{label}` must be longer than zero"));
-                    }
-                    let slot = if label == "retention" {
-                        &mut self.retention
-                    } else {
-                        &mut self.lease
-                    };
-                    *slot = Some(Given::new(&name, duration));
-                }
-            }
-            "linger" => {
-                if let Some(duration) =
-                    string(&value, &label, errors).and_then(|lit| duration(&lit, errors))
-                {
-                    self.linger = Some(Given::new(&name, duration));
-                }
-            }
-            "retry" => {
-                crate::retry::check(&value, errors);
-                self.retry = Some(Given::new(&name, value));
-            }
-            "concurrency" | "batch" => match &value {
-                Expr::Lit(ExprLit {
-                    lit: Lit::Int(int), ..
-                }) => {
-                    match int.base10_parse::<u32>() {
-                        Ok(0) => errors.push(int.span(), format!("`{label}` must be at least 1")),
-                        Ok(_) => {}
-                        Err(_) => errors.push(
-                            int.span(),
-                            format!("`{label}` must be a whole number from 1 to 4294967295"),
-                        ),
-                    }
-                    let slot = if label == "batch" {
-                        &mut self.batch
-                    } else {
-                        &mut self.concurrency
-                    };
-                    *slot = Some(Given::new(&name, int.clone()));
-                }
-                _ => errors.push(
-                    value.span(),
-                    format!("`{label}` takes an integer literal, e.g. `{label} = 16`"),
-                ),
-            },
-            "on_missing_key" => match word(&value).as_deref() {
-                Some("dead_letter") => {
-                    self.on_missing_key = Some(Given::new(&name, MissingKey::DeadLetter))
-                }
-                Some("reject") => self.on_missing_key = Some(Given::new(&name, MissingKey::Reject)),
-                _ => errors.push(
-                    value.span(),
-                    "`on_missing_key` is `dead_letter` (the default) or `reject`",
-                ),
-            },
-            "fingerprint" => {
-                let fingerprint = match word(&value).as_deref() {
-                    Some("payload") => Fingerprint::Payload,
-                    Some("none") => Fingerprint::None,
-                    _ => Fingerprint::Expr(value),
-                };
-                self.fingerprint = Some(Given::new(&name, fingerprint));
-            }
-            _ => match &value {
-                Expr::Lit(ExprLit {
-                    lit: Lit::Bool(flag),
-                    ..
-                }) => self.store_result = Some(Given::new(&name, flag.value)),
-                _ => errors.push(
-                    value.span(),
-                    "`store_result` is a flag: write `store_result` or `store_result = true`",
-                ),
-            },
-        }
-    }
-
     /// The span of an option given by name, for errors about it.
     pub fn span_of(&self, label: &str) -> Option<Span> {
-        let span = |name: &Ident| Some(name.span());
-        match label {
-            "retention" => self.retention.as_ref().and_then(|g| span(&g.name)),
-            "lease" => self.lease.as_ref().and_then(|g| span(&g.name)),
-            "fingerprint" => self.fingerprint.as_ref().and_then(|g| span(&g.name)),
-            "store_result" => self.store_result.as_ref().and_then(|g| span(&g.name)),
-            "on_missing_key" => self.on_missing_key.as_ref().and_then(|g| span(&g.name)),
-            "batch" => self.batch.as_ref().and_then(|g| span(&g.name)),
-            "linger" => self.linger.as_ref().and_then(|g| span(&g.name)),
-            "consumer" => self.consumer.as_ref().and_then(|g| span(&g.name)),
-            "dead_letter" => self.dead_letter.as_ref().and_then(|g| span(&g.name)),
-            "retry" => self.retry.as_ref().and_then(|g| span(&g.name)),
-            "start" => self.start.as_ref().and_then(|g| span(&g.name)),
-            "on_duplicate" => self.on_duplicate.as_ref().and_then(|g| span(&g.name)),
-            "version" => self.version.as_ref().and_then(|g| span(&g.name)),
-            _ => None,
+        let spec = OPTIONS.iter().find(|spec| spec.name == label)?;
+        (spec.given)(self).map(Ident::span)
+    }
+}
+
+fn handler_name(value: &Expr, errors: &mut Errors) -> Option<LitStr> {
+    let lit = string(value, "name", errors)?;
+    let text = lit.value();
+    if text.is_empty()
+        || text.len() > 64
+        || !text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        errors.push(
+            lit.span(),
+            "`name` must be 1 to 64 letters, digits, `_` or `-`: it names the handler's claims, consumer and stats",
+        );
+    }
+    Some(lit)
+}
+
+/// A stream or consumer name.
+fn plain_name(value: &Expr, label: &str, errors: &mut Errors) -> Option<LitStr> {
+    let lit = string(value, label, errors)?;
+    if lit.value().is_empty() || lit.value().contains(['.', ' ', '*', '>']) {
+        errors.push(
+            lit.span(),
+            format!("`{label}` must be a non-empty name without `.`, spaces or wildcards"),
+        );
+    }
+    Some(lit)
+}
+
+fn service_name(value: &Expr, errors: &mut Errors) -> Option<LitStr> {
+    let lit = string(value, "service", errors)?;
+    let text = lit.value();
+    if text.is_empty()
+        || !text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        errors.push(
+            lit.span(),
+            "`service` must be a NATS micro service name: letters, digits, `_` or `-`",
+        );
+    }
+    Some(lit)
+}
+
+fn version(value: &Expr, errors: &mut Errors) -> Option<LitStr> {
+    let lit = string(value, "version", errors)?;
+    let text = lit.value();
+    let core = text.split(['-', '+']).next().unwrap_or("");
+    let parts: Vec<&str> = core.split('.').collect();
+    if parts.len() != 3
+        || !parts
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+    {
+        errors.push(
+            lit.span(),
+            "`version` is the service's semantic version, e.g. \"1.2.0\"",
+        );
+    }
+    Some(lit)
+}
+
+fn subject(
+    value: &Expr,
+    label: &str,
+    check: fn(&str) -> Result<(), idem_grammar::subject::SubjectError>,
+    errors: &mut Errors,
+) -> Option<LitStr> {
+    let lit = string(value, label, errors)?;
+    if let Err(problem) = check(&lit.value()) {
+        errors.push(lit.span(), format!("invalid `{label}`: {problem}"));
+    }
+    Some(lit)
+}
+
+/// One of a few bare words.
+fn choice<T: Copy>(
+    value: &Expr,
+    words: &[(&str, T)],
+    expected: &str,
+    errors: &mut Errors,
+) -> Option<T> {
+    let given = word(value);
+    let found = words
+        .iter()
+        .find(|(word, _)| given.as_deref() == Some(*word))
+        .map(|(_, choice)| *choice);
+    if found.is_none() {
+        errors.push(value.span(), expected);
+    }
+    found
+}
+
+fn positive_duration(value: &Expr, label: &str, errors: &mut Errors) -> Option<Duration> {
+    let duration = string(value, label, errors).and_then(|lit| duration(&lit, errors))?;
+    if duration.is_zero() {
+        errors.push(value.span(), format!("`{label}` must be longer than zero"));
+    }
+    Some(duration)
+}
+
+/// A whole number from 1.
+fn count(value: &Expr, label: &str, errors: &mut Errors) -> Option<LitInt> {
+    let Expr::Lit(ExprLit {
+        lit: Lit::Int(int), ..
+    }) = value
+    else {
+        errors.push(
+            value.span(),
+            format!("`{label}` takes an integer literal, e.g. `{label} = 16`"),
+        );
+        return None;
+    };
+    match int.base10_parse::<u32>() {
+        Ok(0) => errors.push(int.span(), format!("`{label}` must be at least 1")),
+        Ok(_) => {}
+        Err(_) => errors.push(
+            int.span(),
+            format!("`{label}` must be a whole number from 1 to 4294967295"),
+        ),
+    }
+    Some(int.clone())
+}
+
+fn flag(value: &Expr, label: &str, errors: &mut Errors) -> Option<bool> {
+    match value {
+        Expr::Lit(ExprLit {
+            lit: Lit::Bool(flag),
+            ..
+        }) => Some(flag.value),
+        _ => {
+            errors.push(
+                value.span(),
+                format!("`{label}` is a flag: write `{label}` or `{label} = true`"),
+            );
+            None
+        }
+    }
+}
+
+fn hook(value: Expr, errors: &mut Errors) -> Option<syn::Path> {
+    match value {
+        Expr::Path(path) if path.qself.is_none() => Some(path.path),
+        other => {
+            errors.push(
+                other.span(),
+                "`on_duplicate` names an async function: `on_duplicate = announce_again`, called as \
+                 `announce_again(stored_result, <the handler's arguments>)`",
+            );
+            None
+        }
+    }
+}
+
+fn start(value: &Expr, errors: &mut Errors) -> Option<StartAt> {
+    match (value, word(value).as_deref()) {
+        (_, Some("all")) => Some(StartAt::All),
+        (_, Some("new")) => Some(StartAt::New),
+        (
+            Expr::Lit(ExprLit {
+                lit: Lit::Int(int), ..
+            }),
+            _,
+        ) => match int.base10_parse::<u64>() {
+            Ok(0) | Err(_) => {
+                errors.push(
+                    int.span(),
+                    "`start = <sequence>` takes a stream sequence from 1",
+                );
+                None
+            }
+            Ok(_) => Some(StartAt::Sequence(int.clone())),
+        },
+        _ => {
+            errors.push(
+                value.span(),
+                "`start` is `all` (every message in the stream), `new` (only messages published from now on) or a stream sequence",
+            );
+            None
         }
     }
 }
 
 fn unknown_option(label: &str) -> String {
-    let closest = OPTION_NAMES
+    let closest = OPTIONS
         .iter()
-        .map(|known| (strsim::levenshtein(label, known), *known))
+        .map(|spec| (strsim::levenshtein(label, spec.name), spec.name))
         .min()
         .filter(|(distance, _)| *distance <= 3);
     match closest {
         Some((_, known)) => format!("unknown option `{label}`; did you mean `{known}`?"),
         None => format!(
             "unknown option `{label}`; the options are: {}",
-            OPTION_NAMES.join(", ")
+            OPTIONS
+                .iter()
+                .map(|spec| spec.name)
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     }
 }
@@ -468,7 +614,10 @@ fn duration(lit: &LitStr, errors: &mut Errors) -> Option<Duration> {
     }
 }
 
-fn key_source(value: Expr) -> Option<KeySource> {
+/// Where the key comes from, as written: `header("…")`, `msg_id`, or an
+/// expression (which validation resolves against the arguments: a bare
+/// path that is not an argument names a key function).
+fn key(value: Expr) -> Key {
     match value {
         Expr::Call(call)
             if matches!(&*call.func, Expr::Path(p) if p.path.is_ident("header"))
@@ -478,11 +627,11 @@ fn key_source(value: Expr) -> Option<KeySource> {
                 Some(Expr::Lit(ExprLit {
                     lit: Lit::Str(name),
                     ..
-                })) => Some(KeySource::Header(name.clone())),
-                _ => Some(KeySource::Expr(Expr::Call(call))),
+                })) => Key::Header(name.clone()),
+                _ => Key::Expr(Expr::Call(call)),
             }
         }
-        Expr::Path(path) if path.path.is_ident("msg_id") => Some(KeySource::MessageId),
-        other => Some(KeySource::Expr(other)),
+        Expr::Path(path) if path.path.is_ident("msg_id") => Key::MessageId,
+        other => Key::Expr(other),
     }
 }

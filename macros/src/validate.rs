@@ -4,23 +4,11 @@ use std::collections::BTreeSet;
 
 use proc_macro2::Span;
 use syn::visit::Visit;
-use syn::{Expr, LitStr, Path};
+use syn::{Expr, Path};
 
 use crate::errors::Errors;
-use crate::options::{DedupMode, Fingerprint, KeySource, Options};
+use crate::options::{DedupMode, Fingerprint, Key, Options};
 use crate::signature::{Signature, TRANSACTION_EXTRACTOR};
-
-/// Where the key comes from, resolved against the function's arguments.
-pub enum Key {
-    /// An expression over the arguments.
-    Expr(Expr),
-    /// A header's value.
-    Header(LitStr),
-    /// The broker message id.
-    MessageId,
-    /// A function `fn(&Delivery) -> impl ToKey`.
-    Function(Path),
-}
 
 /// Runs every cross-check; returns the resolved key source.
 pub fn validate(options: &Options, sig: &Signature, errors: &mut Errors) -> Option<Key> {
@@ -89,18 +77,15 @@ pub fn validate(options: &Options, sig: &Signature, errors: &mut Errors) -> Opti
         return None;
     };
     Some(match &key.value {
-        KeySource::Header(name) => Key::Header(name.clone()),
-        KeySource::MessageId => Key::MessageId,
         // A bare path that is not an argument names a key function.
-        KeySource::Expr(Expr::Path(path))
-            if path.qself.is_none() && !binds(&sig.bound, &path.path) =>
-        {
+        Key::Expr(Expr::Path(path)) if path.qself.is_none() && !binds(&sig.bound, &path.path) => {
             Key::Function(path.path.clone())
         }
-        KeySource::Expr(expr) => {
+        Key::Expr(expr) => {
             check_names(expr, &sig.bound, "key", errors);
             Key::Expr(expr.clone())
         }
+        resolved => resolved.clone(),
     })
 }
 
