@@ -50,6 +50,14 @@ pub enum OutboxError {
         /// The server's limit.
         max: usize,
     },
+    /// The PostgreSQL outbox's table could not be read or written.
+    #[error("the outbox table {table} failed: {source}")]
+    Database {
+        /// The table.
+        table: String,
+        /// The store error.
+        source: crate::store::StoreError,
+    },
     /// The outbox was closed.
     #[error("the outbox is closed")]
     Closed,

@@ -29,27 +29,26 @@ mod entry;
 mod error;
 #[cfg(feature = "postgres")]
 mod pg;
+mod relay;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use futures::StreamExt;
 use redb::{
     Database, DatabaseError, ReadableDatabase, ReadableTable, ReadableTableMetadata,
     TableDefinition,
 };
 use tokio::sync::Notify;
 use tokio_util::sync::{CancellationToken, DropGuard};
-use tracing::{error, warn};
 
 pub use error::OutboxError;
 #[cfg(feature = "postgres")]
 pub use pg::PgOutbox;
 
 use crate::clock::{Clock, SystemClock};
-use crate::publisher::{Outgoing, PublishError, Publisher};
+use crate::publisher::{Outgoing, Publisher};
 use crate::subject::validate_publish;
 use entry::Entry;
 
@@ -234,7 +233,16 @@ impl Outbox {
         );
         inner.failed.store(failed, Ordering::SeqCst);
         inner.next_seq.store(next_seq, Ordering::SeqCst);
-        tokio::spawn(relay(inner.clone()));
+        let config = relay::RelayConfig {
+            batch: inner.config.batch,
+            window: inner.config.window,
+        };
+        tokio::spawn(relay::run(
+            FileStore(inner.clone()),
+            inner.publisher.clone(),
+            config,
+            stop.clone(),
+        ));
         Ok(Outbox {
             inner,
             _relay: Arc::new(stop.drop_guard()),
@@ -365,86 +373,67 @@ impl Outbox {
     }
 }
 
-/// Publishes pending messages in enqueue order, deletes the confirmed ones,
-/// sets aside the refused ones, and waits for more.
-async fn relay(inner: Arc<Inner>) {
-    while !inner.stop.is_cancelled() {
-        let limit = inner.config.batch;
-        let batch = inner
+/// The outbox file as the relay's store: batches read in enqueue order,
+/// settled in one write transaction.
+struct FileStore(Arc<Inner>);
+
+impl relay::RelayStore for FileStore {
+    type Key = u64;
+    type Handle = ();
+
+    async fn take(&mut self, limit: usize) -> Result<Option<relay::Batch<u64, ()>>, OutboxError> {
+        let stored = self
+            .0
             .blocking(move |inner| {
                 let txn = inner.db.begin_read().map_err(|e| inner.storage(e))?;
                 let pending = txn.open_table(PENDING).map_err(|e| inner.storage(e))?;
                 let mut batch = Vec::new();
                 for item in pending.iter().map_err(|e| inner.storage(e))?.take(limit) {
                     let (seq, bytes) = item.map_err(|e| inner.storage(e))?;
-                    batch.push((seq.value(), bytes.value().to_vec()));
+                    batch.push((seq.value(), Entry::decode(bytes.value())));
                 }
                 Ok(batch)
             })
-            .await;
-        let batch = match batch {
-            Ok(batch) => batch,
-            Err(e) => {
-                error!(error = %e, "outbox: could not read pending messages");
-                pause(&inner, Duration::from_secs(1)).await;
-                continue;
-            }
+            .await?;
+        if stored.is_empty() {
+            return Ok(None);
+        }
+        let mut batch = relay::Batch {
+            handle: (),
+            messages: Vec::new(),
+            unreadable: Vec::new(),
         };
-        if batch.is_empty() {
-            tokio::select! {
-                () = inner.enqueued.notified() => {}
-                () = inner.stop.cancelled() => return,
-            }
-            continue;
-        }
-        let mut unreadable = Vec::new();
-        let mut sendable = Vec::new();
-        for (seq, bytes) in batch {
-            match Entry::decode(&bytes) {
-                Some(entry) => sendable.push((seq, entry.to_outgoing())),
-                None => unreadable.push((seq, bytes)),
+        for (seq, entry) in stored {
+            match entry {
+                Some(entry) => batch.messages.push((seq, entry.to_outgoing())),
+                None => batch
+                    .unreadable
+                    .push((seq, "the stored entry does not decode".into())),
             }
         }
-        let seqs: Vec<u64> = sendable.iter().map(|(seq, _)| *seq).collect();
-        let messages = futures::stream::iter(sendable.into_iter().map(|(_, m)| m));
-        let results: Vec<_> = tokio::select! {
-            results = inner.publisher.publish_all(messages, inner.config.window).collect() => results,
-            () = inner.stop.cancelled() => return,
-        };
-        let mut confirmed = Vec::new();
-        let mut refused = unreadable;
-        let mut unconfirmed = 0usize;
-        for (seq, result) in seqs.into_iter().zip(results) {
-            match result {
-                Ok(published) => {
-                    inner.resent.fetch_add(
-                        u64::from(published.attempts.saturating_sub(1)),
-                        Ordering::SeqCst,
-                    );
-                    confirmed.push(seq);
-                }
-                Err(PublishError::DeadlineExceeded { .. }) => unconfirmed += 1,
-                Err(e) => {
-                    warn!(error = %e, "outbox: the broker refused a message for good; kept in the `failed` table");
-                    refused.push((seq, Vec::new()));
-                }
-            }
-        }
-        let (done, failed) = (confirmed.len(), refused.len());
-        let settled = inner
+        Ok(Some(batch))
+    }
+
+    async fn settle(&mut self, (): (), settled: relay::Settled<u64>) -> Result<(), OutboxError> {
+        let done = settled.confirmed.len();
+        let failed = settled.refused.len();
+        let resent: u64 = settled
+            .confirmed
+            .iter()
+            .map(|(_, sends)| u64::from(sends.saturating_sub(1)))
+            .sum();
+        self.0
             .blocking(move |inner| {
                 let txn = inner.db.begin_write().map_err(|e| inner.storage(e))?;
                 {
                     let mut pending = txn.open_table(PENDING).map_err(|e| inner.storage(e))?;
                     let mut failed_table = txn.open_table(FAILED).map_err(|e| inner.storage(e))?;
-                    for seq in &confirmed {
+                    for (seq, _) in &settled.confirmed {
                         pending.remove(seq).map_err(|e| inner.storage(e))?;
                     }
-                    for (seq, raw) in &refused {
-                        let bytes = match pending.remove(seq).map_err(|e| inner.storage(e))? {
-                            Some(stored) => stored.value().to_vec(),
-                            None => raw.clone(),
-                        };
+                    for (seq, _) in &settled.refused {
+                        let stored = pending.remove(seq).map_err(|e| inner.storage(e))?;
+                        let bytes = stored.map(|s| s.value().to_vec()).unwrap_or_default();
                         failed_table
                             .insert(seq, bytes.as_slice())
                             .map_err(|e| inner.storage(e))?;
@@ -452,30 +441,17 @@ async fn relay(inner: Arc<Inner>) {
                 }
                 txn.commit().map_err(|e| inner.storage(e))
             })
-            .await;
-        if let Err(e) = settled {
-            // The broker has them; they will be resent and dropped as duplicates.
-            error!(error = %e, "outbox: could not delete confirmed messages");
-            pause(&inner, Duration::from_secs(1)).await;
-            continue;
-        }
+            .await?;
+        let inner = &self.0;
         inner.sent.fetch_add(done as u64, Ordering::SeqCst);
+        inner.resent.fetch_add(resent, Ordering::SeqCst);
         inner.failed.fetch_add(failed as u64, Ordering::SeqCst);
         inner.pending.fetch_sub(done + failed, Ordering::SeqCst);
         inner.drained.notify_waiters();
-        if unconfirmed > 0 {
-            warn!(
-                unconfirmed,
-                "outbox: messages not confirmed before the publisher's deadline; resending"
-            );
-            pause(&inner, Duration::from_millis(500)).await;
-        }
+        Ok(())
     }
-}
 
-async fn pause(inner: &Inner, delay: Duration) {
-    tokio::select! {
-        () = tokio::time::sleep(delay) => {}
-        () = inner.stop.cancelled() => {}
+    async fn more(&mut self) {
+        self.0.enqueued.notified().await;
     }
 }

@@ -12,17 +12,18 @@
 
 use std::time::Duration;
 
-use futures::StreamExt;
 use sqlx::postgres::{PgListener, PgPool};
 use sqlx::{PgConnection, Row};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::publisher::{Outgoing, PublishError, Publisher};
+use super::OutboxError;
+use super::relay::{self, Batch, RelayConfig, RelayStore, Settled};
+use crate::publisher::{Outgoing, Publisher};
 use crate::store::{StoreError, StoreOp, migrated_schema};
 
 /// How many rows a relay publishes per transaction.
-const BATCH: i64 = 512;
+const BATCH: usize = 512;
 /// How long a relay sleeps without a notification before it looks anyway.
 const POLL: Duration = Duration::from_secs(5);
 
@@ -52,8 +53,14 @@ pub struct PgOutbox {
 
 impl PgOutbox {
     /// The outbox of a migrated schema ([`PgStore::migrate`](crate::store::PgStore::migrate)).
-    pub async fn open(pool: PgPool, schema: &str) -> Result<Self, StoreError> {
-        let ident = migrated_schema(&pool, schema).await?;
+    pub async fn open(pool: PgPool, schema: &str) -> Result<Self, OutboxError> {
+        let ident =
+            migrated_schema(&pool, schema)
+                .await
+                .map_err(|source| OutboxError::Database {
+                    table: format!("{schema}.idem_outbox"),
+                    source,
+                })?;
         Ok(Self {
             pool,
             table: format!("{ident}.idem_outbox"),
@@ -68,10 +75,13 @@ impl PgOutbox {
         &self,
         conn: &mut PgConnection,
         message: Outgoing,
-    ) -> Result<String, StoreError> {
+    ) -> Result<String, OutboxError> {
         let message = message.traced();
-        let headers = serde_json::to_string(&message.header_pairs())
-            .map_err(|e| StoreError::unavailable(StoreOp::Create, e))?;
+        let headers =
+            serde_json::to_string(&message.header_pairs()).map_err(|e| OutboxError::Database {
+                table: self.table.clone(),
+                source: StoreError::unavailable(StoreOp::Create, e),
+            })?;
         sqlx::query(&format!(
             "INSERT INTO {} (id, subject, payload, headers) VALUES ($1, $2, $3, $4)",
             self.table
@@ -82,32 +92,34 @@ impl PgOutbox {
         .bind(headers)
         .execute(&mut *conn)
         .await
-        .map_err(|e| StoreError::unavailable(StoreOp::Create, e))?;
+        .map_err(self.failed(StoreOp::Create))?;
         // Delivered to listeners when (and only if) the transaction commits.
         sqlx::query("SELECT pg_notify($1, '')")
             .bind(&self.channel)
             .execute(&mut *conn)
             .await
-            .map_err(|e| StoreError::unavailable(StoreOp::Create, e))?;
+            .map_err(self.failed(StoreOp::Create))?;
         Ok(message.id)
     }
 
     /// How many messages wait to be published (refused ones excluded).
-    pub async fn pending(&self) -> Result<i64, StoreError> {
+    pub async fn pending(&self) -> Result<i64, OutboxError> {
         sqlx::query_scalar(&format!(
             "SELECT count(*) FROM {} WHERE failed_at IS NULL",
             self.table
         ))
         .fetch_one(&self.pool)
         .await
-        .map_err(|e| StoreError::unavailable(StoreOp::Read, e))
+        .map_err(self.failed(StoreOp::Read))
     }
 
     /// Publishes committed messages until `stop`: batches locked with
     /// `FOR UPDATE SKIP LOCKED`, each message resent until confirmed, rows
-    /// deleted on their PubAck.
+    /// deleted on their PubAck (the loop both outboxes share). Started by
+    /// [`RuntimeBuilder::relay`](crate::consumer::RuntimeBuilder::relay)
+    /// with a runtime, or spawned on its own.
     pub async fn relay(self, publisher: Publisher, stop: CancellationToken) {
-        let mut listener = match PgListener::connect_with(&self.pool).await {
+        let listener = match PgListener::connect_with(&self.pool).await {
             Ok(mut listener) => match listener.listen(&self.channel).await {
                 Ok(()) => Some(listener),
                 Err(e) => {
@@ -120,117 +132,130 @@ impl PgOutbox {
                 None
             }
         };
-        while !stop.is_cancelled() {
-            match self.publish_batch(&publisher).await {
-                Ok(Drained::More) => continue,
-                Ok(Drained::Empty) => {}
-                Ok(Drained::Unconfirmed) | Err(_) => {
-                    tokio::select! {
-                        () = tokio::time::sleep(Duration::from_millis(500)) => continue,
-                        () = stop.cancelled() => return,
-                    }
-                }
-            }
-            let woken = async {
-                match listener.as_mut() {
-                    Some(listener) => {
-                        let _ = listener.recv().await;
-                    }
-                    None => std::future::pending::<()>().await,
-                }
-            };
-            tokio::select! {
-                () = woken => {}
-                () = tokio::time::sleep(POLL) => {}
-                () = stop.cancelled() => return,
-            }
-        }
+        let config = RelayConfig {
+            batch: BATCH,
+            window: 256,
+        };
+        let store = TableStore {
+            outbox: self,
+            listener,
+        };
+        relay::run(store, publisher, config, stop).await;
     }
 
-    /// Publishes one locked batch and deletes what the broker confirmed.
-    async fn publish_batch(&self, publisher: &Publisher) -> Result<Drained, StoreError> {
-        let unavailable = |op| move |e: sqlx::Error| StoreError::unavailable(op, e);
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(unavailable(StoreOp::Read))?;
-        let rows = sqlx::query(&format!(
-            "SELECT id, subject, payload, headers FROM {} WHERE failed_at IS NULL ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED",
-            self.table
-        ))
-        .bind(BATCH)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(unavailable(StoreOp::Read))?;
-        if rows.is_empty() {
-            return Ok(Drained::Empty);
+    fn failed(&self, op: StoreOp) -> impl FnOnce(sqlx::Error) -> OutboxError + '_ {
+        move |e| OutboxError::Database {
+            table: self.table.clone(),
+            source: StoreError::unavailable(op, e),
         }
-        let full = rows.len() as i64 == BATCH;
-        let mut messages = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let id: String = row.try_get("id").map_err(unavailable(StoreOp::Read))?;
-            let subject: String = row.try_get("subject").map_err(unavailable(StoreOp::Read))?;
-            let payload: Vec<u8> = row.try_get("payload").map_err(unavailable(StoreOp::Read))?;
-            let headers: String = row.try_get("headers").map_err(unavailable(StoreOp::Read))?;
-            let headers =
-                serde_json::from_str::<Vec<(String, String)>>(&headers).unwrap_or_default();
-            messages.push(
-                Outgoing::new(subject, payload)
-                    .with_id(id)
-                    .with_header_pairs(headers),
-            );
-        }
-        let ids: Vec<String> = messages.iter().map(|m| m.id.clone()).collect();
-        let results: Vec<_> = publisher
-            .publish_all(futures::stream::iter(messages), 256)
-            .collect()
-            .await;
-        let mut confirmed = Vec::new();
-        let mut unconfirmed = false;
-        for (id, result) in ids.into_iter().zip(results) {
-            match result {
-                Ok(_) => confirmed.push(id),
-                Err(PublishError::DeadlineExceeded { .. }) => unconfirmed = true,
-                Err(refused) => {
-                    warn!(%id, error = %refused, "outbox relay: the broker refused a message for good; marked failed");
-                    sqlx::query(&format!(
-                        "UPDATE {} SET failed_at = now(), error = $2 WHERE id = $1",
-                        self.table
-                    ))
-                    .bind(&id)
-                    .bind(refused.to_string())
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(unavailable(StoreOp::Update))?;
-                }
-            }
-        }
-        sqlx::query(&format!("DELETE FROM {} WHERE id = ANY($1)", self.table))
-            .bind(&confirmed)
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable(StoreOp::Delete))?;
-        tx.commit().await.map_err(unavailable(StoreOp::Delete))?;
-        if !confirmed.is_empty() {
-            info!(published = confirmed.len(), "outbox relay: published");
-        }
-        Ok(if unconfirmed {
-            Drained::Unconfirmed
-        } else if full {
-            Drained::More
-        } else {
-            Drained::Empty
-        })
     }
 }
 
-/// What a batch left behind.
-enum Drained {
-    /// The batch was full: there may be more.
-    More,
-    /// Nothing more right now.
-    Empty,
-    /// Some messages were not confirmed before the deadline: back off.
-    Unconfirmed,
+/// The outbox table as the relay's store: a batch is a transaction holding
+/// its rows locked until they are settled.
+struct TableStore {
+    outbox: PgOutbox,
+    listener: Option<PgListener>,
+}
+
+impl RelayStore for TableStore {
+    type Key = String;
+    type Handle = sqlx::Transaction<'static, sqlx::Postgres>;
+
+    async fn take(
+        &mut self,
+        limit: usize,
+    ) -> Result<Option<Batch<String, Self::Handle>>, OutboxError> {
+        let outbox = &self.outbox;
+        let mut tx = outbox
+            .pool
+            .begin()
+            .await
+            .map_err(outbox.failed(StoreOp::Read))?;
+        let rows = sqlx::query(&format!(
+            "SELECT id, subject, payload, headers FROM {} WHERE failed_at IS NULL ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED",
+            outbox.table
+        ))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(outbox.failed(StoreOp::Read))?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let mut batch = Batch {
+            handle: tx,
+            messages: Vec::with_capacity(rows.len()),
+            unreadable: Vec::new(),
+        };
+        for row in &rows {
+            let id: String = row.try_get("id").map_err(outbox.failed(StoreOp::Read))?;
+            let subject: String = row
+                .try_get("subject")
+                .map_err(outbox.failed(StoreOp::Read))?;
+            let payload: Vec<u8> = row
+                .try_get("payload")
+                .map_err(outbox.failed(StoreOp::Read))?;
+            let headers: String = row
+                .try_get("headers")
+                .map_err(outbox.failed(StoreOp::Read))?;
+            match serde_json::from_str::<Vec<(String, String)>>(&headers) {
+                Ok(headers) => batch.messages.push((
+                    id.clone(),
+                    Outgoing::new(subject, payload)
+                        .with_id(id)
+                        .with_header_pairs(headers),
+                )),
+                Err(e) => batch
+                    .unreadable
+                    .push((id, format!("its headers do not decode: {e}"))),
+            }
+        }
+        Ok(Some(batch))
+    }
+
+    async fn settle(
+        &mut self,
+        mut tx: Self::Handle,
+        settled: Settled<String>,
+    ) -> Result<(), OutboxError> {
+        let outbox = &self.outbox;
+        for (id, reason) in &settled.refused {
+            sqlx::query(&format!(
+                "UPDATE {} SET failed_at = now(), error = $2 WHERE id = $1",
+                outbox.table
+            ))
+            .bind(id)
+            .bind(reason)
+            .execute(&mut *tx)
+            .await
+            .map_err(outbox.failed(StoreOp::Update))?;
+        }
+        let confirmed: Vec<String> = settled.confirmed.into_iter().map(|(id, _)| id).collect();
+        sqlx::query(&format!("DELETE FROM {} WHERE id = ANY($1)", outbox.table))
+            .bind(&confirmed)
+            .execute(&mut *tx)
+            .await
+            .map_err(outbox.failed(StoreOp::Delete))?;
+        tx.commit().await.map_err(outbox.failed(StoreOp::Delete))?;
+        if !confirmed.is_empty() {
+            info!(published = confirmed.len(), "outbox relay: published");
+        }
+        Ok(())
+    }
+
+    async fn more(&mut self) {
+        let woken = async {
+            match self.listener.as_mut() {
+                Some(listener) => {
+                    let _ = listener.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            () = woken => {}
+            () = tokio::time::sleep(POLL) => {}
+        }
+    }
 }
