@@ -62,9 +62,8 @@ async fn charge_card(
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let nats = idem::testing::LocalNats::from_env_or_spawn().await?; // dev helper: a server to talk to
-    println!("{}", nats.describe());
-    let client = async_nats::connect(nats.url()).await?;
+    // Dev helper: $NATS_URL, or a throw-away nats-server for this run.
+    let (client, _nats) = idem::testing::LocalNats::connect().await?;
 
     // The service.
     let gateway = Gateway::default();

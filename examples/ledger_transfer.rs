@@ -22,7 +22,7 @@ use idem::consumer::Outcome;
 use idem::outbox::PgOutbox;
 use idem::publisher::Outgoing;
 use idem::store::PgStore;
-use idem::testing::{DEFAULT_DATABASE_URL, LocalNats};
+use idem::testing::DEFAULT_DATABASE_URL;
 use idem::{HandlerError, Json, Retry, Runtime, State, Tx, idempotent};
 use serde::{Deserialize, Serialize};
 
@@ -104,8 +104,8 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    let nats = LocalNats::from_env_or_spawn().await?;
-    println!("{}", nats.describe());
+    // Dev helper: $NATS_URL, or a throw-away nats-server for this run.
+    let (client, _nats) = idem::testing::LocalNats::connect().await?;
     let database =
         std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_owned());
     let pool = sqlx::postgres::PgPoolOptions::new()
@@ -127,7 +127,6 @@ async fn main() -> Result<(), BoxError> {
         sqlx::query(&statement).execute(&pool).await?;
     }
 
-    let client = async_nats::connect(nats.url()).await?;
     let js = jetstream::new(client.clone());
     for (name, subjects) in [
         ("IDEM_EXAMPLE_LEDGER", "example.ledger.>"),

@@ -25,7 +25,6 @@ use std::time::Duration;
 use async_nats::jetstream::{self, message::PublishMessage, stream};
 use idem::consumer::{DEAD_LETTER_STREAM, Outcome, headers};
 use idem::store::KvStoreConfig;
-use idem::testing::LocalNats;
 use idem::{HandlerError, Json, Retry, Runtime, State, idempotent};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -95,9 +94,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
                 .unwrap_or_else(|_| "error".into()),
         )
         .init();
-    let nats = LocalNats::from_env_or_spawn().await?;
-    println!("{}", nats.describe());
-    let client = async_nats::connect(nats.url()).await?;
+    // Dev helper: $NATS_URL, or a throw-away nats-server for this run.
+    let (client, _nats) = idem::testing::LocalNats::connect().await?;
     let js = jetstream::new(client.clone());
 
     // A fresh stream for this run.

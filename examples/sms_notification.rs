@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
 use idem::consumer::Outcome;
-use idem::testing::LocalNats;
 use idem::{HandlerError, Json, Retry, Runtime, State, idempotent};
 
 #[derive(serde::Deserialize)]
@@ -47,9 +46,8 @@ async fn send_sms(
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let nats = LocalNats::from_env_or_spawn().await?;
-    println!("{}", nats.describe());
-    let client = async_nats::connect(nats.url()).await?;
+    // Dev helper: $NATS_URL, or a throw-away nats-server for this run.
+    let (client, _nats) = idem::testing::LocalNats::connect().await?;
     let js = jetstream::new(client.clone());
     let _ = js.delete_stream("IDEM_SMS").await;
     js.create_stream(stream::Config {

@@ -48,6 +48,30 @@ impl LocalNats {
         })
     }
 
+    /// The one line an example spends on finding a server: a client of
+    /// `NATS_URL` (or [`DEFAULT_URL`]) if something listens there, else of
+    /// a throw-away server kept alive by the returned value; says which on
+    /// standard error.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// // Dev helper: $NATS_URL, or a throw-away nats-server for this run.
+    /// let (client, _nats) = idem::testing::LocalNats::connect().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect() -> Result<(async_nats::Client, Self), HarnessError> {
+        let nats = Self::from_env_or_spawn().await?;
+        eprintln!("{}", nats.describe());
+        let client =
+            async_nats::connect(nats.url())
+                .await
+                .map_err(|source| HarnessError::Connect {
+                    url: nats.url.clone(),
+                    source,
+                })?;
+        Ok((client, nats))
+    }
+
     /// The URL to connect to.
     pub fn url(&self) -> &str {
         &self.url
