@@ -276,6 +276,18 @@ impl Running {
     fn count(&self, handler: &str, outcome: Outcome) -> u64 {
         self.stats.handler(handler).get(outcome)
     }
+
+    /// Waits until `handler`'s counts of `outcomes` add up to `n`.
+    async fn until_counted(&self, handler: &str, outcomes: &[Outcome], n: u64) {
+        let counted = || {
+            outcomes
+                .iter()
+                .map(|o| self.count(handler, *o))
+                .sum::<u64>()
+        };
+        let what = format!("{handler}: {outcomes:?} counted {n} times");
+        until(&what, || counted() == n).await;
+    }
 }
 
 struct Setup {
@@ -480,12 +492,9 @@ async fn a_resend_with_a_new_message_id_runs_the_effect_once() {
         .publish("orders.kv", &order("o-1"), Some("second"), None)
         .await;
     setup.drained("kv_handler").await;
-    until("both deliveries counted", || {
-        running.count("kv_handler", Outcome::Processed)
-            + running.count("kv_handler", Outcome::Duplicate)
-            == 2
-    })
-    .await;
+    running
+        .until_counted("kv_handler", &[Outcome::Processed, Outcome::Duplicate], 2)
+        .await;
     assert_eq!(setup.effects.runs("o-1").len(), 1);
     assert_eq!(running.count("kv_handler", Outcome::Duplicate), 1);
     running.stop().await;
@@ -501,12 +510,13 @@ async fn a_duplicate_is_handed_the_stored_result_without_running_the_effect() {
             .await;
     }
     setup.drained("announcing_handler").await;
-    until("three deliveries counted", || {
-        running.count("announcing_handler", Outcome::Processed)
-            + running.count("announcing_handler", Outcome::Duplicate)
-            == 3
-    })
-    .await;
+    running
+        .until_counted(
+            "announcing_handler",
+            &[Outcome::Processed, Outcome::Duplicate],
+            3,
+        )
+        .await;
     assert_eq!(setup.effects.runs("o-9").len(), 1, "the effect ran once");
     // Both duplicates announced the one stored card: the same result, not a
     // new one (each run makes a new uuid).
@@ -549,12 +559,9 @@ async fn a_duplicate_arriving_while_its_original_runs_waits_and_is_answered_as_a
         .publish("orders.kv", &slow, Some("resend"), None)
         .await;
     setup.drained("kv_handler").await;
-    until("both deliveries answered", || {
-        running.count("kv_handler", Outcome::Processed)
-            + running.count("kv_handler", Outcome::Duplicate)
-            == 2
-    })
-    .await;
+    running
+        .until_counted("kv_handler", &[Outcome::Processed, Outcome::Duplicate], 2)
+        .await;
     assert_eq!(setup.effects.runs("o-slow").len(), 1);
     assert_eq!(running.count("kv_handler", Outcome::Duplicate), 1);
     assert_eq!(
@@ -572,10 +579,9 @@ async fn a_duplicate_of_a_key_this_process_completed_is_answered_from_memory() {
     setup
         .publish("orders.kv", &order("o-mem"), Some("first"), None)
         .await;
-    until("the original processed", || {
-        running.count("kv_handler", Outcome::Processed) == 1
-    })
-    .await;
+    running
+        .until_counted("kv_handler", &[Outcome::Processed], 1)
+        .await;
     // With the record gone from the store, only this process's memory can
     // still say the key is done.
     let key = record_key("kv_handler", "o-mem");
@@ -583,10 +589,9 @@ async fn a_duplicate_of_a_key_this_process_completed_is_answered_from_memory() {
     setup
         .publish("orders.kv", &order("o-mem"), Some("second"), None)
         .await;
-    until("the resend answered", || {
-        running.count("kv_handler", Outcome::Duplicate) == 1
-    })
-    .await;
+    running
+        .until_counted("kv_handler", &[Outcome::Duplicate], 1)
+        .await;
     assert_eq!(setup.effects.runs("o-mem").len(), 1);
     running.stop().await;
 
@@ -598,10 +603,9 @@ async fn a_duplicate_of_a_key_this_process_completed_is_answered_from_memory() {
     setup
         .publish("orders.kv", &order("o-mem"), Some("third"), None)
         .await;
-    until("the third copy processed", || {
-        forgetful.count("kv_handler", Outcome::Processed) == 1
-    })
-    .await;
+    forgetful
+        .until_counted("kv_handler", &[Outcome::Processed], 1)
+        .await;
     assert_eq!(setup.effects.runs("o-mem").len(), 2);
     forgetful.stop().await;
 }
@@ -686,10 +690,9 @@ async fn a_retry_after_hint_delays_the_retry_past_the_policys_backoff() {
         ..order("throttled")
     };
     setup.publish("orders.kv", &throttled, None, None).await;
-    until("processed after one retry", || {
-        running.count("kv_handler", Outcome::Processed) == 1
-    })
-    .await;
+    running
+        .until_counted("kv_handler", &[Outcome::Processed], 1)
+        .await;
     let attempts = setup.effects.runs("attempt:throttled");
     assert_eq!(attempts.len(), 2, "one failure, one success");
     let waited = attempts[1] - attempts[0];
@@ -783,10 +786,9 @@ async fn a_poison_message_is_dead_lettered_with_its_reason_and_its_key_stays_dea
         .publish("orders.kv", &poison, Some("poison-resend"), None)
         .await;
     setup.drained("kv_handler").await;
-    until("resend answered", || {
-        running.count("kv_handler", Outcome::Duplicate) == 1
-    })
-    .await;
+    running
+        .until_counted("kv_handler", &[Outcome::Duplicate], 1)
+        .await;
     assert_eq!(running.count("kv_handler", Outcome::DeadLettered), 1);
     running.stop().await;
 }
@@ -1086,19 +1088,15 @@ async fn a_corrected_payload_under_a_dead_key_is_a_key_conflict_not_a_duplicate(
     };
     setup.publish("orders.kv", &poison, None, None).await;
     setup.drained("kv_handler").await;
-    until("dead-lettered", || {
-        running.count("kv_handler", Outcome::DeadLettered) == 1
-    })
-    .await;
+    running
+        .until_counted("kv_handler", &[Outcome::DeadLettered], 1)
+        .await;
     // The producer fixes the payload and resubmits under the same key.
     setup.publish("orders.kv", &order("p-9"), None, None).await;
     setup.drained("kv_handler").await;
-    until("the corrected payload answered", || {
-        running.count("kv_handler", Outcome::Duplicate)
-            + running.count("kv_handler", Outcome::KeyConflict)
-            == 1
-    })
-    .await;
+    running
+        .until_counted("kv_handler", &[Outcome::Duplicate, Outcome::KeyConflict], 1)
+        .await;
     assert_eq!(running.count("kv_handler", Outcome::KeyConflict), 1);
     assert_eq!(setup.effects.runs("p-9").len(), 0, "never applied");
     let reasons: Vec<String> = setup
@@ -1111,10 +1109,9 @@ async fn a_corrected_payload_under_a_dead_key_is_a_key_conflict_not_a_duplicate(
     // The same poison payload again is still a plain duplicate.
     setup.publish("orders.kv", &poison, None, None).await;
     setup.drained("kv_handler").await;
-    until("the resend answered", || {
-        running.count("kv_handler", Outcome::Duplicate) == 1
-    })
-    .await;
+    running
+        .until_counted("kv_handler", &[Outcome::Duplicate], 1)
+        .await;
     running.stop().await;
 }
 
@@ -1491,10 +1488,9 @@ async fn a_key_whose_dead_letter_is_not_stored_yet_stays_its_payloads() {
     .await;
     setup.dead_letters_back().await;
     setup.drained("kv_handler").await;
-    until("both dead-lettered", || {
-        running.count("kv_handler", Outcome::DeadLettered) == 2
-    })
-    .await;
+    running
+        .until_counted("kv_handler", &[Outcome::DeadLettered], 2)
+        .await;
     assert_eq!(
         setup.effects.runs("p-7").len(),
         0,
