@@ -16,6 +16,7 @@
 //! # Ok(()) }
 //! ```
 
+mod acks;
 mod active;
 mod backend;
 mod dead_letter;
@@ -23,6 +24,8 @@ mod error;
 mod faults;
 #[cfg(feature = "postgres")]
 mod group;
+#[cfg(feature = "postgres")]
+mod grouped;
 mod health;
 mod pace;
 mod pipeline;
@@ -30,6 +33,7 @@ mod provision;
 mod recent;
 mod service;
 mod settle;
+mod shared;
 mod stats;
 mod worker;
 
@@ -55,15 +59,15 @@ use crate::key::HandlerName;
 use crate::store::KvStoreConfig;
 use backend::Backend;
 use faults::Faults;
-use pipeline::Shared;
 use recent::Recent;
+use shared::Shared;
 use worker::{HandlerWorker, Worker};
 
 // What idem::testing::Driver decides with, as the runtime does.
 #[cfg(feature = "testing")]
-pub(crate) use pipeline::HandlerPanicked;
-#[cfg(feature = "testing")]
 pub(crate) use settle::{Failure, after_failure};
+#[cfg(feature = "testing")]
+pub(crate) use shared::HandlerPanicked;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 

@@ -4,66 +4,24 @@
 //! steps; the decisions are the claim state machine's and the retry
 //! policy's, and what each level does at each step is `backend.rs`'s.
 
-use std::borrow::Cow;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, AckKind, Message};
+use async_nats::jetstream::{AckKind, Message};
 use futures::FutureExt;
 use tokio::time::{Instant, MissedTickBehavior, interval_at, sleep, timeout_at};
-use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span, error, field, info_span, warn};
 
-use super::active::{ActiveKey, ActiveKeys};
-use super::backend::{Backend, Begun, Completion, Held, discard};
-use super::faults::Faults;
-use super::recent::Recent;
-use super::settle::{ack_recorded, deliveries, in_flight_delay, nak};
-use super::stats::{Counters, Latency, Outcome};
+use super::acks::{ack_recorded, deliveries, in_flight_delay, nak};
+use super::active::ActiveKey;
+use super::backend::{Backend, Completion, Held, discard};
+use super::shared::{HandlerPanicked, Ran, Shared, boxed, state_with};
+use super::stats::{Latency, Outcome};
 use crate::claim::{ClaimOutcome, Transition};
-use crate::extract::StateMap;
-use crate::handler::{Handler, HandlerConfig, prepare};
-use crate::key::{HandlerName, RecordKey};
+use crate::handler::{Handler, prepare};
+use crate::key::RecordKey;
 use crate::{Delivery, Fence, HandlerError};
-
-/// Everything a handler's messages share.
-pub(crate) struct Shared<H> {
-    pub(crate) handler: H,
-    pub(crate) name: HandlerName,
-    pub(crate) config: HandlerConfig,
-    pub(crate) backend: Backend,
-    pub(crate) js: jetstream::Context,
-    pub(crate) state: StateMap,
-    pub(crate) counters: Arc<Counters>,
-    pub(crate) faults: Faults,
-    /// Cancelled when the shutdown deadline has passed: running handlers
-    /// are abandoned.
-    pub(crate) hard_stop: CancellationToken,
-    /// Keys this process is working on right now.
-    pub(crate) active: ActiveKeys,
-    /// Keys this process completed recently (`dedup = kv`).
-    pub(crate) recent: Recent,
-    /// Whether the handler takes the claim's [`Fence`].
-    pub(crate) takes_fence: bool,
-    /// What the worker reports to the runtime's health probe.
-    pub(crate) status: Arc<super::health::HandlerStatus>,
-    /// `dedup = transactional` with `batch > 1`: the group commits.
-    #[cfg(feature = "postgres")]
-    pub(crate) groups: Option<super::group::Groups>,
-}
-
-/// How a handler's run ended.
-pub(super) enum Ran<T> {
-    /// It returned `Ok`.
-    Returned(T),
-    /// It returned `Err`, or panicked.
-    Failed(HandlerError),
-    /// The shutdown deadline cut it off.
-    CutOff,
-    /// The claim is no longer this worker's (why): the handler was stopped.
-    LeaseLost(&'static str),
-}
 
 /// When the lease this worker holds ends, on its monotonic clock, as the
 /// renewals move it. Shared by the handler's guard and the renewals.
@@ -97,56 +55,6 @@ impl LeaseEnd {
     fn passed(&self) -> bool {
         Instant::now() >= self.at()
     }
-}
-
-/// A handler's panic, as the failure it is counted as.
-#[derive(Debug, thiserror::Error)]
-#[error("the handler panicked: {0}")]
-pub(crate) struct HandlerPanicked(pub(crate) String);
-
-impl HandlerPanicked {
-    pub(crate) fn from_payload(payload: &(dyn std::any::Any + Send)) -> Self {
-        let text = payload
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "a panic without a message".to_owned());
-        Self(text)
-    }
-}
-
-/// A boxed, `Send` future: keeps a rare or large step's state out of every
-/// delivery's task, and tells the compiler the step is `Send` where it
-/// cannot see it through the handler's generic future.
-pub(super) fn boxed<'a, T>(
-    step: impl Future<Output = T> + Send + 'a,
-) -> std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>> {
-    Box::pin(step)
-}
-
-/// The state a delivery's extractors see: the runtime's, plus the
-/// transaction begun for it and its fencing token, if the handler takes
-/// them (a clone only then).
-pub(super) fn state_with<'a>(
-    state: &'a StateMap,
-    begun: &Begun,
-    fence: Option<&Fence>,
-) -> Cow<'a, StateMap> {
-    if begun.is_none() && fence.is_none() {
-        return Cow::Borrowed(state);
-    }
-    let mut state = state.clone();
-    if let Some(fence) = fence {
-        state.insert(fence.clone());
-    }
-    match begun {
-        #[cfg(feature = "postgres")]
-        Some(tx) => state.insert(tx.clone()),
-        #[cfg(not(feature = "postgres"))]
-        Some(never) => match *never {},
-        None => {}
-    }
-    Cow::Owned(state)
 }
 
 impl<H: Handler> Shared<H> {
@@ -422,7 +330,7 @@ impl<H: Handler> Shared<H> {
             Some(Completion::NotRecorded(e)) => {
                 warn!(error = %e, "completion was not recorded; the message will be redelivered");
                 self.count(Outcome::StoreUnavailable);
-                nak(message, super::settle::store_backoff(attempt)).await;
+                nak(message, super::acks::store_backoff(attempt)).await;
             }
             // Shutdown: the claim stays pending; the next delivery after the
             // lease reclaims it (counted as reclaimed there).

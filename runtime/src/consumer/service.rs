@@ -25,7 +25,7 @@ use tracing::{Instrument, Span, field, info_span, warn};
 
 use super::RuntimeError;
 use super::backend::{Completion, Held, discard};
-use super::pipeline::{Ran, Shared, boxed, state_with};
+use super::shared::{Ran, Shared, boxed, state_with};
 use super::stats::{Latency, Outcome};
 use super::worker::Worker;
 use crate::claim::{Claim, ClaimOutcome};

@@ -13,21 +13,19 @@ use async_nats::jetstream::{AckKind, Message};
 use tokio::time::Instant;
 use tracing::{error, warn};
 
+use super::acks::{
+    MIN_NAK_DELAY, ack, ack_recorded, deliveries, in_flight_delay, nak, store_backoff,
+};
 use super::backend::Held;
 use super::dead_letter::{self, Reason};
-use super::pipeline::{HandlerPanicked, Ran, Shared};
+use super::shared::{HandlerPanicked, Ran, Shared};
 use super::stats::{Latency, Outcome};
 use crate::claim::ClaimOutcome;
 use crate::fingerprint::Fingerprint;
 use crate::handler::{DeadLetterReason, Handler, HandlerConfig, OnMissingKey, PrepareError};
-use crate::retry::{RetryDecision, Schedule};
+use crate::retry::RetryDecision;
 use crate::store::StoreError;
 use crate::{Delivery, HandlerError};
-
-/// Backoff while the dedup store is unreachable, by delivery count.
-pub(super) fn store_backoff(attempt: u32) -> Duration {
-    Schedule::store_unreachable().at(attempt).max(MIN_NAK_DELAY)
-}
 
 /// What a failed attempt leads to.
 pub(crate) enum Failure {
@@ -53,26 +51,6 @@ pub(crate) fn after_failure(config: &HandlerConfig, error: &HandlerError, attemp
         RetryDecision::GiveUp => Failure::DeadLetter(DeadLetterReason::RetriesExhausted),
     }
 }
-
-/// How many times JetStream has delivered the message: paces NAKs that are
-/// not the handler's failures (they never use up its attempts).
-pub(super) fn deliveries(delivery: &Delivery) -> u32 {
-    u32::try_from(delivery.delivered()).unwrap_or(u32::MAX)
-}
-
-/// How long a delivery whose key is held elsewhere waits: doubling from
-/// 50 ms with each delivery, never past the holder's lease. Most holders
-/// finish in milliseconds, so the duplicate is answered soon; a slow holder
-/// costs a handful of cheap claim attempts, not a storm.
-pub(super) fn in_flight_delay(delivered: u32, remaining_lease: Duration) -> Duration {
-    Schedule::key_held()
-        .at(delivered)
-        .min(remaining_lease)
-        .max(MIN_NAK_DELAY)
-}
-
-/// The shortest NAK delay: a redelivery storm helps nobody.
-const MIN_NAK_DELAY: Duration = Duration::from_millis(20);
 
 impl<H: Handler> Shared<H> {
     /// Answers a claim that may not run: a duplicate, a conflict, a key
@@ -338,61 +316,5 @@ impl<H: Handler> Shared<H> {
         if let Err(e) = message.ack_with(AckKind::Term).await {
             warn!(error = %e, "could not terminate the original; its redelivery will find the key dead");
         }
-    }
-}
-
-/// A confirmed acknowledgement, retried briefly. Once completion is
-/// recorded a lost ack only costs a redelivery, answered as a duplicate.
-pub(super) async fn ack(message: &Message) {
-    for pause in [
-        Duration::from_millis(100),
-        Duration::from_millis(500),
-        Duration::ZERO,
-    ] {
-        match message.double_ack().await {
-            Ok(()) => return,
-            Err(e) if pause.is_zero() => {
-                warn!(error = %e, "could not acknowledge; the redelivery will be a duplicate")
-            }
-            Err(_) => tokio::time::sleep(pause).await,
-        }
-    }
-}
-
-/// A plain ack for a message whose key the store holds as done: a lost ack
-/// only costs a redelivery that is answered as a duplicate, so waiting for
-/// the server's confirmation buys nothing.
-pub(super) async fn ack_recorded(message: &Message) {
-    if let Err(e) = message.ack().await {
-        warn!(error = %e, "could not acknowledge; the redelivery will be a duplicate");
-    }
-}
-
-pub(super) async fn nak(message: &Message, delay: Duration) {
-    if let Err(e) = message
-        .ack_with(AckKind::Nak(Some(delay.max(MIN_NAK_DELAY))))
-        .await
-    {
-        warn!(error = %e, "could not NAK; the server redelivers after ack_wait");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn in_flight_delays_double_from_50ms_and_stop_at_the_lease() {
-        let lease = Duration::from_secs(30);
-        let delays: Vec<u128> = (1..=6)
-            .map(|a| in_flight_delay(a, lease).as_millis())
-            .collect();
-        assert_eq!(delays, [50, 100, 200, 400, 800, 1600]);
-        assert_eq!(in_flight_delay(40, lease), lease);
-        assert_eq!(
-            in_flight_delay(3, Duration::from_millis(120)),
-            Duration::from_millis(120)
-        );
-        assert_eq!(in_flight_delay(1, Duration::ZERO), MIN_NAK_DELAY);
     }
 }

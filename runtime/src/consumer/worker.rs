@@ -17,7 +17,7 @@ use tracing::{debug, warn};
 
 use super::RuntimeError;
 use super::pace::Pace;
-use super::pipeline::Shared;
+use super::shared::Shared;
 use crate::handler::Handler;
 
 /// The most messages one pull asks for.

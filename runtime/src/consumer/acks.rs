@@ -1,0 +1,93 @@
+//! The acknowledgements that carry a delivery's end to the server — ack,
+//! confirmed ack, NAK with a delay — and how NAKs that are not a handler's
+//! failures are paced (by JetStream's delivery count, never using up the
+//! handler's attempts).
+
+use std::time::Duration;
+
+use async_nats::jetstream::{AckKind, Message};
+use tracing::warn;
+
+use crate::Delivery;
+use crate::retry::Schedule;
+
+/// Backoff while the dedup store is unreachable, by delivery count.
+pub(super) fn store_backoff(attempt: u32) -> Duration {
+    Schedule::store_unreachable().at(attempt).max(MIN_NAK_DELAY)
+}
+
+/// How many times JetStream has delivered the message: paces NAKs that are
+/// not the handler's failures (they never use up its attempts).
+pub(super) fn deliveries(delivery: &Delivery) -> u32 {
+    u32::try_from(delivery.delivered()).unwrap_or(u32::MAX)
+}
+
+/// How long a delivery whose key is held elsewhere waits: doubling from
+/// 50 ms with each delivery, never past the holder's lease. Most holders
+/// finish in milliseconds, so the duplicate is answered soon; a slow holder
+/// costs a handful of cheap claim attempts, not a storm.
+pub(super) fn in_flight_delay(delivered: u32, remaining_lease: Duration) -> Duration {
+    Schedule::key_held()
+        .at(delivered)
+        .min(remaining_lease)
+        .max(MIN_NAK_DELAY)
+}
+
+/// The shortest NAK delay: a redelivery storm helps nobody.
+pub(super) const MIN_NAK_DELAY: Duration = Duration::from_millis(20);
+
+/// A confirmed acknowledgement, retried briefly. Once completion is
+/// recorded a lost ack only costs a redelivery, answered as a duplicate.
+pub(super) async fn ack(message: &Message) {
+    for pause in [
+        Duration::from_millis(100),
+        Duration::from_millis(500),
+        Duration::ZERO,
+    ] {
+        match message.double_ack().await {
+            Ok(()) => return,
+            Err(e) if pause.is_zero() => {
+                warn!(error = %e, "could not acknowledge; the redelivery will be a duplicate")
+            }
+            Err(_) => tokio::time::sleep(pause).await,
+        }
+    }
+}
+
+/// A plain ack for a message whose key the store holds as done: a lost ack
+/// only costs a redelivery that is answered as a duplicate, so waiting for
+/// the server's confirmation buys nothing.
+pub(super) async fn ack_recorded(message: &Message) {
+    if let Err(e) = message.ack().await {
+        warn!(error = %e, "could not acknowledge; the redelivery will be a duplicate");
+    }
+}
+
+pub(super) async fn nak(message: &Message, delay: Duration) {
+    if let Err(e) = message
+        .ack_with(AckKind::Nak(Some(delay.max(MIN_NAK_DELAY))))
+        .await
+    {
+        warn!(error = %e, "could not NAK; the server redelivers after ack_wait");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_flight_delays_double_from_50ms_and_stop_at_the_lease() {
+        let lease = Duration::from_secs(30);
+        let delays: Vec<u128> = (1..=6)
+            .map(|a| in_flight_delay(a, lease).as_millis())
+            .collect();
+        assert_eq!(delays, [50, 100, 200, 400, 800, 1600]);
+        assert_eq!(in_flight_delay(40, lease), lease);
+        assert_eq!(
+            in_flight_delay(3, Duration::from_millis(120)),
+            Duration::from_millis(120)
+        );
+        assert_eq!(in_flight_delay(1, Duration::ZERO), MIN_NAK_DELAY);
+    }
+}

@@ -1,0 +1,108 @@
+//! One delivery of a handler that commits in groups (`dedup =
+//! transactional`, `batch > 1`): seated in a group (`group.rs`), run in the
+//! group's transaction, and — when the group rolls back — run again alone.
+
+use async_nats::jetstream::Message;
+use tokio::time::Instant;
+use tracing::{Span, field};
+
+use super::backend::Held;
+use super::group::{Answer, GroupEnd, Groups};
+use super::settle::Failure;
+use super::shared::{Ran, Shared, boxed, state_with};
+use crate::handler::{Handler, prepare};
+use crate::key::RecordKey;
+use crate::store::{IGNORED_FAILED_STATEMENT, failed_for_another};
+use crate::{Delivery, Fence, HandlerError, Tx};
+
+impl<H: Handler> Shared<H> {
+    /// One delivery through a group commit: seated, claimed with the group,
+    /// run in the group's transaction, acknowledged once the group
+    /// committed — or run again alone if the group rolled back.
+    pub(super) async fn process_in_group(
+        &self,
+        groups: &Groups,
+        message: &Message,
+        delivery: &Delivery,
+    ) {
+        let tx = Tx::unbound();
+        let fence = self.takes_fence.then(Fence::unset);
+        let begun = Some(tx.clone());
+        let state = state_with(&self.state, &begun, fence.as_ref());
+        let prepared = prepare(&self.handler, delivery, &state);
+        drop((state, begun));
+        let prepared = match prepared {
+            Ok(prepared) => prepared,
+            Err(rejected) => {
+                return boxed(self.rejected(message, delivery, rejected)).await;
+            }
+        };
+        Span::current().record("key", field::debug(&prepared.key));
+        let key = RecordKey::new(&self.name, &prepared.key);
+        let answer = match groups.seat(&key, prepared.fingerprint, &tx) {
+            Some(seat) => seat.await.unwrap_or(Answer::Alone),
+            None => Answer::Alone,
+        };
+        if !matches!(answer, Answer::Alone) {
+            self.status.store_answered();
+        }
+        let (claim, ballot) = match answer {
+            Answer::Claimed(claim, ballot) => (claim, ballot),
+            Answer::Refused(outcome) => {
+                return boxed(self.refused(message, delivery, outcome, prepared.args)).await;
+            }
+            Answer::Alone => {
+                drop(prepared);
+                return boxed(self.process_alone(message, delivery)).await;
+            }
+        };
+        if let Some(fence) = &fence {
+            fence.set(claim.revision);
+        }
+        let mut held = Held::Tx {
+            tx,
+            claim: claim.clone(),
+        };
+        let (attempt, ran) = self
+            .run_attempt(message, delivery, &mut held, Instant::now(), prepared.args)
+            .await;
+        // The group commits or rolls back the transaction: nothing of it
+        // is this delivery's to end.
+        drop(held);
+        let vote = match &ran {
+            Ran::Returned(output) => Some(self.stored_result(output)),
+            Ran::Failed(_) | Ran::CutOff | Ran::LeaseLost(_) => None,
+        };
+        let own_failure = match (ballot.vote(vote).await, ran) {
+            (GroupEnd::Committed, _) => return self.succeeded(message, true).await,
+            (_, Ran::CutOff) => return self.interrupted(message, Held::Nothing).await,
+            _ if self.hard_stop.is_cancelled() => {
+                return self.interrupted(message, Held::Nothing).await;
+            }
+            (GroupEnd::Aborted, _) => Some(HandlerError::retryable(IGNORED_FAILED_STATEMENT)),
+            (GroupEnd::RolledBack, Ran::Failed(error)) if !failed_for_another(&error) => {
+                Some(error)
+            }
+            (GroupEnd::RolledBack, _) => None,
+        };
+        match own_failure.map(|error| (self.after_failure(&error, attempt), error)) {
+            // Its own failure, with attempts left: counted and released as
+            // with a transaction of its own (the ending written alone; a
+            // released key is free to the next claim either way).
+            Some((Failure::Retry(_), error)) => {
+                let held = Held::RolledBack(claim);
+                boxed(self.failed(message, delivery, error, attempt, held)).await;
+            }
+            // Its last failure: the key must stay its payload's from the
+            // failure to the dead mark, which a rolled-back group cannot
+            // promise (another payload under the key would claim it in
+            // between). The attempt runs again alone, where the claim row
+            // stays locked until its ending commits; the group's run was
+            // never recorded, so it is the same attempt.
+            Some((Failure::DeadLetter(_), _)) => boxed(self.process_alone(message, delivery)).await,
+            // Another handler's failure (or the group's commit) rolled this
+            // one back: it runs again, alone.
+            None => boxed(self.process_alone(message, delivery)).await,
+        }
+    }
+}
