@@ -197,97 +197,168 @@ impl<H: Handler> HandlerWorker<H> {
         shutdown: CancellationToken,
         grace: Duration,
     ) -> Result<(), RuntimeError> {
-        let mut result = Ok(());
-        let permits = Arc::new(Semaphore::new(self.shared.config.concurrency));
-        let pace = Arc::new(Pace::default());
-        let tasks = TaskTracker::new();
+        let mut running = Running {
+            permits: Arc::new(Semaphore::new(self.shared.config.concurrency)),
+            pace: Arc::new(Pace::default()),
+            tasks: TaskTracker::new(),
+        };
         let mut liveness = Liveness::new();
-        'fetching: while !shutdown.is_cancelled() {
-            // A pull issued while the last messages still run (so its round
-            // trip overlaps the work), for as many as can start soon (see
-            // `pace`); the permits below bound how many run at once.
-            let wanted = pace.pull_size(self.shared.config.concurrency, MAX_BATCH);
-            let batch = tokio::select! {
-                batch = self.consumer.fetch().max_messages(wanted).expires(PULL_EXPIRES).messages() => batch,
-                () = shutdown.cancelled() => break,
-            };
-            let mut batch = match batch {
-                Ok(batch) => batch,
-                Err(e) => {
-                    liveness.failed();
-                    let Some(pause) = liveness.pause_unless_gone(&self.consumer).await else {
-                        result = Err(self.gone());
-                        break;
-                    };
-                    warn!(handler = %self.shared.config.name, error = %e, ?pause, "pull failed; retrying");
-                    self.shared.status.failed(&format_args!("pull failed: {e}"));
-                    tokio::select! { () = sleep(pause) => continue, () = shutdown.cancelled() => break }
+        let mut result = Ok(());
+        while !shutdown.is_cancelled() {
+            let flow = match self.pull(&running, &mut liveness, &shutdown).await {
+                Pulled::Batch(batch) => {
+                    self.dispatch(batch, &mut running, &mut liveness, &shutdown)
+                        .await
                 }
+                Pulled::Paused => Flow::Next,
+                Pulled::Stop => Flow::Stop,
+                Pulled::Gone => Flow::Gone,
             };
-            let mut pulled_any = false;
-            loop {
-                let message = tokio::select! {
-                    message = batch.next() => message,
-                    () = shutdown.cancelled() => {
-                        hand_back(&mut batch, None).await;
-                        break 'fetching;
-                    }
-                };
-                let message = match message {
-                    None => {
-                        liveness.answered();
-                        if !pulled_any && liveness.gone_while_idle(&self.consumer).await {
-                            result = Err(self.gone());
-                            break 'fetching;
-                        }
-                        break;
-                    }
-                    Some(Ok(message)) => message,
-                    Some(Err(e)) => {
-                        // The pull was refused (e.g. no responders: the
-                        // consumer is gone); pause before the next.
-                        liveness.failed();
-                        debug!(handler = %self.shared.config.name, error = %e, "pull ended early");
-                        if pulled_any {
-                            break;
-                        }
-                        let Some(pause) = liveness.pause_unless_gone(&self.consumer).await else {
-                            result = Err(self.gone());
-                            break 'fetching;
-                        };
-                        tokio::select! { () = sleep(pause) => break, () = shutdown.cancelled() => break 'fetching }
-                    }
-                };
-                pulled_any = true;
-                liveness.answered();
-                let permit = tokio::select! {
-                    permit = permits.clone().acquire_owned() => match permit {
-                        Ok(permit) => permit,
-                        Err(_) => break 'fetching,
-                    },
-                    // Shutdown while every handler runs: this message and the
-                    // rest of the pull go back rather than wait.
-                    () = shutdown.cancelled() => {
-                        hand_back(&mut batch, Some(message)).await;
-                        break 'fetching;
-                    }
-                };
-                let (shared, pace) = (self.shared.clone(), pace.clone());
-                tasks.spawn(async move {
-                    let began = Instant::now();
-                    shared.handle(message).await;
-                    pace.record(began.elapsed());
-                    drop(permit);
-                });
+            match flow {
+                Flow::Next => {}
+                Flow::Stop => break,
+                Flow::Gone => {
+                    result = Err(self.gone());
+                    break;
+                }
             }
         }
-        // Shutdown: no more pulls; in-flight handlers get `grace` to finish,
-        // then the rest are interrupted (claims released, messages NAKed).
+        self.drain(running.tasks, grace).await;
+        result
+    }
+
+    /// One pull, issued while the last messages still run (so its round
+    /// trip overlaps the work), for as many as can start soon (see
+    /// `pace`). A failed pull pauses (or finds the consumer gone).
+    async fn pull(
+        &self,
+        running: &Running,
+        liveness: &mut Liveness,
+        shutdown: &CancellationToken,
+    ) -> Pulled {
+        let wanted = running
+            .pace
+            .pull_size(self.shared.config.concurrency, MAX_BATCH);
+        let batch = tokio::select! {
+            batch = self.consumer.fetch().max_messages(wanted).expires(PULL_EXPIRES).messages() => batch,
+            () = shutdown.cancelled() => return Pulled::Stop,
+        };
+        match batch {
+            Ok(batch) => Pulled::Batch(batch),
+            Err(e) => {
+                liveness.failed();
+                let Some(pause) = liveness.pause_unless_gone(&self.consumer).await else {
+                    return Pulled::Gone;
+                };
+                warn!(handler = %self.shared.config.name, error = %e, ?pause, "pull failed; retrying");
+                self.shared.status.failed(&format_args!("pull failed: {e}"));
+                tokio::select! { () = sleep(pause) => Pulled::Paused, () = shutdown.cancelled() => Pulled::Stop }
+            }
+        }
+    }
+
+    /// Hands each message of a pull to a task of its own once a permit is
+    /// free; on shutdown, what was not started goes back to the server.
+    async fn dispatch(
+        &self,
+        mut batch: Batch,
+        running: &mut Running,
+        liveness: &mut Liveness,
+        shutdown: &CancellationToken,
+    ) -> Flow {
+        let mut pulled_any = false;
+        loop {
+            let message = tokio::select! {
+                message = batch.next() => message,
+                () = shutdown.cancelled() => {
+                    hand_back(&mut batch, None).await;
+                    return Flow::Stop;
+                }
+            };
+            let message = match message {
+                None => {
+                    liveness.answered();
+                    if !pulled_any && liveness.gone_while_idle(&self.consumer).await {
+                        return Flow::Gone;
+                    }
+                    return Flow::Next;
+                }
+                Some(Ok(message)) => message,
+                Some(Err(e)) => {
+                    // The pull was refused (e.g. no responders: the
+                    // consumer is gone); pause before the next.
+                    liveness.failed();
+                    debug!(handler = %self.shared.config.name, error = %e, "pull ended early");
+                    if pulled_any {
+                        return Flow::Next;
+                    }
+                    let Some(pause) = liveness.pause_unless_gone(&self.consumer).await else {
+                        return Flow::Gone;
+                    };
+                    return tokio::select! { () = sleep(pause) => Flow::Next, () = shutdown.cancelled() => Flow::Stop };
+                }
+            };
+            pulled_any = true;
+            liveness.answered();
+            let permit = tokio::select! {
+                permit = running.permits.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => return Flow::Stop,
+                },
+                // Shutdown while every handler runs: this message and the
+                // rest of the pull go back rather than wait.
+                () = shutdown.cancelled() => {
+                    hand_back(&mut batch, Some(message)).await;
+                    return Flow::Stop;
+                }
+            };
+            let (shared, pace) = (self.shared.clone(), running.pace.clone());
+            running.tasks.spawn(async move {
+                let began = Instant::now();
+                shared.handle(message).await;
+                pace.record(began.elapsed());
+                drop(permit);
+            });
+        }
+    }
+
+    /// Shutdown: no more pulls; in-flight handlers get `grace` to finish,
+    /// then the rest are interrupted (claims released, messages NAKed).
+    async fn drain(&self, tasks: TaskTracker, grace: Duration) {
         tasks.close();
         if timeout(grace, tasks.wait()).await.is_err() {
             self.shared.hard_stop.cancel();
             tasks.wait().await;
         }
-        result
     }
+}
+
+/// What a fetch loop runs its handlers with.
+struct Running {
+    permits: Arc<Semaphore>,
+    pace: Arc<Pace>,
+    tasks: TaskTracker,
+}
+
+/// The messages of one pull.
+type Batch = async_nats::jetstream::consumer::pull::Batch;
+
+/// What a pull came to.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "returned once per pull and consumed at once; boxing would allocate per pull"
+)]
+enum Pulled {
+    Batch(Batch),
+    /// It failed; the pause after it is over.
+    Paused,
+    Stop,
+    Gone,
+}
+
+/// What the loop does next.
+enum Flow {
+    Next,
+    Stop,
+    Gone,
 }
