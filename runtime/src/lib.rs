@@ -48,8 +48,10 @@
 //!   small rules they are built on.
 //! * [`permissions`] — permission violations named as such; [`trace`] —
 //!   trace context across the broker.
-//! * `Tx` (feature `postgres`) — the transaction a `dedup = transactional`
-//!   handler runs in.
+//! * `tx` (feature `postgres`) — `Tx`, the transaction a `dedup =
+//!   transactional` handler runs in.
+//! * `testing` (feature `testing`) — a server-free `Driver` for your
+//!   handlers, and real servers for integration tests.
 //!
 //! ## Features
 //!
