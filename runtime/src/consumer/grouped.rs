@@ -64,7 +64,13 @@ impl<H: Handler> Shared<H> {
             claim: claim.clone(),
         };
         let (attempt, ran) = self
-            .run_attempt(message, delivery, &mut held, Instant::now(), prepared.args)
+            .run_attempt(
+                Some(message),
+                delivery,
+                &mut held,
+                Instant::now(),
+                prepared.args,
+            )
             .await;
         // The group commits or rolls back the transaction: nothing of it
         // is this delivery's to end.

@@ -15,11 +15,11 @@ use tracing::{Instrument, Span, error, field, info_span, warn};
 
 use super::acks::{ack_recorded, deliveries, in_flight_delay, nak};
 use super::active::ActiveKey;
-use super::backend::{Backend, Completion, Held, discard};
-use super::shared::{HandlerPanicked, Ran, Shared, boxed, state_with};
+use super::backend::{Backend, Begun, Completion, Held, discard};
+use super::shared::{HandlerPanicked, Ran, Shared, Unprepared, boxed, state_with};
 use super::stats::{Latency, Outcome};
 use crate::claim::{ClaimOutcome, Transition};
-use crate::handler::{Handler, prepare};
+use crate::handler::{Handler, Prepared, prepare};
 use crate::key::RecordKey;
 use crate::{Delivery, Fence, HandlerError};
 
@@ -86,20 +86,39 @@ impl<H: Handler> Shared<H> {
         self.process_alone(message, delivery).await;
     }
 
-    /// One delivery in a transaction of its own, or no transaction at all.
-    pub(super) async fn process_alone(&self, message: &Message, delivery: &Delivery) {
-        let begun = match self.backend.begin(self.config.lease).await {
-            Ok(begun) => begun,
-            Err(e) => return self.store_unavailable(message, delivery, e).await,
-        };
-        let fence = self.takes_fence.then(Fence::unset);
-        let state = state_with(&self.state, &begun, fence.as_ref());
+    /// Begins what the level needs (a transaction for `transactional`) and
+    /// makes the arguments, key and fingerprint — the steps before a claim,
+    /// for a stream's delivery and a request alike. `fence` is handed to
+    /// extractors that take it.
+    pub(super) async fn begin_prepared(
+        &self,
+        delivery: &Delivery,
+        fence: Option<&Fence>,
+    ) -> Result<(Begun, Prepared<H::Args>), Unprepared> {
+        let begun = self
+            .backend
+            .begin(self.config.lease)
+            .await
+            .map_err(Unprepared::Store)?;
+        let state = state_with(&self.state, &begun, fence);
         let prepared = prepare(&self.handler, delivery, &state);
         drop(state);
-        let prepared = match prepared {
-            Ok(prepared) => prepared,
+        match prepared {
+            Ok(prepared) => Ok((begun, prepared)),
             Err(rejected) => {
                 discard(begun).await;
+                Err(Unprepared::Rejected(rejected))
+            }
+        }
+    }
+
+    /// One delivery in a transaction of its own, or no transaction at all.
+    pub(super) async fn process_alone(&self, message: &Message, delivery: &Delivery) {
+        let fence = self.takes_fence.then(Fence::unset);
+        let (begun, prepared) = match self.begin_prepared(delivery, fence.as_ref()).await {
+            Ok(ready) => ready,
+            Err(Unprepared::Store(e)) => return self.store_unavailable(message, delivery, e).await,
+            Err(Unprepared::Rejected(rejected)) => {
                 return Box::pin(self.rejected(message, delivery, rejected)).await;
             }
         };
@@ -107,7 +126,13 @@ impl<H: Handler> Shared<H> {
         if !self.backend.claims() {
             let mut held = Held::Nothing;
             let (attempt, ran) = self
-                .run_attempt(message, delivery, &mut held, Instant::now(), prepared.args)
+                .run_attempt(
+                    Some(message),
+                    delivery,
+                    &mut held,
+                    Instant::now(),
+                    prepared.args,
+                )
                 .await;
             return boxed(self.finish(message, delivery, held, attempt, ran)).await;
         }
@@ -162,7 +187,7 @@ impl<H: Handler> Shared<H> {
         }
         let mut held = Held::granted(claim, begun);
         let (attempt, ran) = self
-            .run_attempt(message, delivery, &mut held, asked, prepared.args)
+            .run_attempt(Some(message), delivery, &mut held, asked, prepared.args)
             .await;
         boxed(self.finish(message, delivery, held, attempt, ran)).await;
     }
@@ -171,7 +196,7 @@ impl<H: Handler> Shared<H> {
     /// run is (counted before it starts), and how it ended.
     pub(super) async fn run_attempt(
         &self,
-        message: &Message,
+        progress: Option<&Message>,
         delivery: &Delivery,
         held: &mut Held,
         asked: Instant,
@@ -180,7 +205,7 @@ impl<H: Handler> Shared<H> {
         let attempt = held.attempt(delivery);
         let began = Instant::now();
         let ran = self
-            .run(Some(message), held, asked, self.handler.call(args))
+            .run(progress, held, asked, self.handler.call(args))
             .await;
         self.counters.observe(Latency::Handler, began.elapsed());
         (attempt, ran)

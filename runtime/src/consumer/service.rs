@@ -25,11 +25,11 @@ use tracing::{Instrument, Span, field, info_span, warn};
 
 use super::RuntimeError;
 use super::backend::{Completion, Held, discard};
-use super::shared::{Ran, Shared, boxed, state_with};
+use super::shared::{Ran, Shared, Unprepared, boxed};
 use super::stats::{Latency, Outcome};
 use super::worker::Worker;
 use crate::claim::{Claim, ClaimOutcome};
-use crate::handler::{Handler, prepare};
+use crate::handler::Handler;
 use crate::key::RecordKey;
 use crate::reply::{KIND_HEADER, ReplyErrorKind};
 use crate::{Delivery, Fence};
@@ -195,17 +195,10 @@ impl<H: Handler> Shared<H> {
         let wait_until = Instant::now() + self.config.lease;
         let fence = self.takes_fence.then(Fence::unset);
         loop {
-            let begun = match self.backend.begin(self.config.lease).await {
-                Ok(begun) => begun,
-                Err(e) => return self.unavailable(e),
-            };
-            let state = state_with(&self.state, &begun, fence.as_ref());
-            let prepared = prepare(&self.handler, delivery, &state);
-            drop(state);
-            let prepared = match prepared {
-                Ok(prepared) => prepared,
-                Err(rejected) => {
-                    discard(begun).await;
+            let (begun, prepared) = match self.begin_prepared(delivery, fence.as_ref()).await {
+                Ok(ready) => ready,
+                Err(Unprepared::Store(e)) => return self.unavailable(e),
+                Err(Unprepared::Rejected(rejected)) => {
                     self.count(Outcome::Rejected);
                     return Reply::error(ReplyErrorKind::BadRequest, rejected);
                 }
@@ -214,7 +207,7 @@ impl<H: Handler> Shared<H> {
             if !self.backend.claims() {
                 let mut held = Held::Nothing;
                 let (_, ran) = self
-                    .run_request(delivery, &mut held, Instant::now(), prepared.args)
+                    .run_attempt(None, delivery, &mut held, Instant::now(), prepared.args)
                     .await;
                 return self.replied(held, ran).await;
             }
@@ -251,24 +244,10 @@ impl<H: Handler> Shared<H> {
             }
             let mut held = Held::granted(claim, begun);
             let (_, ran) = self
-                .run_request(delivery, &mut held, asked, prepared.args)
+                .run_attempt(None, delivery, &mut held, asked, prepared.args)
                 .await;
             return self.replied(held, ran).await;
         }
-    }
-
-    async fn run_request(
-        &self,
-        delivery: &Delivery,
-        held: &mut Held,
-        asked: Instant,
-        args: H::Args,
-    ) -> (u32, Ran<H::Output>) {
-        let attempt = held.attempt(delivery);
-        let began = Instant::now();
-        let ran = self.run(None, held, asked, self.handler.call(args)).await;
-        self.counters.observe(Latency::Handler, began.elapsed());
-        (attempt, ran)
     }
 
     /// The reply to a claim that may not run.

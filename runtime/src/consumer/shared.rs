@@ -56,6 +56,14 @@ pub(super) enum Ran<T> {
     LeaseLost(&'static str),
 }
 
+/// Why a delivery was not ready to claim.
+pub(super) enum Unprepared {
+    /// The store could not begin (fail closed: the handler does not run).
+    Store(crate::store::StoreError),
+    /// No arguments or no key: the delivery never reaches its handler.
+    Rejected(crate::handler::PrepareError),
+}
+
 /// A handler's panic, as the failure it is counted as.
 #[derive(Debug, thiserror::Error)]
 #[error("the handler panicked: {0}")]
