@@ -299,3 +299,65 @@ async fn provision_creates_the_shared_pieces_once_and_checks_them_after() {
         String::from_utf8_lossy(&refused.stderr)
     );
 }
+
+#[tokio::test]
+async fn a_transactional_key_is_shown_from_the_inbox_and_purged_when_old() {
+    use idem::store::{DedupStore, PgStore};
+    let db = idem::testing::TestDatabase::create()
+        .await
+        .expect("a PostgreSQL schema (DATABASE_URL)");
+    let inbox = PgStore::open(db.pool().clone(), db.schema(), Duration::from_secs(3600))
+        .await
+        .expect("inbox");
+    let key = idem::key::RecordKey::new(
+        &idem::key::HandlerName::new("apply_transfer").expect("name"),
+        &idem::key::IdempotencyKey::new("tr-1").expect("key"),
+    );
+    let idem::claim::ClaimOutcome::Claimed(claim) = inbox
+        .claim(&key, None, Duration::from_secs(30))
+        .await
+        .expect("claim")
+    else {
+        panic!("a fresh key is free");
+    };
+    inbox
+        .complete(&claim, Some("applied".into()))
+        .await
+        .expect("complete");
+    let pg = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_idem"))
+            .args(args)
+            .args(["--postgres", db.url(), "--schema", db.schema()])
+            .output()
+            .expect("run the idem binary")
+    };
+    let shown = json(&pg(&[
+        "keys",
+        "show",
+        "apply_transfer",
+        "tr-1",
+        "--transactional",
+        "--json",
+    ]));
+    assert_eq!(shown["state"], "done", "{shown}");
+    assert_eq!(shown["result"], "applied");
+    // Completed keys older than the retention go; this one is older than 1 ms
+    // once 1 ms has passed on the database's clock.
+    sleep(Duration::from_millis(5)).await;
+    let purged = json(&pg(&[
+        "inbox",
+        "purge",
+        "--older-than",
+        "1ms",
+        "--yes",
+        "--json",
+    ]));
+    assert_eq!(purged["rows"], 1, "{purged}");
+    let gone = pg(&["keys", "show", "apply_transfer", "tr-1", "--transactional"]);
+    assert_eq!(
+        gone.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&gone.stderr)
+    );
+}

@@ -292,6 +292,12 @@ impl Schedule {
         Self::exponential(Duration::from_millis(50), Duration::from_secs(3600))
     }
 
+    /// A confirmed ack that got no confirmation: 100 ms, then 200 ms,
+    /// three tries in all (a lost ack only costs a redelivery).
+    pub(crate) fn confirmed_ack() -> Self {
+        Self::exponential(Duration::from_millis(100), Duration::from_millis(400))
+    }
+
     /// The pause after the next failure.
     pub(crate) fn next(&mut self) -> Duration {
         self.attempt = self.attempt.saturating_add(1);

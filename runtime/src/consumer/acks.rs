@@ -39,17 +39,15 @@ pub(super) const MIN_NAK_DELAY: Duration = Duration::from_millis(20);
 /// A confirmed acknowledgement, retried briefly. Once completion is
 /// recorded a lost ack only costs a redelivery, answered as a duplicate.
 pub(super) async fn ack(message: &Message) {
-    for pause in [
-        Duration::from_millis(100),
-        Duration::from_millis(500),
-        Duration::ZERO,
-    ] {
+    const TRIES: u32 = 3;
+    let mut pauses = Schedule::confirmed_ack();
+    for tried in 1..=TRIES {
         match message.double_ack().await {
             Ok(()) => return,
-            Err(e) if pause.is_zero() => {
+            Err(e) if tried == TRIES => {
                 warn!(error = %e, "could not acknowledge; the redelivery will be a duplicate")
             }
-            Err(_) => tokio::time::sleep(pause).await,
+            Err(_) => tokio::time::sleep(pauses.next()).await,
         }
     }
 }
