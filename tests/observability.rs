@@ -22,6 +22,26 @@ async fn confirm_order(Json(id): Json<u64>) -> Result<(), HandlerError> {
     Ok(())
 }
 
+/// A runtime running `confirm_order` on a fresh ORDERS stream: the client,
+/// the runtime's stats, its task.
+async fn confirming(
+    server: &NatsServer,
+) -> (
+    async_nats::Client,
+    Stats,
+    tokio::task::JoinHandle<Result<(), idem::consumer::RuntimeError>>,
+) {
+    let client = orders_stream(server).await;
+    let runtime = Runtime::builder(client.clone())
+        .handler(confirm_order)
+        .shutdown_on(std::future::pending())
+        .build()
+        .await
+        .expect("runtime");
+    let stats = runtime.stats();
+    (client, stats, tokio::spawn(runtime.run()))
+}
+
 async fn orders_stream(server: &NatsServer) -> async_nats::Client {
     let client = server.connect().await.expect("connect");
     jetstream::new(client.clone())
@@ -63,15 +83,7 @@ async fn one_trace_spans_the_producer_and_the_handler_through_publisher_and_outb
     let _default = tracing::subscriber::set_default(subscriber);
 
     let server = NatsServer::start().await.expect("nats-server");
-    let client = orders_stream(&server).await;
-    let runtime = Runtime::builder(client.clone())
-        .handler(confirm_order)
-        .shutdown_on(std::future::pending())
-        .build()
-        .await
-        .expect("runtime");
-    let stats = runtime.stats();
-    let running = tokio::spawn(runtime.run());
+    let (client, stats, running) = confirming(&server).await;
 
     // Published directly, inside the producer's span.
     let publisher = Publisher::new(client.clone());
@@ -135,15 +147,7 @@ async fn each_step_s_latency_is_a_histogram_per_handler() {
         .expect("the only recorder of this test process");
 
     let server = NatsServer::start().await.expect("nats-server");
-    let client = orders_stream(&server).await;
-    let runtime = Runtime::builder(client.clone())
-        .handler(confirm_order)
-        .shutdown_on(std::future::pending())
-        .build()
-        .await
-        .expect("runtime");
-    let stats = runtime.stats();
-    let running = tokio::spawn(runtime.run());
+    let (client, stats, running) = confirming(&server).await;
     let publisher = Publisher::new(client);
     for id in 1..=3 {
         publisher
