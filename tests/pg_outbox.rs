@@ -8,7 +8,6 @@ use idem::outbox::PgOutbox;
 use idem::publisher::{Outgoing, Publisher, PublisherConfig};
 use idem::testing::{NatsServer, TestDatabase};
 use tokio::time::{Instant, sleep};
-use tokio_util::sync::CancellationToken;
 
 struct Setup {
     server: NatsServer,
@@ -103,13 +102,7 @@ async fn committed_messages_are_published_and_rolled_back_ones_never() {
     setup
         .enqueue((0..2).map(|i| format!("gone-{i}")), false)
         .await;
-    let stop = CancellationToken::new();
-    let relay = tokio::spawn(
-        setup
-            .outbox
-            .clone()
-            .relay(setup.publisher().await, stop.clone()),
-    );
+    let relay = setup.outbox.start_relay(setup.publisher().await);
     setup.until_stored(3, Duration::from_secs(10)).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while setup.outbox.pending().await.expect("pending") > 0 {
@@ -138,8 +131,7 @@ async fn committed_messages_are_published_and_rolled_back_ones_never() {
         started.elapsed() < Duration::from_secs(3),
         "woken by NOTIFY"
     );
-    stop.cancel();
-    relay.await.expect("relay");
+    relay.stop().await;
 }
 
 #[tokio::test]
@@ -151,30 +143,13 @@ async fn a_relay_killed_mid_batch_and_two_new_relays_publish_each_row_once() {
             .enqueue((0..500).map(|i| format!("t-{chunk}-{i}")), true)
             .await;
     }
-    let relay = tokio::spawn(
-        setup
-            .outbox
-            .clone()
-            .relay(setup.publisher().await, CancellationToken::new()),
-    );
+    let relay = setup.outbox.start_relay(setup.publisher().await);
     setup.until_stored(400, Duration::from_secs(20)).await;
-    relay.abort(); // killed mid-batch: its published rows are not deleted
-    let _ = relay.await;
+    relay.abort().await; // killed mid-batch: its published rows are not deleted
 
-    let stop = CancellationToken::new();
     let relays = [
-        tokio::spawn(
-            setup
-                .outbox
-                .clone()
-                .relay(setup.publisher().await, stop.clone()),
-        ),
-        tokio::spawn(
-            setup
-                .outbox
-                .clone()
-                .relay(setup.publisher().await, stop.clone()),
-        ),
+        setup.outbox.start_relay(setup.publisher().await),
+        setup.outbox.start_relay(setup.publisher().await),
     ];
     let deadline = Instant::now() + Duration::from_secs(30);
     while setup.outbox.pending().await.expect("pending") > 0 {
@@ -185,9 +160,8 @@ async fn a_relay_killed_mid_batch_and_two_new_relays_publish_each_row_once() {
         );
         sleep(Duration::from_millis(50)).await;
     }
-    stop.cancel();
     for relay in relays {
-        relay.await.expect("relay");
+        relay.stop().await;
     }
     assert_eq!(
         setup.stored().await,

@@ -125,12 +125,12 @@ impl Runtime {
         let stop = CancellationToken::new();
         // Relays stop after the workers: what the last handlers enqueued
         // still goes out.
-        let stop_relays = CancellationToken::new();
-        let mut relays = tokio::task::JoinSet::<()>::new();
         #[cfg(feature = "postgres")]
-        for (outbox, publisher) in self.relays {
-            relays.spawn(outbox.relay(publisher, stop_relays.clone()));
-        }
+        let relays: Vec<crate::outbox::Relay> = self
+            .relays
+            .into_iter()
+            .map(|(outbox, publisher)| outbox.start_relay(publisher))
+            .collect();
         let mut running = tokio::task::JoinSet::new();
         for worker in self.workers {
             let handler = worker.name().to_owned();
@@ -168,8 +168,10 @@ impl Runtime {
                 failure.get_or_insert(e);
             }
         }
-        stop_relays.cancel();
-        while relays.join_next().await.is_some() {}
+        #[cfg(feature = "postgres")]
+        for relay in relays {
+            relay.stop().await;
+        }
         failure.map_or(Ok(()), Err)
     }
 }

@@ -41,11 +41,12 @@ use redb::{
     TableDefinition,
 };
 use tokio::sync::Notify;
-use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::sync::CancellationToken;
 
 pub use error::OutboxError;
 #[cfg(feature = "postgres")]
 pub use pg::PgOutbox;
+pub use relay::Relay;
 
 use crate::clock::{Clock, SystemClock};
 use crate::publisher::{Outgoing, Publisher};
@@ -130,7 +131,7 @@ struct Inner {
 #[derive(Clone)]
 pub struct Outbox {
     inner: Arc<Inner>,
-    _relay: Arc<DropGuard>,
+    _relay: Arc<Relay>,
 }
 
 impl std::fmt::Debug for Outbox {
@@ -237,15 +238,16 @@ impl Outbox {
             batch: inner.config.batch,
             window: inner.config.window,
         };
-        tokio::spawn(relay::run(
-            FileStore(inner.clone()),
+        let store = FileStore(inner.clone());
+        let relay = Relay::spawn(
+            std::future::ready(store),
             inner.publisher.clone(),
             config,
-            stop.clone(),
-        ));
+            stop,
+        );
         Ok(Outbox {
             inner,
-            _relay: Arc::new(stop.drop_guard()),
+            _relay: Arc::new(relay),
         })
     }
 

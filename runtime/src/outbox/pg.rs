@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::OutboxError;
-use super::relay::{self, Batch, RelayConfig, RelayStore, Settled};
+use super::relay::{Batch, Relay, RelayConfig, RelayStore, Settled};
 use crate::publisher::{Outgoing, Publisher};
 use crate::store::{StoreError, StoreOp, migrated_schema};
 
@@ -41,7 +41,7 @@ const POLL: Duration = Duration::from_secs(5);
 /// tx.commit().await?;
 ///
 /// // Elsewhere (one or more): publish what was committed.
-/// tokio::spawn(outbox.relay(Publisher::new(client), tokio_util::sync::CancellationToken::new()));
+/// let relay = outbox.start_relay(Publisher::new(client));
 /// # Ok(()) }
 /// ```
 #[derive(Clone, Debug)]
@@ -113,34 +113,36 @@ impl PgOutbox {
         .map_err(self.failed(StoreOp::Read))
     }
 
-    /// Publishes committed messages until `stop`: batches locked with
+    /// Starts a relay: publishes committed messages — batches locked with
     /// `FOR UPDATE SKIP LOCKED`, each message resent until confirmed, rows
-    /// deleted on their PubAck (the loop both outboxes share). Started by
+    /// deleted on their PubAck — until the returned [`Relay`] is stopped or
+    /// dropped; the same loop and handle as the [`Outbox`](super::Outbox)'s.
+    /// Several relays (in this or other processes) may run at once.
     /// [`RuntimeBuilder::relay`](crate::consumer::RuntimeBuilder::relay)
-    /// with a runtime, or spawned on its own.
-    pub async fn relay(self, publisher: Publisher, stop: CancellationToken) {
-        let listener = match PgListener::connect_with(&self.pool).await {
-            Ok(mut listener) => match listener.listen(&self.channel).await {
-                Ok(()) => Some(listener),
+    /// starts one with a runtime.
+    pub fn start_relay(&self, publisher: Publisher) -> Relay {
+        let outbox = self.clone();
+        let store = async move {
+            let listener = match PgListener::connect_with(&outbox.pool).await {
+                Ok(mut listener) => match listener.listen(&outbox.channel).await {
+                    Ok(()) => Some(listener),
+                    Err(e) => {
+                        warn!(error = %e, "outbox relay: LISTEN failed; polling instead");
+                        None
+                    }
+                },
                 Err(e) => {
-                    warn!(error = %e, "outbox relay: LISTEN failed; polling instead");
+                    warn!(error = %e, "outbox relay: no listener connection; polling instead");
                     None
                 }
-            },
-            Err(e) => {
-                warn!(error = %e, "outbox relay: no listener connection; polling instead");
-                None
-            }
+            };
+            TableStore { outbox, listener }
         };
         let config = RelayConfig {
             batch: BATCH,
             window: 256,
         };
-        let store = TableStore {
-            outbox: self,
-            listener,
-        };
-        relay::run(store, publisher, config, stop).await;
+        Relay::spawn(store, publisher, config, CancellationToken::new())
     }
 
     fn failed(&self, op: StoreOp) -> impl FnOnce(sqlx::Error) -> OutboxError + '_ {

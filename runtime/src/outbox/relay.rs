@@ -72,8 +72,69 @@ pub(super) struct RelayConfig {
     pub(super) window: usize,
 }
 
+/// A running relay — the same handle for either outbox: it publishes until
+/// [`stop`](Relay::stop)ped (the batch in flight settled first) or dropped.
+///
+/// ```no_run
+/// # async fn demo(pool: sqlx::PgPool, client: async_nats::Client) -> Result<(), idem::outbox::OutboxError> {
+/// use idem::outbox::PgOutbox;
+/// use idem::publisher::Publisher;
+///
+/// let outbox = PgOutbox::open(pool, "idem").await?;
+/// let relay = outbox.start_relay(Publisher::new(client));
+/// // … until shutdown:
+/// relay.stop().await;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Relay {
+    stop: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Relay {
+    /// Starts the relay loop over `store` on its own task.
+    pub(super) fn spawn<S: RelayStore + 'static>(
+        store: impl Future<Output = S> + Send + 'static,
+        publisher: Publisher,
+        config: RelayConfig,
+        stop: CancellationToken,
+    ) -> Self {
+        let running = stop.clone();
+        let task = tokio::spawn(async move { run(store.await, publisher, config, running).await });
+        Self {
+            stop,
+            task: Some(task),
+        }
+    }
+
+    /// Stops publishing: the batch in flight is settled first.
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+
+    /// Stops at once, as a crash would: a batch in flight is neither
+    /// settled nor rolled forward (the next relay publishes it again, with
+    /// the same ids, and the broker drops the copies).
+    pub async fn abort(mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
 /// Publishes what `store` holds until `stop`.
-pub(super) async fn run<S: RelayStore>(
+async fn run<S: RelayStore>(
     mut store: S,
     publisher: Publisher,
     config: RelayConfig,
