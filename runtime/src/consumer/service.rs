@@ -18,7 +18,7 @@ use async_nats::HeaderMap;
 use async_nats::service::{Request, error::Error as ServiceError};
 use bytes::Bytes;
 use futures::StreamExt;
-use tokio::time::{Instant, sleep, timeout};
+use tokio::time::{Instant, sleep};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, Span, field, info_span, warn};
@@ -140,11 +140,7 @@ impl<H: Handler> ServiceWorker<H> {
         if let Err(e) = self.endpoint.stop().await {
             warn!(error = %e, "could not stop the endpoint's subscription");
         }
-        tasks.close();
-        if timeout(grace, tasks.wait()).await.is_err() {
-            self.shared.hard_stop.cancel();
-            tasks.wait().await;
-        }
+        self.shared.drain(tasks, grace).await;
         let _ = self.service.stop().await;
         status.running(false);
         Ok(())
@@ -297,9 +293,7 @@ impl<H: Handler> Shared<H> {
     }
 
     fn unavailable(&self, error: crate::store::StoreError) -> Reply {
-        warn!(error = %error, "dedup store unavailable: the handler was not run");
-        self.status.store_failed(&error);
-        self.count(Outcome::StoreUnavailable);
+        self.not_run_for(&error);
         Reply::error(
             ReplyErrorKind::StoreUnavailable,
             format!("dedup store unavailable, the handler did not run: {error}"),

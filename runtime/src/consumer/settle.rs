@@ -19,7 +19,9 @@ use super::acks::{
 use super::backend::Held;
 use super::dead_letter::{self, Reason};
 use super::shared::{HandlerPanicked, Ran, Shared};
-use super::stats::{Latency, Outcome};
+#[cfg(feature = "metrics")]
+use super::stats::Latency;
+use super::stats::Outcome;
 use crate::claim::ClaimOutcome;
 use crate::fingerprint::Fingerprint;
 use crate::handler::{DeadLetterReason, Handler, HandlerConfig, OnMissingKey, PrepareError};
@@ -120,10 +122,17 @@ impl<H: Handler> Shared<H> {
         delivery: &Delivery,
         error: StoreError,
     ) {
-        warn!(error = %error, "dedup store unavailable: the handler was not run");
-        self.status.store_failed(&error);
-        self.count(Outcome::StoreUnavailable);
+        self.not_run_for(&error);
         nak(message, store_backoff(deliveries(delivery))).await;
+    }
+
+    /// Logs, reports to the health probe and counts a run the store's
+    /// failure prevented — for a delivery (NAKed) and a request (replied)
+    /// alike.
+    pub(super) fn not_run_for(&self, error: &StoreError) {
+        warn!(error = %error, "dedup store unavailable: the handler was not run");
+        self.status.store_failed(error);
+        self.count(Outcome::StoreUnavailable);
     }
 
     /// Counts and acknowledges a success. With the completion recorded in
@@ -133,6 +142,9 @@ impl<H: Handler> Shared<H> {
     /// confirmed ack is what keeps a second run rare.
     pub(super) async fn succeeded(&self, message: &Message, recorded: bool) {
         self.count(Outcome::Processed);
+        // Parsing the ack subject for the publish time is only worth it
+        // when the histogram goes somewhere.
+        #[cfg(feature = "metrics")]
         if let Ok(info) = message.info()
             && let Ok(waited) = std::time::SystemTime::now().duration_since(info.published.into())
         {

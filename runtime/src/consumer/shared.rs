@@ -56,6 +56,24 @@ pub(super) enum Ran<T> {
     LeaseLost(&'static str),
 }
 
+impl<H> Shared<H> {
+    /// Shutdown: nothing new is started; the running handlers (`tasks`)
+    /// get `grace` to finish, then the rest are cut off (claims left as
+    /// each level says, messages NAKed, requests answered
+    /// `shutting_down`). For the fetch loop and the service endpoint alike.
+    pub(super) async fn drain(
+        &self,
+        tasks: tokio_util::task::TaskTracker,
+        grace: std::time::Duration,
+    ) {
+        tasks.close();
+        if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
+            self.hard_stop.cancel();
+            tasks.wait().await;
+        }
+    }
+}
+
 /// Why a delivery was not ready to claim.
 pub(super) enum Unprepared {
     /// The store could not begin (fail closed: the handler does not run).

@@ -223,7 +223,7 @@ impl<H: Handler> HandlerWorker<H> {
                 }
             }
         }
-        self.drain(running.tasks, grace).await;
+        self.shared.drain(running.tasks, grace).await;
         result
     }
 
@@ -319,16 +319,6 @@ impl<H: Handler> HandlerWorker<H> {
                 pace.record(began.elapsed());
                 drop(permit);
             });
-        }
-    }
-
-    /// Shutdown: no more pulls; in-flight handlers get `grace` to finish,
-    /// then the rest are interrupted (claims released, messages NAKed).
-    async fn drain(&self, tasks: TaskTracker, grace: Duration) {
-        tasks.close();
-        if timeout(grace, tasks.wait()).await.is_err() {
-            self.shared.hard_stop.cancel();
-            tasks.wait().await;
         }
     }
 }
