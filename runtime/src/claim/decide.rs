@@ -9,8 +9,8 @@ use crate::fingerprint::Fingerprint;
 /// What a claimer does about an existing record.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decision {
-    /// The claim was released after a retryable failure: take it with a CAS
-    /// update and run.
+    /// The claim was released after a retryable failure of this payload:
+    /// take it with a CAS update and run.
     Claim,
     /// The owner's lease ran out — the record stood unchanged for a full
     /// lease of the reader's own time: take it over with a CAS update and
@@ -21,8 +21,9 @@ pub enum Decision {
     },
     /// Done with the same payload: acknowledge without running.
     Duplicate,
-    /// Done, dead, or claimed and expired — with another payload under the
-    /// same key: never run; dead-letter with reason `key_conflict`.
+    /// Done, dead, released, or claimed (live or expired) — with another
+    /// payload under the same key: never run; dead-letter with reason
+    /// `key_conflict`.
     Conflict {
         /// The fingerprint the key was completed with.
         stored: Option<Fingerprint>,
@@ -79,6 +80,14 @@ pub fn decide(
     fingerprint: Option<&Fingerprint>,
 ) -> Decision {
     match record.state {
+        // The payload that claimed the key claims it again after its retry
+        // backoff; another payload reusing the key meanwhile does not take
+        // it (docs/design.md: the first payload to claim a key owns it).
+        ClaimState::Released if conflicts(record.fingerprint.as_ref(), fingerprint) => {
+            Decision::Conflict {
+                stored: record.fingerprint,
+            }
+        }
         ClaimState::Released => Decision::Claim,
         // An expired claim for another payload: its owner may have had its
         // effect, so that payload owns the key; taking it over would apply
@@ -90,6 +99,12 @@ pub fn decide(
                 }
             } else {
                 Decision::Reclaim { from: record.owner }
+            }
+        }
+        // A live claim of another payload: that payload owns the key.
+        ClaimState::Pending { .. } if conflicts(record.fingerprint.as_ref(), fingerprint) => {
+            Decision::Conflict {
+                stored: record.fingerprint,
             }
         }
         ClaimState::Pending { lease_until } => Decision::InFlight {
@@ -156,24 +171,36 @@ mod tests {
         let fingerprints = [(a, a), (a, b), (a, None), (None, a), (None, None)];
         for (stored, mine) in fingerprints {
             let conflict = stored.is_some() && mine.is_some() && stored != mine;
-            // Released: claim, whatever the payload (the last claimer's payload had no effect).
+            // Released: the payload that claimed it claims it again; another
+            // payload reusing the key is a conflict (the first to claim a
+            // key owns it, also during its retry backoff).
+            let expected = if conflict {
+                Decision::Conflict { stored }
+            } else {
+                Decision::Claim
+            };
             assert_eq!(
                 decide(
                     &record(ClaimState::Released, stored),
                     Duration::ZERO,
                     mine.as_ref()
                 ),
-                Decision::Claim
+                expected
             );
             // Pending, seen for less than its lease: in flight for the rest
-            // of it.
+            // of it; another payload is a conflict at once.
             let held = record(pending, stored);
-            assert_eq!(
-                decide(&held, Duration::from_millis(500), mine.as_ref()),
+            let expected = if conflict {
+                Decision::Conflict { stored }
+            } else {
                 Decision::InFlight {
                     owner: held.owner,
-                    retry_after: Duration::from_millis(1_000)
+                    retry_after: Duration::from_millis(1_000),
                 }
+            };
+            assert_eq!(
+                decide(&held, Duration::from_millis(500), mine.as_ref()),
+                expected
             );
             // Pending, seen unchanged for a whole lease: reclaim, unless the
             // payload differs (the old owner may have applied its own).

@@ -18,6 +18,7 @@
 //! of the worker that took over.
 
 mod decide;
+pub mod operator;
 mod record;
 
 use std::fmt;
