@@ -33,6 +33,9 @@ struct Transfer {
     /// within this many.
     #[serde(default)]
     swallow_times: u32,
+    /// A failed attempt asks to be retried no sooner than this.
+    #[serde(default)]
+    retry_after_ms: u64,
 }
 
 /// The test's schema, and how often each transfer was attempted.
@@ -101,9 +104,11 @@ async fn apply_transfer(
         )));
     }
     if attempt <= transfer.fail_times {
-        return Err(HandlerError::retryable(format!(
-            "transient failure {attempt}"
-        )));
+        let error = HandlerError::retryable(format!("transient failure {attempt}"));
+        return Err(match transfer.retry_after_ms {
+            0 => error,
+            ms => error.retry_after(Duration::from_millis(ms)),
+        });
     }
     Ok(())
 }
@@ -351,6 +356,7 @@ fn transfer(id: &str, amount: i64) -> Transfer {
         sleep_ms: 0,
         poison: false,
         swallow_times: 0,
+        retry_after_ms: 0,
     }
 }
 
@@ -412,6 +418,47 @@ async fn a_retryable_failure_rolls_back_effect_and_claim_together() {
         (750, 1250),
         "neither copy moved money"
     );
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_reused_key_arriving_during_the_first_payloads_backoff_is_a_key_conflict() {
+    let setup = Setup::new().await;
+    let worker = setup.worker(setup.db.pool().clone()).await;
+    // X fails once and asks for a long backoff: its row is `released`.
+    let first = Transfer {
+        fail_times: 1,
+        retry_after_ms: 1_500,
+        ..transfer("t-reuse", 100)
+    };
+    setup.publish(&first, "first").await;
+    let state = format!(
+        "SELECT state FROM \"{}\".idem_inbox WHERE key LIKE '%t-reuse'",
+        setup.ledger.schema
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let found: Option<String> = sqlx::query_scalar(&state)
+            .fetch_optional(setup.db.pool())
+            .await
+            .expect("read the inbox");
+        if found.as_deref() == Some("released") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "X's row not released: {found:?}");
+        sleep(Duration::from_millis(10)).await;
+    }
+    // Y reuses the key with another amount during X's backoff.
+    setup.publish(&transfer("t-reuse", 999), "reused").await;
+    setup.drained().await;
+    worker
+        .wait_for("both answered", |w| {
+            w.count(Outcome::Processed) + w.count(Outcome::DeadLettered) == 2
+        })
+        .await;
+    assert_eq!(worker.count(Outcome::KeyConflict), 1);
+    assert_eq!(setup.applied("t-reuse").await, 1);
+    assert_eq!(setup.balances().await, (900, 1100), "X's amount, not Y's");
     worker.stop().await;
 }
 

@@ -23,6 +23,17 @@ use super::{ClaimState, Owner, Snapshot};
 use crate::clock::UnixMillis;
 use crate::fingerprint::Fingerprint;
 
+/// The answer of an operator's compare-and-set write ([`forget`]'s delete,
+/// [`replay`]'s reopen).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Written {
+    /// Written at the revision the decision was made on.
+    Applied,
+    /// The record moved on (or vanished) since it was read: nothing was
+    /// written; read it again and decide again.
+    Moved,
+}
+
 /// What `idem keys forget` does about a record.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Forget {
@@ -101,7 +112,7 @@ pub enum LetterClaim {
 }
 
 /// What `idem dead replay` does about one letter, given its record.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum Replay {
     /// Republish the letter's payload; delete the letter once the broker
     /// confirmed the copy. (No record, or the letter's own payload is

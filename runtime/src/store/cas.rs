@@ -7,6 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::{DedupStore, StoreError};
+use crate::claim::operator::{REOPENED_ATTEMPTS, Written};
 use crate::claim::{
     Claim, ClaimOutcome, ClaimRecord, ClaimState, Decision, Owner, Snapshot, Transition, decide,
 };
@@ -101,8 +102,13 @@ pub trait RevisionedMap: Clone + Send + Sync + 'static {
         value: Bytes,
         revision: u64,
     ) -> impl Future<Output = Result<Write, StoreError>> + Send;
-    /// Removes `key`.
-    fn delete(&self, key: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Removes `key` if it is at `revision` (an operator's forget: a record
+    /// that moved since it was read is left alone).
+    fn delete_at(
+        &self,
+        key: &str,
+        revision: u64,
+    ) -> impl Future<Output = Result<Write, StoreError>> + Send;
     /// How long a record lives after its last write.
     fn retention(&self) -> Duration;
 }
@@ -393,8 +399,34 @@ impl<M: RevisionedMap> DedupStore for CasStore<M> {
         self.snapshot(key).await
     }
 
-    async fn forget(&self, key: &RecordKey) -> Result<(), StoreError> {
-        self.map.delete(key.as_str()).await
+    async fn forget(&self, key: &RecordKey, revision: u64) -> Result<Written, StoreError> {
+        Ok(match self.map.delete_at(key.as_str(), revision).await? {
+            Write::Written(_) => Written::Applied,
+            Write::Conflict => Written::Moved,
+        })
+    }
+
+    async fn reopen(&self, key: &RecordKey, dead: &Snapshot) -> Result<Written, StoreError> {
+        if dead.record.state != ClaimState::Dead {
+            return Ok(Written::Moved);
+        }
+        let reopened = ClaimRecord {
+            state: ClaimState::Released,
+            attempt: REOPENED_ATTEMPTS,
+            result: None,
+            updated_at: self.clock.now(),
+            ..dead.record.clone()
+        };
+        Ok(
+            match self
+                .map
+                .update(key.as_str(), reopened.encode(), dead.revision)
+                .await?
+            {
+                Write::Written(_) => Written::Applied,
+                Write::Conflict => Written::Moved,
+            },
+        )
     }
 }
 

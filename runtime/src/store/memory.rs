@@ -134,9 +134,16 @@ impl RevisionedMap for MemoryMap {
         )
     }
 
-    async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        self.with_entries(|entries, _| entries.slots.remove(key));
-        Ok(())
+    async fn delete_at(&self, key: &str, revision: u64) -> Result<Write, StoreError> {
+        Ok(
+            self.with_entries(|entries, now| match self.live(entries, key, now) {
+                Some(slot) if slot.revision == revision => {
+                    entries.slots.remove(key);
+                    Write::Written(revision)
+                }
+                _ => Write::Conflict,
+            }),
+        )
     }
 
     fn retention(&self) -> Duration {

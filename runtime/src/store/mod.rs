@@ -32,6 +32,7 @@ pub(crate) use pg::migrated_schema;
 #[cfg(feature = "postgres")]
 pub use pg::{MIGRATOR, PgMap, PgStore};
 
+use crate::claim::operator::Written;
 use crate::claim::{Claim, ClaimOutcome, Owner, Snapshot, Transition};
 use crate::fingerprint::Fingerprint;
 use crate::key::RecordKey;
@@ -109,7 +110,24 @@ pub trait DedupStore: Send + Sync + 'static {
         key: &RecordKey,
     ) -> impl Future<Output = Result<Option<Snapshot>, StoreError>> + Send;
 
-    /// Deletes the record of `key` (an operator's tool: the key can then be
-    /// processed again).
-    fn forget(&self, key: &RecordKey) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Deletes the record of `key` if it is still at `revision` (an
+    /// operator's tool, `idem keys forget`: the key can then be processed
+    /// again). Decide first with [`operator::forget`](crate::claim::operator::forget):
+    /// a pending key's owner may be running the handler.
+    fn forget(
+        &self,
+        key: &RecordKey,
+        revision: u64,
+    ) -> impl Future<Output = Result<Written, StoreError>> + Send;
+
+    /// Gives a `dead` record back to its own payload (`idem dead replay`):
+    /// a compare-and-set on `dead`'s revision to `released`, attempts
+    /// counted afresh. Only the payload it holds can claim it then; another
+    /// is still a key conflict. [`Written::Moved`] if the record is no
+    /// longer that dead record.
+    fn reopen(
+        &self,
+        key: &RecordKey,
+        dead: &Snapshot,
+    ) -> impl Future<Output = Result<Written, StoreError>> + Send;
 }

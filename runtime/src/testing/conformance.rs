@@ -20,6 +20,7 @@ use std::time::Duration;
 use futures::future::join_all;
 use tokio::time::{Instant, sleep};
 
+use crate::claim::operator::Written;
 use crate::claim::{ClaimOutcome, ClaimState, Owner, Transition};
 use crate::clock::ManualClock;
 use crate::fingerprint::Fingerprint;
@@ -244,12 +245,13 @@ macro_rules! conformance_tests {
             expired_claim_for_another_payload_is_a_key_conflict,
             racing_takeovers_have_exactly_one_winner,
             fenced_out_owner_cannot_write,
-            release_then_claim_again,
+            a_released_key_is_claimed_again_by_its_own_payload_only,
             dead_record_is_dead_for_its_payload_only,
             renewal_keeps_the_lease,
             a_renewed_claim_is_watched_afresh,
             transitions_survive_a_lost_answer,
             forget_makes_the_key_new,
+            a_reopened_dead_key_is_its_own_payloads_again,
             done_records_expire_after_the_retention,
             lease_must_be_shorter_than_the_retention,
         );
@@ -275,12 +277,13 @@ pub async fn run_all<F: Fixture>(f: &F) {
     expired_claim_for_another_payload_is_a_key_conflict(f).await;
     racing_takeovers_have_exactly_one_winner(f).await;
     fenced_out_owner_cannot_write(f).await;
-    release_then_claim_again(f).await;
+    a_released_key_is_claimed_again_by_its_own_payload_only(f).await;
     dead_record_is_dead_for_its_payload_only(f).await;
     renewal_keeps_the_lease(f).await;
     a_renewed_claim_is_watched_afresh(f).await;
     transitions_survive_a_lost_answer(f).await;
     forget_makes_the_key_new(f).await;
+    a_reopened_dead_key_is_its_own_payloads_again(f).await;
     done_records_expire_after_the_retention(f).await;
     lease_must_be_shorter_than_the_retention(f).await;
 }
@@ -426,10 +429,13 @@ pub async fn valid_lease_elsewhere_is_in_flight<F: Fixture>(f: &F) {
         a.claim(&key, payload_a(), f.lease()).await.expect("claim"),
         f.lease(),
     );
-    // Another payload under a held key waits too: only a done key conflicts.
-    expect_in_flight(
+    // Another payload under a held key is a conflict at once: the payload
+    // holding it owns the key (docs/design.md's table).
+    assert_eq!(
         b.claim(&key, payload_b(), f.lease()).await.expect("claim"),
-        f.lease(),
+        ClaimOutcome::KeyConflict {
+            stored: payload_a()
+        }
     );
     f.clock().advance(f.lease() / 2);
     expect_in_flight(
@@ -476,12 +482,12 @@ pub async fn expired_lease_is_reclaimed<F: Fixture>(f: &F) {
 /// An expired claim is not taken over for another payload: its owner may
 /// have applied its own, so the other payload is a key conflict (found by
 /// the fault suite's soak, where both payloads of a reused key were
-/// applied).
+/// applied) — as it is while the claim is live.
 pub async fn expired_claim_for_another_payload_is_a_key_conflict<F: Fixture>(f: &F) {
     let (a, b) = (f.store(Owner::random()), f.store(Owner::random()));
     let key = key("reclaim-other-payload");
     claimed(&a, &key, f.lease()).await;
-    first_look(&b, &key, payload_b(), f.lease()).await;
+    first_look(&b, &key, payload_a(), f.lease()).await;
     f.clock().advance(f.lease());
     match b.claim(&key, payload_b(), f.lease()).await.expect("claim") {
         ClaimOutcome::KeyConflict { stored } => assert_eq!(stored, payload_a()),
@@ -545,8 +551,11 @@ pub async fn fenced_out_owner_cannot_write<F: Fixture>(f: &F) {
     );
 }
 
-/// A released claim is free again at once, for anyone.
-pub async fn release_then_claim_again<F: Fixture>(f: &F) {
+/// A released claim is free again at once for its own payload — any
+/// worker may run it — but another payload reusing the key during the
+/// first one's retry backoff is a key conflict: the first payload to claim
+/// a key owns it.
+pub async fn a_released_key_is_claimed_again_by_its_own_payload_only<F: Fixture>(f: &F) {
     let (a, b) = (f.store(Owner::random()), f.store(Owner::random()));
     let key = key("release");
     let claim = claimed(&a, &key, f.lease()).await;
@@ -555,6 +564,13 @@ pub async fn release_then_claim_again<F: Fixture>(f: &F) {
         Transition::Applied
     );
     assert_eq!(record_state(&a, &key).await.0, ClaimState::Released);
+    assert_eq!(
+        b.claim(&key, payload_b(), f.lease()).await.expect("claim"),
+        ClaimOutcome::KeyConflict {
+            stored: payload_a()
+        },
+        "another payload took a released key"
+    );
     let again = claimed(&b, &key, f.lease()).await;
     assert_eq!((again.owner(), again.attempt()), (b.owner(), 2));
 }
@@ -664,20 +680,88 @@ pub async fn transitions_survive_a_lost_answer<F: Fixture>(f: &F) {
     assert_eq!(record_state(&a, &key).await.0, ClaimState::Done);
 }
 
-/// `forget` deletes the record; the key is then claimed afresh (on KV this is
-/// a create over a delete marker).
+/// `forget` deletes the record at the revision it was read at; the key is
+/// then claimed afresh (on KV this is a create over a delete marker). A
+/// record that moved since it was read is left alone.
 pub async fn forget_makes_the_key_new<F: Fixture>(f: &F) {
     let (a, b) = (f.store(Owner::random()), f.store(Owner::random()));
     let key = key("forget");
     let claim = claimed(&a, &key, f.lease()).await;
+    let read = revision_of(&a, &key).await;
     a.complete(&claim, None).await.expect("complete");
-    a.forget(&key).await.expect("forget");
+    assert_eq!(
+        a.forget(&key, read).await.expect("forget"),
+        Written::Moved,
+        "a forget decided on the pending record deleted the done one"
+    );
+    assert_eq!(record_state(&a, &key).await.0, ClaimState::Done);
+    let done = revision_of(&a, &key).await;
+    assert_eq!(
+        a.forget(&key, done).await.expect("forget"),
+        Written::Applied
+    );
     assert_eq!(a.inspect(&key).await.expect("inspect"), None);
     let again = claimed(&b, &key, f.lease()).await;
     assert_eq!(again.attempt(), 1);
     // And again, to exercise create-over-delete twice on one key.
-    b.forget(&key).await.expect("forget");
+    let pending = revision_of(&b, &key).await;
+    assert_eq!(
+        b.forget(&key, pending).await.expect("forget"),
+        Written::Applied
+    );
     claimed(&a, &key, f.lease()).await;
+}
+
+/// A replay reopens a dead record for its own payload: `released`, attempts
+/// counted afresh, claimable by that payload only; a reopen decided on a
+/// record that moved since changes nothing.
+pub async fn a_reopened_dead_key_is_its_own_payloads_again<F: Fixture>(f: &F) {
+    let (a, b) = (f.store(Owner::random()), f.store(Owner::random()));
+    let key = key("reopen");
+    let claim = claimed(&a, &key, f.lease()).await;
+    let pending = a
+        .inspect(&key)
+        .await
+        .expect("inspect")
+        .expect("a pending record");
+    assert_eq!(
+        a.reopen(&key, &pending).await.expect("reopen"),
+        Written::Moved,
+        "only a dead record is reopened"
+    );
+    a.mark_dead(&claim).await.expect("mark_dead");
+    let dead = a
+        .inspect(&key)
+        .await
+        .expect("inspect")
+        .expect("a dead record");
+    assert_eq!(
+        a.reopen(&key, &dead).await.expect("reopen"),
+        Written::Applied
+    );
+    assert_eq!(record_state(&a, &key).await.0, ClaimState::Released);
+    assert_eq!(
+        a.reopen(&key, &dead).await.expect("reopen"),
+        Written::Moved,
+        "a second reopen of the same dead record"
+    );
+    assert_eq!(
+        b.claim(&key, payload_b(), f.lease()).await.expect("claim"),
+        ClaimOutcome::KeyConflict {
+            stored: payload_a()
+        }
+    );
+    let again = claimed(&b, &key, f.lease()).await;
+    assert_eq!(again.attempt(), 1, "a fresh retry budget");
+}
+
+async fn revision_of<S: DedupStore>(store: &S, key: &RecordKey) -> u64 {
+    store
+        .inspect(key)
+        .await
+        .expect("inspect")
+        .expect("a record")
+        .revision
 }
 
 /// A done record older than the retention is gone and the key can be

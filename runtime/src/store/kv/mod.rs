@@ -380,10 +380,22 @@ impl RevisionedMap for KvBucket {
         self.write(StoreOp::Update, key, value, revision).await
     }
 
-    async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        self.bounded(StoreOp::Delete, self.store(key).delete(key))
+    /// A delete marker written only over `revision` (the server checks the
+    /// subject's last sequence).
+    async fn delete_at(&self, key: &str, revision: u64) -> Result<Write, StoreError> {
+        match self
+            .bounded(
+                StoreOp::Delete,
+                self.store(key).delete_expect_revision(key, Some(revision)),
+            )
             .await?
-            .map_err(|e| StoreError::unavailable(StoreOp::Delete, e))
+        {
+            Ok(()) => Ok(Write::Written(revision)),
+            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision || is_cas_conflict(&e) => {
+                Ok(Write::Conflict)
+            }
+            Err(e) => Err(StoreError::unavailable(StoreOp::Delete, e)),
+        }
     }
 
     fn retention(&self) -> Duration {

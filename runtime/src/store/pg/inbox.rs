@@ -252,8 +252,10 @@ impl TxInbox {
         let conflict =
             matches!((stored, fingerprint), (Some(stored), Some(mine)) if stored != mine);
         // A `pending` row is a payload whose dead letter is not stored yet:
-        // it keeps the key (see `keep`); a `released` one had no effect.
-        let free = state == "released" || (state == "pending" && !conflict);
+        // it keeps the key (see `keep`); a `released` one had no effect, and
+        // is its own payload's to retry — another payload reusing the key
+        // during the backoff is a conflict (the first to claim a key owns it).
+        let free = !conflict && (state == "released" || state == "pending");
         if expired || free {
             let row = sqlx::query(&format!(
                 "UPDATE {} SET state = 'done', owner = $3, lease_until = NULL, \

@@ -400,18 +400,23 @@ impl RevisionedMap for PgMap {
         )
     }
 
-    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+    async fn delete_at(&self, key: &str, revision: u64) -> Result<Write, StoreError> {
         let (handler, rest) = key_columns(key);
-        sqlx::query(&format!(
-            "DELETE FROM {} WHERE handler = $1 AND key = $2",
+        let deleted = sqlx::query(&format!(
+            "DELETE FROM {} WHERE handler = $1 AND key = $2 AND revision = $3",
             self.table
         ))
         .bind(handler)
         .bind(rest)
+        .bind(i64::try_from(revision).unwrap_or(i64::MAX))
         .execute(&self.pool)
         .await
         .map_err(|e| StoreError::unavailable(StoreOp::Delete, e))?;
-        Ok(())
+        Ok(if deleted.rows_affected() == 1 {
+            Write::Written(revision)
+        } else {
+            Write::Conflict
+        })
     }
 
     fn retention(&self) -> Duration {
