@@ -50,6 +50,34 @@ impl fmt::Display for Fingerprint {
     }
 }
 
+/// Text that is not a fingerprint (32 lowercase hex digits).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a fingerprint (32 hex digits): {0:?}")]
+pub struct ParseFingerprintError(String);
+
+impl std::str::FromStr for Fingerprint {
+    type Err = ParseFingerprintError;
+
+    /// Reads what [`Display`](fmt::Display) writes.
+    ///
+    /// ```
+    /// use idem::fingerprint::Fingerprint;
+    ///
+    /// let f = Fingerprint::of(b"abc");
+    /// assert_eq!(f.to_string().parse::<Fingerprint>(), Ok(f));
+    /// assert!("abc".parse::<Fingerprint>().is_err());
+    /// ```
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bytes = data_encoding::HEXLOWER_PERMISSIVE
+            .decode(text.as_bytes())
+            .map_err(|_| ParseFingerprintError(text.to_owned()))?;
+        let bytes: [u8; 16] = bytes
+            .try_into()
+            .map_err(|_| ParseFingerprintError(text.to_owned()))?;
+        Ok(Self(bytes))
+    }
+}
+
 impl fmt::Debug for Fingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Fingerprint({self})")

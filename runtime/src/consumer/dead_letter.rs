@@ -32,6 +32,28 @@ pub mod headers {
     pub const KEY: &str = "Idem-Key";
     /// Where that record is: `kv:<bucket>` or `postgres:<schema>`.
     pub const STORE: &str = "Idem-Store";
+    /// The fingerprint of the payload that held the record (hex), when the
+    /// handler keeps fingerprints: what a replay compares with the record
+    /// before it deletes a letter as applied.
+    pub const FINGERPRINT: &str = "Idem-Fingerprint";
+    /// Every header of idem's own starts with this. Headers a producer
+    /// sent under it are removed before a dead letter is stored: only idem
+    /// writes them, so they can steer an operator's replay.
+    pub const PREFIX: &str = "Idem-";
+
+    /// Whether a header name is in idem's namespace (`Idem-…`, any case:
+    /// header names are case-insensitive on the wire).
+    ///
+    /// ```
+    /// use idem::consumer::headers::is_idems;
+    ///
+    /// assert!(is_idems("Idem-Key") && is_idems("idem-store"));
+    /// assert!(!is_idems("Idempotency-Key"));
+    /// ```
+    pub fn is_idems(name: &str) -> bool {
+        name.get(..PREFIX.len())
+            .is_some_and(|prefix| prefix.eq_ignore_ascii_case(PREFIX))
+    }
 }
 
 /// The claim record a dead letter's message held, for its headers.
@@ -40,6 +62,8 @@ pub(crate) struct Record<'a> {
     pub(crate) key: &'a crate::key::RecordKey,
     /// [`headers::STORE`]'s value.
     pub(crate) store: String,
+    /// The fingerprint of the payload that held it.
+    pub(crate) fingerprint: Option<crate::fingerprint::Fingerprint>,
 }
 
 /// Why a message is dead-lettered, with the error for `Idem-Error`.
@@ -61,21 +85,16 @@ pub(crate) async fn publish(
     attempts: u32,
     record: Option<Record<'_>>,
 ) -> Result<(), BoxError> {
-    let mut out = HeaderMap::new();
-    for (name, values) in delivery.headers().iter() {
-        if AsRef::<str>::as_ref(name) == crate::MSG_ID_HEADER {
-            continue;
-        }
-        for value in values {
-            out.append(name.clone(), value.clone());
-        }
-    }
+    let mut out = original_headers(delivery.headers());
     if let Some(id) = delivery.message_id() {
         out.insert(headers::MESSAGE_ID, id);
     }
     if let Some(record) = record {
         out.insert(headers::KEY, record.key.as_str());
         out.insert(headers::STORE, record.store.as_str());
+        if let Some(fingerprint) = record.fingerprint {
+            out.insert(headers::FINGERPRINT, fingerprint.to_string().as_str());
+        }
     }
     out.insert(headers::HANDLER, config.name.as_str());
     out.insert(headers::REASON, reason.code.as_str());
@@ -100,6 +119,24 @@ pub(crate) async fn publish(
     Ok(())
 }
 
+/// The original's headers a dead letter keeps: all but its message id (the
+/// letter has its own) and any header in idem's namespace — a producer's
+/// `Idem-Key` or `Idem-Store` would otherwise point an operator's replay
+/// at another message's record.
+fn original_headers(original: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for (name, values) in original.iter() {
+        let name_str: &str = name.as_ref();
+        if name_str == crate::MSG_ID_HEADER || headers::is_idems(name_str) {
+            continue;
+        }
+        for value in values {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
 /// Header values are one line: control characters become spaces, and very
 /// long texts are cut (the payload is kept whole).
 fn one_line(text: &str) -> String {
@@ -116,7 +153,23 @@ fn one_line(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::one_line;
+    use super::*;
+
+    #[test]
+    fn a_producers_idem_headers_are_not_kept_in_a_dead_letter() {
+        let mut original = HeaderMap::new();
+        original.insert("Idem-Key", "victim.k.order-1");
+        original.insert("idem-store", "kv:idem_claims");
+        original.insert("IDEM-Fingerprint", "00");
+        original.insert(crate::MSG_ID_HEADER, "m-1");
+        original.insert("Traceparent", "00-abc-def-01");
+        original.insert("Idempotency-Key", "order-1");
+        let kept = original_headers(&original);
+        let names: Vec<String> = kept.iter().map(|(n, _)| n.to_string()).collect();
+        assert_eq!(kept.iter().count(), 2, "{names:?}");
+        assert!(kept.get("Traceparent").is_some());
+        assert!(kept.get("Idempotency-Key").is_some(), "not idem's: kept");
+    }
 
     #[test]
     fn error_texts_become_one_bounded_line() {

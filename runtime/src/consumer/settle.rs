@@ -304,6 +304,7 @@ impl<H: Handler> Shared<H> {
             .map(|(claim, store)| dead_letter::Record {
                 key: &claim.key,
                 store,
+                fingerprint: claim.fingerprint,
             });
         if let Err(e) =
             dead_letter::publish(&self.js, &self.config, delivery, reason, attempts, record).await
