@@ -573,7 +573,8 @@ async fn a_duplicate_arriving_while_its_original_runs_waits_and_is_answered_as_a
 }
 
 #[tokio::test]
-async fn a_duplicate_of_a_key_this_process_completed_is_answered_from_memory() {
+async fn forgetting_a_completed_key_makes_its_next_delivery_run_again_on_the_worker_that_completed_it()
+ {
     let setup = Setup::new().await;
     let running = setup.start(|b| b.handler(kv_handler)).await;
     setup
@@ -582,32 +583,92 @@ async fn a_duplicate_of_a_key_this_process_completed_is_answered_from_memory() {
     running
         .until_counted("kv_handler", &[Outcome::Processed], 1)
         .await;
-    // With the record gone from the store, only this process's memory can
-    // still say the key is done.
+    // An operator forgets the key (`idem keys forget`): the next delivery
+    // runs the handler again — also on the worker that completed it, which
+    // must not answer from a memory of its own.
     let key = record_key("kv_handler", "o-mem");
-    setup.claims().await.forget(&key).await.expect("forget");
+    let claims = setup.claims().await;
+    let snapshot = claims
+        .inspect(&key)
+        .await
+        .expect("read")
+        .expect("a done record");
+    assert_eq!(
+        claims
+            .forget(&key, snapshot.revision)
+            .await
+            .expect("forget"),
+        idem::claim::operator::Written::Applied
+    );
     setup
         .publish("orders.kv", &order("o-mem"), Some("second"), None)
         .await;
     running
-        .until_counted("kv_handler", &[Outcome::Duplicate], 1)
+        .until_counted("kv_handler", &[Outcome::Processed, Outcome::Duplicate], 2)
         .await;
-    assert_eq!(setup.effects.runs("o-mem").len(), 1);
+    assert_eq!(running.count("kv_handler", Outcome::Duplicate), 0);
+    assert_eq!(setup.effects.runs("o-mem").len(), 2, "ran again");
     running.stop().await;
+}
 
-    // A process that remembers nothing asks the store, which no longer has
-    // the key: the effect runs again (what `recent_completions(0)` is for).
-    let forgetful = setup
-        .start(|b| b.handler_with(kv_handler, |c| c.recent_completions(0)))
+#[tokio::test]
+async fn a_reused_key_arriving_during_the_first_payloads_backoff_is_a_key_conflict() {
+    let setup = Setup::new().await;
+    let running = setup.start(|b| b.handler(kv_handler)).await;
+    // X fails once and asks for a long backoff: its key is released.
+    let first = Order {
+        fail_times: 1,
+        retry_after_ms: 1_500,
+        ..order("r-1")
+    };
+    setup.publish("orders.kv", &first, None, None).await;
+    let key = record_key("kv_handler", "r-1");
+    let claims = setup.claims().await;
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let state = claims
+            .inspect(&key)
+            .await
+            .expect("read")
+            .map(|s| s.record.state);
+        if state == Some(ClaimState::Released) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "X's key not released: {state:?}");
+        sleep(Duration::from_millis(10)).await;
+    }
+    // Y reuses the key with another payload during X's backoff.
+    let reused = Order {
+        sleep_ms: 1,
+        ..order("r-1")
+    };
+    setup.publish("orders.kv", &reused, None, None).await;
+    running
+        .until_counted(
+            "kv_handler",
+            &[Outcome::Processed, Outcome::DeadLettered],
+            2,
+        )
         .await;
-    setup
-        .publish("orders.kv", &order("o-mem"), Some("third"), None)
-        .await;
-    forgetful
-        .until_counted("kv_handler", &[Outcome::Processed], 1)
-        .await;
-    assert_eq!(setup.effects.runs("o-mem").len(), 2);
-    forgetful.stop().await;
+    assert_eq!(running.count("kv_handler", Outcome::KeyConflict), 1);
+    assert_eq!(setup.effects.runs("r-1").len(), 1, "one payload applied");
+    // The payload applied is X's: Y is the one dead-lettered.
+    let dead = setup
+        .js
+        .get_stream(DEAD_LETTER_STREAM)
+        .await
+        .expect("dead-letter stream");
+    let letter = dead.get_raw_message(1).await.expect("one dead letter");
+    assert_eq!(
+        letter.headers.get(headers::REASON).map(|v| v.to_string()),
+        Some("key_conflict".to_owned())
+    );
+    let payload: Order = serde_json::from_slice(&letter.payload).expect("an order");
+    assert_eq!(payload.sleep_ms, 1, "Y, not X, was dead-lettered");
+    let record = claims.inspect(&key).await.expect("read").expect("record");
+    assert_eq!(record.record.state, ClaimState::Done);
+    assert_eq!(record.record.attempt, 2, "X's own attempts, nobody else's");
+    running.stop().await;
 }
 
 #[tokio::test]

@@ -31,7 +31,6 @@ mod health;
 mod pace;
 mod pipeline;
 mod provision;
-mod recent;
 mod registration;
 mod service;
 mod settle;

@@ -13,7 +13,7 @@ use futures::FutureExt;
 use tokio::time::{Instant, MissedTickBehavior, interval_at, sleep, timeout_at};
 use tracing::{Instrument, Span, error, field, info_span, warn};
 
-use super::acks::{ack_recorded, deliveries, in_flight_delay, nak};
+use super::acks::{deliveries, in_flight_delay, nak};
 use super::active::ActiveKey;
 use super::backend::{Backend, Begun, Completion, Held, discard};
 use super::shared::{HandlerPanicked, Ran, Shared, Unprepared, boxed, state_with};
@@ -149,10 +149,6 @@ impl<H: Handler> Shared<H> {
                 )
                 .await;
             };
-            if !self.config.on_duplicate && self.recent.is_done(&key, prepared.fingerprint) {
-                self.count(Outcome::Duplicate);
-                return ack_recorded(message).await;
-            }
             _working = Some(working);
         }
         let asked = Instant::now();
@@ -327,16 +323,12 @@ impl<H: Handler> Shared<H> {
                 return Box::pin(self.failed(message, delivery, error, attempt, held)).await;
             }
         };
-        let Some(claim) = held.claim() else {
+        if held.claim().is_none() {
             return self.succeeded(message, false).await;
-        };
+        }
         let stored = self.stored_result(&output);
-        let sent = Instant::now();
         match self.record_completion(Some(message), &held, stored).await {
             Some(Completion::Recorded) => {
-                if let Held::Kv(_) = held {
-                    self.recent.remember(&claim.key, claim.fingerprint, sent);
-                }
                 self.succeeded(message, true).await;
             }
             Some(Completion::LeaseLost(lost)) => {

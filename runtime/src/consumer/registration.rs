@@ -12,7 +12,6 @@ use tracing::info;
 
 use super::backend::Backend;
 use super::faults::Faults;
-use super::recent::Recent;
 use super::shared::Shared;
 use super::stats::Stats;
 use super::worker::{HandlerWorker, Worker};
@@ -80,7 +79,6 @@ impl<H: Handler> Registration for Registered<H> {
                 info!(handler = %config.name, stream = %config.stream, consumer = %config.consumer, dedup = ?config.dedup, "handler ready");
             }
             // The claim bucket keeps records for the handler's retention.
-            let recent = Recent::new(config.recent_completions, config.retention);
             #[cfg(feature = "postgres")]
             let groups = match &backend {
                 Backend::Transactional(inbox) => super::group::Groups::for_handler(inbox, &config),
@@ -92,7 +90,6 @@ impl<H: Handler> Registration for Registered<H> {
                 groups,
                 status,
                 handler,
-                recent,
                 name,
                 counters: ctx.stats.counters(&config.name),
                 config,

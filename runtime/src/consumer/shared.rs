@@ -11,7 +11,6 @@ use tokio_util::sync::CancellationToken;
 use super::active::ActiveKeys;
 use super::backend::{Backend, Begun};
 use super::faults::Faults;
-use super::recent::Recent;
 use super::stats::Counters;
 use crate::extract::StateMap;
 use crate::handler::HandlerConfig;
@@ -33,8 +32,6 @@ pub(crate) struct Shared<H> {
     pub(crate) hard_stop: CancellationToken,
     /// Keys this process is working on right now.
     pub(crate) active: ActiveKeys,
-    /// Keys this process completed recently (`dedup = kv`).
-    pub(crate) recent: Recent,
     /// Whether the handler takes the claim's [`Fence`].
     pub(crate) takes_fence: bool,
     /// What the worker reports to the runtime's health probe.

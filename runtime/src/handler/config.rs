@@ -220,10 +220,6 @@ pub struct HandlerConfig {
     /// [`on_duplicate`](crate::Handler::on_duplicate) with the stored
     /// result (the attribute's `on_duplicate = …`).
     pub on_duplicate: bool,
-    /// How many keys this process completed are remembered in memory, so
-    /// that their duplicates are answered without asking the store
-    /// (default: 16,384; 0 turns it off). `dedup = kv` only.
-    pub recent_completions: usize,
     /// Where a newly created consumer starts (default: none chosen — a new
     /// consumer on a stream holding messages is refused).
     pub start: Option<StartAt>,
@@ -258,7 +254,6 @@ impl HandlerConfig {
             fingerprint: FingerprintSource::default(),
             store_result: false,
             on_duplicate: false,
-            recent_completions: 16_384,
             start: None,
             batch: 32,
             linger: Duration::from_millis(2),
@@ -459,28 +454,6 @@ impl HandlerConfig {
         self.on_duplicate = hook;
         self
     }
-
-    /// How many completed keys this process remembers, to answer their
-    /// duplicates without a round trip to the store; 0 turns it off.
-    ///
-    /// Only completions the store confirmed are remembered, each no longer
-    /// than the record lives (`retention`); a different payload under a
-    /// remembered key still goes to the store and is dead-lettered as a
-    /// `key_conflict`. Turn it off if operators delete records by hand to
-    /// make a key run again: this process would keep answering its
-    /// duplicates until the entry is evicted.
-    ///
-    /// ```
-    /// use idem::handler::HandlerConfig;
-    ///
-    /// let config = HandlerConfig::new("issue_card", "PAYMENTS").recent_completions(100_000);
-    /// assert_eq!(config.recent_completions, 100_000);
-    /// ```
-    pub fn recent_completions(mut self, capacity: usize) -> Self {
-        self.recent_completions = capacity;
-        self
-    }
-
     /// Checks the configuration; the runtime refuses to start a handler whose
     /// configuration is invalid. (`#[idempotent]` checks literals at compile
     /// time already; this catches values computed at run time.)
