@@ -1,15 +1,29 @@
 //! `idem dead`: the dead-letter stream, read by its `Idem-*` headers —
 //! listed, shown, and replayed after a fix.
 //!
-//! A replay, per dead letter: clears its key's `dead` record (so the
-//! handler runs again; a key already `done` is left, and the letter counts
-//! as applied), republishes the original payload and headers to the
-//! original subject with a message id derived from the letter (a repeated
-//! replay inside the duplicate window is dropped by the broker), waits for
-//! the broker's confirmation, then deletes the letter. Replaying twice
-//! therefore applies nothing twice: the letter is gone, or its key is done,
-//! or the broker drops the copy, or the handler's claim answers it as a
-//! duplicate.
+//! A replay, per dead letter, does what [`idem::claim::operator::replay`]
+//! decides about the record under the letter's key (the key and the
+//! payload's fingerprint idem wrote into the letter; a producer's own
+//! `Idem-*` headers never reach a letter):
+//!
+//! * the letter's own payload is `dead`: the record is *reopened* (a
+//!   compare-and-set to `released` on the revision read, attempts counted
+//!   afresh — only this payload can claim it, never another reusing the
+//!   key), then the payload is republished;
+//! * no record, or the payload's own record released or running: it is
+//!   republished (the handler's claim answers a copy too many);
+//! * its own payload is `done`: the letter is deleted, nothing published;
+//! * another payload's record, or a done record whose payload cannot be
+//!   told: the letter is kept and reported (`conflict`, `unknown`).
+//!
+//! A republished copy carries a message id unique to the letter (its
+//! stream, sequence and the time it was stored), so a second replay of the
+//! same letter — after a crash, or by a second operator at the same time —
+//! is dropped by the broker's duplicate window or answered by the claim;
+//! the letter is deleted only after the broker confirmed the copy, and a
+//! letter another replay deleted first is reported, not failed on. No
+//! letter is deleted unless its payload is applied or confirmed
+//! republished.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, SystemTime};
@@ -20,7 +34,8 @@ use async_nats::jetstream::{self, stream::Stream};
 use bytes::Bytes;
 use clap::Subcommand;
 use futures::StreamExt;
-use idem::claim::ClaimState;
+use idem::claim::Snapshot;
+use idem::claim::operator::{self, LetterClaim, Replay, Written};
 use idem::consumer::headers;
 use idem::handler::DeadLetterReason;
 use idem::key::RecordKey;
@@ -132,6 +147,8 @@ pub struct Letter {
     pub record_key: Option<String>,
     /// Where that record is (`kv:<bucket>`, `postgres:<schema>`).
     pub store: Option<String>,
+    /// The fingerprint of the payload that held the record.
+    pub fingerprint: Option<String>,
     #[serde(skip)]
     pub headers: HeaderMap,
     #[serde(skip)]
@@ -155,6 +172,7 @@ impl Letter {
             original_message_id: get(headers::MESSAGE_ID),
             record_key: get(headers::KEY),
             store: get(headers::STORE),
+            fingerprint: get(headers::FINGERPRINT),
             headers,
             payload,
         }
@@ -166,7 +184,7 @@ impl Letter {
             .iter()
             .filter(|(name, _)| {
                 let name: &str = name.as_ref();
-                !name.starts_with("Idem-") && name != idem::MSG_ID_HEADER
+                !headers::is_idems(name) && name != idem::MSG_ID_HEADER
             })
             .flat_map(|(name, values)| {
                 let name: &str = name.as_ref();
@@ -280,16 +298,16 @@ pub async fn run(
                 return Ok(());
             }
             crate::confirm(&format!("Replay {} dead letter(s)?", letters.len()), yes).await?;
-            let mut replay = Replay::new(connection, js.clone(), stream);
+            let mut replay = Replayer::new(connection, js.clone(), stream);
             let bar = out.progress(letters.len() as u64, "replaying");
             let mut report = Vec::with_capacity(letters.len());
             for letter in &letters {
-                let done = replay.one(letter).await?;
+                let outcome = replay.one(letter).await?;
                 report.push(Replayed {
                     sequence: letter.sequence,
                     handler: letter.handler.clone(),
                     subject: letter.subject.clone(),
-                    outcome: done,
+                    outcome: outcome.as_str(),
                 });
                 bar.inc(1);
             }
@@ -416,12 +434,67 @@ struct Replayed {
     sequence: u64,
     handler: String,
     subject: String,
-    /// `republished`, or `already_done` (its key completed meanwhile).
+    /// What the replay did: [`Outcome`]'s names.
     outcome: &'static str,
 }
 
+/// What replaying one letter came to.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum Outcome {
+    /// As decided: republished (letter deleted), already done (letter
+    /// deleted), or kept (`conflict`, `unknown`).
+    Decided(Replay),
+    /// Republished, and another replay deleted the letter first.
+    ReplayedElsewhere,
+    /// The record kept moving under the replay (workers busy with the key):
+    /// the letter is kept; replay it again later.
+    Busy,
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Decided(replay) => replay.as_str(),
+            Outcome::ReplayedElsewhere => "replayed_elsewhere",
+            Outcome::Busy => "busy",
+        }
+    }
+}
+
+/// Where a letter's record is, as its `Idem-Store` header names it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Location {
+    /// A claim bucket.
+    Kv(String),
+    /// A PostgreSQL inbox's schema.
+    Postgres(String),
+}
+
+impl Location {
+    fn parse(text: &str) -> Option<Self> {
+        match text.split_once(':')? {
+            ("kv", bucket) if !bucket.is_empty() => Some(Location::Kv(bucket.to_owned())),
+            ("postgres", schema) if !schema.is_empty() => {
+                Some(Location::Postgres(schema.to_owned()))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A letter's claim, as idem wrote it into the letter.
+struct Claimed {
+    key: RecordKey,
+    location: Location,
+    letter: LetterClaim,
+}
+
+/// How many times a replay reads and decides again when the record moved
+/// under its compare-and-set.
+const ROUNDS: usize = 4;
+
 /// Replays letters, keeping the stores it opened.
-struct Replay<'a> {
+struct Replayer<'a> {
     connection: &'a Connection,
     js: jetstream::Context,
     stream: Stream,
@@ -430,7 +503,7 @@ struct Replay<'a> {
     inboxes: HashMap<String, PgStore>,
 }
 
-impl<'a> Replay<'a> {
+impl<'a> Replayer<'a> {
     fn new(connection: &'a Connection, js: jetstream::Context, stream: Stream) -> Self {
         Self {
             connection,
@@ -442,68 +515,102 @@ impl<'a> Replay<'a> {
         }
     }
 
-    async fn one(&mut self, letter: &Letter) -> Result<&'static str, CliError> {
-        let outcome = match self.clear_dead_record(letter).await? {
-            Cleared::AlreadyDone => "already_done",
-            Cleared::Ready => {
-                let mut outgoing = Outgoing::new(letter.subject.clone(), letter.payload.clone())
-                    .with_id(format!(
-                        "idem-replay-{}-{}",
-                        self.stream.cached_info().config.name,
-                        letter.sequence
-                    ));
-                for (name, value) in letter.original_headers() {
-                    outgoing = outgoing.header(&name, &value);
+    async fn one(&mut self, letter: &Letter) -> Result<Outcome, CliError> {
+        let claimed = claimed(letter)?;
+        let mut decided = None;
+        for _ in 0..ROUNDS {
+            let decision = match &claimed {
+                None => operator::replay(LetterClaim::None, None),
+                Some(claimed) => {
+                    let snapshot = self.inspect(claimed).await?;
+                    let decision = operator::replay(claimed.letter, snapshot.as_ref());
+                    if let (Replay::Reopen { .. }, Some(dead)) = (&decision, &snapshot)
+                        && self.reopen(claimed, dead).await? == Written::Moved
+                    {
+                        // A worker (or another replay) moved the record
+                        // since it was read: read it again.
+                        continue;
+                    }
+                    decision
                 }
-                self.publisher
-                    .send(outgoing)
-                    .await
-                    .map_err(|source| CliError::Replay {
-                        sequence: letter.sequence,
-                        source,
-                    })?;
-                "republished"
-            }
+            };
+            decided = Some(decision);
+            break;
+        }
+        let Some(decision) = decided else {
+            return Ok(Outcome::Busy);
         };
-        // Confirmed (or already applied): the letter has done its work.
-        self.stream
-            .delete_message(letter.sequence)
-            .await
-            .map_err(|e| {
-                CliError::jetstream(format!("delete dead letter {}", letter.sequence))(e.into())
-            })?;
-        Ok(outcome)
+        match decision {
+            Replay::Republish | Replay::Reopen { .. } => self.republish(letter).await?,
+            Replay::AlreadyDone => {}
+            Replay::Conflict { .. } | Replay::Unknown => return Ok(Outcome::Decided(decision)),
+        }
+        // Confirmed (or applied already): the letter has done its work.
+        match self.stream.delete_message(letter.sequence).await {
+            Ok(_) => Ok(Outcome::Decided(decision)),
+            Err(e) if self.gone(letter.sequence).await => {
+                // Another replay deleted it between our read and our delete.
+                let _ = e;
+                Ok(Outcome::ReplayedElsewhere)
+            }
+            Err(e) => Err(CliError::jetstream(format!(
+                "delete dead letter {}",
+                letter.sequence
+            ))(e.into())),
+        }
     }
 
-    /// Makes the letter's key runnable again: a `dead` record is deleted.
-    async fn clear_dead_record(&mut self, letter: &Letter) -> Result<Cleared, CliError> {
-        let (Some(key), Some(store)) = (&letter.record_key, &letter.store) else {
-            return Ok(Cleared::Ready);
-        };
-        let key = RecordKey::parse(key)
-            .map_err(|e| CliError::Invalid(format!("dead letter {}: {e}", letter.sequence)))?;
-        let snapshot = match store.split_once(':') {
-            Some(("kv", bucket)) => self.bucket(bucket).await?.inspect(&key).await?,
-            Some(("postgres", schema)) => self.inbox(schema).await?.inspect(&key).await?,
-            _ => {
-                return Err(CliError::Invalid(format!(
-                    "dead letter {}: unknown store {store:?}",
-                    letter.sequence
-                )));
-            }
-        };
-        match snapshot.map(|s| s.record.state) {
-            Some(ClaimState::Done) => Ok(Cleared::AlreadyDone),
-            Some(ClaimState::Dead) => {
-                match store.split_once(':') {
-                    Some(("kv", bucket)) => self.bucket(bucket).await?.forget(&key).await?,
-                    Some((_, schema)) => self.inbox(schema).await?.forget(&key).await?,
-                    None => {}
-                }
-                Ok(Cleared::Ready)
-            }
-            _ => Ok(Cleared::Ready),
+    /// Whether the letter at `sequence` is no longer in the stream (the
+    /// server says "no message found"; any other answer: not known gone).
+    async fn gone(&self, sequence: u64) -> bool {
+        use async_nats::jetstream::stream::LastRawMessageErrorKind;
+        match self.stream.get_raw_message(sequence).await {
+            Ok(_) => false,
+            Err(e) => e.kind() == LastRawMessageErrorKind::NoMessageFound,
         }
+    }
+
+    /// Publishes the letter's original payload and headers to its subject
+    /// and waits for the broker's confirmation.
+    async fn republish(&self, letter: &Letter) -> Result<(), CliError> {
+        let mut outgoing =
+            Outgoing::new(letter.subject.clone(), letter.payload.clone()).with_id(replay_id(
+                &self.stream.cached_info().config.name,
+                letter.sequence,
+                letter.at,
+            ));
+        for (name, value) in letter.original_headers() {
+            outgoing = outgoing.header(&name, &value);
+        }
+        self.publisher
+            .send(outgoing)
+            .await
+            .map_err(|source| CliError::Replay {
+                sequence: letter.sequence,
+                source,
+            })?;
+        Ok(())
+    }
+
+    async fn inspect(&mut self, claimed: &Claimed) -> Result<Option<Snapshot>, CliError> {
+        Ok(match &claimed.location {
+            Location::Kv(bucket) => self.bucket(bucket).await?.inspect(&claimed.key).await?,
+            Location::Postgres(schema) => self.inbox(schema).await?.inspect(&claimed.key).await?,
+        })
+    }
+
+    async fn reopen(&mut self, claimed: &Claimed, dead: &Snapshot) -> Result<Written, CliError> {
+        Ok(match &claimed.location {
+            Location::Kv(bucket) => {
+                self.bucket(bucket)
+                    .await?
+                    .reopen(&claimed.key, dead)
+                    .await?
+            }
+            Location::Postgres(schema) => {
+                self.inbox(schema).await?.reopen(&claimed.key, dead).await?
+            }
+        })
     }
 
     async fn bucket(&mut self, bucket: &str) -> Result<&KvStore, CliError> {
@@ -527,7 +634,70 @@ impl<'a> Replay<'a> {
     }
 }
 
-enum Cleared {
-    Ready,
-    AlreadyDone,
+/// The claim a letter names, if it held one.
+fn claimed(letter: &Letter) -> Result<Option<Claimed>, CliError> {
+    let (Some(key), Some(store)) = (&letter.record_key, &letter.store) else {
+        return Ok(None);
+    };
+    let key = RecordKey::parse(key)
+        .map_err(|e| CliError::Invalid(format!("dead letter {}: {e}", letter.sequence)))?;
+    let location = Location::parse(store).ok_or_else(|| {
+        CliError::Invalid(format!(
+            "dead letter {}: unknown store {store:?} (kv:<bucket> or postgres:<schema>)",
+            letter.sequence
+        ))
+    })?;
+    // A fingerprint that does not read is no fingerprint: a done record is
+    // then `unknown` and the letter kept.
+    let fingerprint = letter.fingerprint.as_deref().and_then(|f| f.parse().ok());
+    Ok(Some(Claimed {
+        key,
+        location,
+        letter: LetterClaim::Held(fingerprint),
+    }))
+}
+
+/// The message id of a letter's republished copy: unique to the letter
+/// (the dead-letter stream's name, the letter's sequence and the time it
+/// was stored), so a recreated dead-letter stream's letter 1 is not taken
+/// for an earlier stream's letter 1 inside the duplicate window.
+fn replay_id(stream: &str, sequence: u64, stored: SystemTime) -> String {
+    let nanos = stored
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("idem-replay-{stream}-{sequence}-{nanos}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stores_are_read_by_kind() {
+        assert_eq!(
+            Location::parse("kv:idem_claims"),
+            Some(Location::Kv("idem_claims".into()))
+        );
+        assert_eq!(
+            Location::parse("postgres:idem"),
+            Some(Location::Postgres("idem".into()))
+        );
+        for bad in ["kv:", "redis:x", "idem_claims", ""] {
+            assert_eq!(Location::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn replay_ids_differ_for_a_recreated_stream_s_letter_of_the_same_sequence() {
+        let first = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let later = first + Duration::from_millis(1);
+        assert_ne!(
+            replay_id("IDEM_DEAD", 1, first),
+            replay_id("IDEM_DEAD", 1, later)
+        );
+        assert_eq!(
+            replay_id("IDEM_DEAD", 1, first),
+            replay_id("IDEM_DEAD", 1, first)
+        );
+    }
 }

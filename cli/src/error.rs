@@ -52,6 +52,13 @@ pub enum CliError {
     /// The operator did not confirm.
     #[error("not confirmed; nothing changed")]
     NotConfirmed,
+    /// Refused: carried out, the command could break idem's promise (the
+    /// message says how, and which flag overrides it).
+    #[error("{0}")]
+    Refused(String),
+    /// The record changed between the read and the write: nothing changed.
+    #[error("{0}")]
+    Moved(String),
     /// The terminal could not be read or written.
     #[error("terminal: {0}")]
     Terminal(#[source] std::io::Error),
@@ -72,6 +79,7 @@ impl CliError {
         match self {
             CliError::NotFound(_) => 3,
             CliError::NotConfirmed => 4,
+            CliError::Refused(_) => 5,
             CliError::Invalid(_) => 2,
             _ => 1,
         }

@@ -2,6 +2,7 @@
 //! runs again.
 
 use clap::Subcommand;
+use idem::claim::operator::{self, Forget, Written};
 use idem::claim::{ClaimState, Snapshot};
 use idem::key::{HandlerName, IdempotencyKey, RecordKey};
 use idem::store::DedupStore;
@@ -16,13 +17,19 @@ pub enum KeysCommand {
     /// State, owner, lease, attempts, fingerprint, stored result, times.
     Show(KeyArgs),
     /// Deletes the record: the next delivery of the key runs the handler
-    /// again. Asks first.
+    /// again, on every worker. Asks first; refuses a key a worker holds
+    /// (pending) unless forced.
     Forget {
         #[command(flatten)]
         key: KeyArgs,
         /// Do not ask.
         #[arg(long)]
         yes: bool,
+        /// Forget a pending key too: its owner may be running the handler
+        /// right now, and another worker would run it again (its effect can
+        /// happen twice, and nobody counts it).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -142,29 +149,68 @@ pub async fn run(
             });
             Ok(())
         }
-        KeysCommand::Forget { key: args, yes } => {
-            let key = args.record_key()?;
-            let question = format!(
-                "Forget key {:?} of handler `{}`? Its next delivery runs the handler again.",
-                args.key, args.handler
-            );
-            crate::confirm(&question, yes).await?;
+        KeysCommand::Forget {
+            key: args,
+            yes,
+            force,
+        } => {
             if args.transactional {
-                connection
-                    .inbox(&connection.schema)
-                    .await?
-                    .forget(&key)
-                    .await?;
+                let inbox = connection.inbox(&connection.schema).await?;
+                forget(&inbox, &args, yes, force, out).await
             } else {
                 let js = connection.jetstream().await?;
-                connection
-                    .bucket(&js, &connection.bucket)
-                    .await?
-                    .forget(&key)
-                    .await?;
+                let bucket = connection.bucket(&js, &connection.bucket).await?;
+                forget(&bucket, &args, yes, force, out).await
             }
+        }
+    }
+}
+
+/// Forgets a key as [`operator::forget`] decides, by a delete at the
+/// revision it read: a record that moved meanwhile is left alone.
+async fn forget<S: DedupStore>(
+    store: &S,
+    args: &KeyArgs,
+    yes: bool,
+    force: bool,
+    out: &Output,
+) -> Result<(), CliError> {
+    let key = args.record_key()?;
+    let snapshot = store.inspect(&key).await?;
+    let revision = match operator::forget(snapshot.as_ref(), force) {
+        Forget::Absent => {
+            return Err(CliError::NotFound(format!(
+                "no record of key {:?} for handler `{}`",
+                args.key, args.handler
+            )));
+        }
+        Forget::Refused { owner, lease_until } => {
+            return Err(CliError::Refused(format!(
+                "key {:?} of handler `{}` is pending: worker {owner} holds it (lease until {} on its clock) \
+                 and may be running the handler now. Forgetting it lets another worker run the handler \
+                 again while it may still run: the effect can happen twice, and nobody counts it. \
+                 Wait until it is done, released or dead (idem keys show), or pass --force.",
+                args.key,
+                args.handler,
+                output::millis(lease_until.0)
+            )));
+        }
+        Forget::Delete { revision } => revision,
+    };
+    let question = format!(
+        "Forget key {:?} of handler `{}`? Its next delivery runs the handler again.",
+        args.key, args.handler
+    );
+    crate::confirm(&question, yes).await?;
+    match store.forget(&key, revision).await? {
+        Written::Applied => {
             out.note(&format!("forgot {}", key.as_str()));
             Ok(())
         }
+        Written::Moved => Err(CliError::Moved(format!(
+            "the record of key {:?} changed while it was being forgotten (a worker claimed or \
+             completed it): nothing was deleted; look again with idem keys show",
+            args.key
+        ))),
     }
 }

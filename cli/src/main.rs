@@ -6,7 +6,8 @@
 //! (`DATABASE_URL`, `IDEM_SCHEMA`) — from flags or the environment.
 //!
 //! Exit codes: 0 done; 1 failed (the message says why); 2 bad usage; 3 not
-//! found; 4 not confirmed.
+//! found; 4 not confirmed; 5 refused (it would risk an effect twice or a
+//! message lost: the message says why, and which flag overrides it).
 
 mod connect;
 mod dead;

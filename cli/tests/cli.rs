@@ -18,6 +18,17 @@ use tokio::time::{Instant, sleep};
 #[derive(Serialize, Deserialize)]
 struct Order {
     id: String,
+    /// Tells two payloads under one key apart.
+    #[serde(default)]
+    note: String,
+}
+
+fn order(id: &str, note: &str) -> Vec<u8> {
+    serde_json::to_vec(&Order {
+        id: id.into(),
+        note: note.into(),
+    })
+    .expect("json")
 }
 
 /// Whether the handler is still broken, and what it did per key.
@@ -113,17 +124,11 @@ async fn dead_letters_replayed_after_a_fix_apply_once_and_a_second_replay_applie
     let stats = runtime.stats();
     let running = tokio::spawn(runtime.run());
     for i in 0..N {
-        let order = Order {
-            id: format!("o-{i}"),
-        };
-        js.publish(
-            "orders.created",
-            serde_json::to_vec(&order).expect("json").into(),
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("PubAck");
+        js.publish("orders.created", order(&format!("o-{i}"), "").into())
+            .await
+            .expect("publish")
+            .await
+            .expect("PubAck");
     }
     until("every order dead-lettered", || {
         stats.handler("ship_order").get(Outcome::DeadLettered) == N as u64
@@ -360,4 +365,253 @@ async fn a_transactional_key_is_shown_from_the_inbox_and_purged_when_old() {
         "{}",
         String::from_utf8_lossy(&gone.stderr)
     );
+}
+
+/// A server, the ORDERS stream and a running `ship_order` runtime (broken
+/// until the world says otherwise).
+struct Shop {
+    server: NatsServer,
+    js: jetstream::Context,
+    world: World,
+    stats: idem::consumer::Stats,
+    running: tokio::task::JoinHandle<Result<(), idem::consumer::RuntimeError>>,
+}
+
+impl Shop {
+    async fn open() -> Self {
+        let server = NatsServer::start().await.expect("nats-server");
+        let client = server.connect().await.expect("connect");
+        let js = jetstream::new(client.clone());
+        js.create_stream(stream::Config {
+            name: "ORDERS".into(),
+            subjects: vec!["orders.>".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("stream");
+        let world = World::default();
+        world.broken.store(true, Ordering::SeqCst);
+        let runtime = Runtime::builder(client)
+            .state(world.clone())
+            .handler(ship_order)
+            .shutdown_on(std::future::pending())
+            .build()
+            .await
+            .expect("runtime");
+        let stats = runtime.stats();
+        let running = tokio::spawn(runtime.run());
+        Self {
+            server,
+            js,
+            world,
+            stats,
+            running,
+        }
+    }
+
+    async fn publish(&self, payload: Vec<u8>, headers: &[(&str, &str)]) {
+        let mut map = async_nats::HeaderMap::new();
+        for (name, value) in headers {
+            map.insert(*name, *value);
+        }
+        self.js
+            .publish_with_headers("orders.created", map, payload.into())
+            .await
+            .expect("publish")
+            .await
+            .expect("PubAck");
+    }
+
+    fn count(&self, outcome: Outcome) -> u64 {
+        self.stats.handler("ship_order").get(outcome)
+    }
+
+    async fn until_counted(&self, outcome: Outcome, n: u64) {
+        until(&format!("{outcome:?} counted {n} times"), || {
+            self.count(outcome) == n
+        })
+        .await;
+    }
+
+    fn idem(&self, args: &[&str]) -> Output {
+        idem(&self.server, args)
+    }
+
+    fn letters(&self) -> Vec<serde_json::Value> {
+        json(&self.idem(&["dead", "list", "--json"]))
+            .as_array()
+            .cloned()
+            .expect("a list")
+    }
+
+    fn effects_of(&self, id: &str) -> u32 {
+        self.world.effects().get(id).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for Shop {
+    fn drop(&mut self) {
+        self.running.abort();
+    }
+}
+
+#[tokio::test]
+async fn a_letter_whose_key_another_payload_completed_after_a_forget_is_kept_not_deleted() {
+    let shop = Shop::open().await;
+    // X is dead-lettered; an operator forgets its key; Y reuses the key
+    // and completes.
+    shop.publish(order("o-1", "x"), &[]).await;
+    shop.until_counted(Outcome::DeadLettered, 1).await;
+    let forgot = shop.idem(&["keys", "forget", "ship_order", "o-1", "--yes"]);
+    assert!(forgot.status.success(), "{forgot:?}");
+    shop.world.broken.store(false, Ordering::SeqCst);
+    shop.publish(order("o-1", "y"), &[]).await;
+    shop.until_counted(Outcome::Processed, 1).await;
+    assert_eq!(shop.effects_of("o-1"), 1);
+
+    // Replaying X must not take Y's completion for X's.
+    let replayed = json(&shop.idem(&["dead", "replay", "--yes", "--json"]));
+    assert_eq!(replayed[0]["outcome"], "conflict", "{replayed}");
+    assert_eq!(shop.letters().len(), 1, "X's letter is kept");
+    assert_eq!(shop.effects_of("o-1"), 1, "and X was not applied");
+}
+
+#[tokio::test]
+async fn a_producers_idem_headers_never_steer_a_replay() {
+    let shop = Shop::open().await;
+    // A victim's payload is dead-lettered: its key is dead.
+    shop.publish(order("v-1", "victim"), &[]).await;
+    shop.until_counted(Outcome::DeadLettered, 1).await;
+    // A producer sends undecodable bytes naming the victim's record.
+    let victim = idem::key::RecordKey::new(
+        &idem::key::HandlerName::new("ship_order").expect("name"),
+        &idem::key::IdempotencyKey::new("v-1").expect("key"),
+    );
+    shop.publish(
+        b"not an order".to_vec(),
+        &[
+            ("Idem-Key", victim.as_str()),
+            ("Idem-Store", "kv:idem_claims"),
+            ("Idem-Fingerprint", "00000000000000000000000000000000"),
+        ],
+    )
+    .await;
+    shop.until_counted(Outcome::DeadLettered, 2).await;
+    let letters = shop.letters();
+    let forged = letters
+        .iter()
+        .find(|l| l["reason"] == "decode")
+        .unwrap_or_else(|| panic!("a decode letter in {letters:?}"));
+    assert!(forged["record_key"].is_null(), "{forged}");
+    assert!(forged["store"].is_null(), "{forged}");
+    // Replaying the forged letter leaves the victim's record alone.
+    let replayed = json(&shop.idem(&["dead", "replay", "--reason", "decode", "--yes", "--json"]));
+    assert_eq!(replayed[0]["outcome"], "republished", "{replayed}");
+    let shown = json(&shop.idem(&["keys", "show", "ship_order", "v-1", "--json"]));
+    assert_eq!(shown["state"], "dead", "{shown}");
+}
+
+#[tokio::test]
+async fn forgetting_a_pending_key_is_refused_unless_forced() {
+    let shop = Shop::open().await;
+    let store = idem::store::KvStore::open(&shop.js, idem::store::KvStoreConfig::default())
+        .await
+        .expect("bucket");
+    let key = idem::key::RecordKey::new(
+        &idem::key::HandlerName::new("ship_order").expect("name"),
+        &idem::key::IdempotencyKey::new("p-1").expect("key"),
+    );
+    let claimed = idem::store::DedupStore::claim(&store, &key, None, Duration::from_secs(30))
+        .await
+        .expect("claim");
+    assert!(matches!(claimed, idem::claim::ClaimOutcome::Claimed(_)));
+    let refused = shop.idem(&["keys", "forget", "ship_order", "p-1", "--yes"]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(5), "{stderr}");
+    assert!(
+        stderr.contains("--force") && stderr.contains("twice"),
+        "{stderr}"
+    );
+    let shown = json(&shop.idem(&["keys", "show", "ship_order", "p-1", "--json"]));
+    assert_eq!(shown["state"], "pending");
+    let forced = shop.idem(&["keys", "forget", "ship_order", "p-1", "--yes", "--force"]);
+    assert!(forced.status.success(), "{forced:?}");
+    let gone = shop.idem(&["keys", "show", "ship_order", "p-1"]);
+    assert_eq!(gone.status.code(), Some(3));
+}
+
+#[tokio::test]
+async fn two_replays_at_once_apply_each_letter_once_and_both_succeed() {
+    const N: usize = 30;
+    let shop = Shop::open().await;
+    for i in 0..N {
+        shop.publish(order(&format!("c-{i}"), ""), &[]).await;
+    }
+    shop.until_counted(Outcome::DeadLettered, N as u64).await;
+    shop.world.broken.store(false, Ordering::SeqCst);
+    let replay = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_idem"))
+            .args(["dead", "replay", "--yes", "--json"])
+            .args(["--server", &shop.server.client_url()])
+            .env_remove("DATABASE_URL")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run the idem binary")
+    };
+    let (a, b) = (replay(), replay());
+    let (a, b) = (
+        a.wait_with_output().expect("replay a"),
+        b.wait_with_output().expect("replay b"),
+    );
+    for (name, output) in [("a", &a), ("b", &b)] {
+        assert!(
+            output.status.success(),
+            "replay {name} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    shop.until_counted(Outcome::Processed, N as u64).await;
+    until("every letter applied", || shop.world.effects().len() == N).await;
+    assert!(
+        shop.world.effects().values().all(|&runs| runs == 1),
+        "{:?}",
+        shop.world.effects()
+    );
+    assert_eq!(shop.letters().len(), 0);
+}
+
+#[tokio::test]
+async fn a_letter_of_a_recreated_dead_letter_stream_is_replayed_not_dropped_as_a_duplicate() {
+    let shop = Shop::open().await;
+    shop.publish(order("r-1", ""), &[]).await;
+    shop.until_counted(Outcome::DeadLettered, 1).await;
+    shop.world.broken.store(false, Ordering::SeqCst);
+    let first = json(&shop.idem(&["dead", "replay", "--yes", "--json"]));
+    assert_eq!(first[0]["outcome"], "republished", "{first}");
+    shop.until_counted(Outcome::Processed, 1).await;
+    // The dead-letter stream is recreated: its next letter is number 1
+    // again, within ORDERS' duplicate window.
+    let config = shop
+        .js
+        .get_stream(idem::consumer::DEAD_LETTER_STREAM)
+        .await
+        .expect("dead-letter stream")
+        .cached_info()
+        .config
+        .clone();
+    shop.js
+        .delete_stream(idem::consumer::DEAD_LETTER_STREAM)
+        .await
+        .expect("delete");
+    shop.js.create_stream(config).await.expect("recreate");
+    shop.world.broken.store(true, Ordering::SeqCst);
+    shop.publish(order("r-2", ""), &[]).await;
+    shop.until_counted(Outcome::DeadLettered, 2).await;
+    assert_eq!(shop.letters()[0]["sequence"], 1);
+    shop.world.broken.store(false, Ordering::SeqCst);
+    let second = json(&shop.idem(&["dead", "replay", "--yes", "--json"]));
+    assert_eq!(second[0]["outcome"], "republished", "{second}");
+    shop.until_counted(Outcome::Processed, 2).await;
+    assert_eq!(shop.effects_of("r-2"), 1, "the second letter was applied");
 }
