@@ -615,3 +615,68 @@ async fn a_letter_of_a_recreated_dead_letter_stream_is_replayed_not_dropped_as_a
     shop.until_counted(Outcome::Processed, 2).await;
     assert_eq!(shop.effects_of("r-2"), 1, "the second letter was applied");
 }
+
+#[tokio::test]
+async fn an_inbox_row_older_than_seven_days_is_seen_and_kept_for_its_handlers_retention() {
+    use idem::store::{DedupStore, PgStore};
+    const DAY: Duration = Duration::from_secs(86_400);
+    let db = idem::testing::TestDatabase::create()
+        .await
+        .expect("a PostgreSQL schema (DATABASE_URL)");
+    // A transactional handler that keeps its keys for 30 days.
+    let inbox = PgStore::open(db.pool().clone(), db.schema(), 30 * DAY)
+        .await
+        .expect("inbox");
+    PgStore::register_retention(db.pool(), db.schema(), "apply_transfer", 30 * DAY)
+        .await
+        .expect("register");
+    let key = idem::key::RecordKey::new(
+        &idem::key::HandlerName::new("apply_transfer").expect("name"),
+        &idem::key::IdempotencyKey::new("tr-old").expect("key"),
+    );
+    let idem::claim::ClaimOutcome::Claimed(claim) = inbox
+        .claim(&key, None, Duration::from_secs(30))
+        .await
+        .expect("claim")
+    else {
+        panic!("a fresh key is free");
+    };
+    inbox.mark_dead(&claim).await.expect("mark dead");
+    // Eight days pass.
+    sqlx::query(&format!(
+        "UPDATE \"{}\".idem_inbox SET updated_at = updated_at - $1",
+        db.schema()
+    ))
+    .bind(i64::try_from((8 * DAY).as_millis()).expect("ms"))
+    .execute(db.pool())
+    .await
+    .expect("age the row");
+    let pg = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_idem"))
+            .args(args)
+            .args(["--postgres", db.url(), "--schema", db.schema()])
+            .output()
+            .expect("run the idem binary")
+    };
+    let show = [
+        "keys",
+        "show",
+        "apply_transfer",
+        "tr-old",
+        "--transactional",
+        "--json",
+    ];
+    // The CLI sees the row as the handler does.
+    assert_eq!(json(&pg(&show))["state"], "dead");
+    // A purge by each handler's retention keeps it; a shorter age is refused.
+    let purged = json(&pg(&["inbox", "purge", "--yes", "--json"]));
+    assert_eq!(purged["rows"], 0, "{purged}");
+    let refused = pg(&["inbox", "purge", "--older-than", "7d", "--yes"]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(5), "{stderr}");
+    assert!(
+        stderr.contains("apply_transfer") && stderr.contains("--force"),
+        "{stderr}"
+    );
+    assert_eq!(json(&pg(&show))["state"], "dead", "still there");
+}

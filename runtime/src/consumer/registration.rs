@@ -188,12 +188,22 @@ pub(super) async fn provision_handler(
                     handler: config.name.clone(),
                 });
             };
+            let store_error = |source| RuntimeError::Store {
+                handler: config.name.clone(),
+                source,
+            };
             let inbox = crate::store::TxInbox::open(pool.clone(), schema)
                 .await
-                .map_err(|source| RuntimeError::Store {
-                    handler: config.name.clone(),
-                    source,
-                })?;
+                .map_err(store_error)?;
+            // What the operator's `idem inbox purge` must not undercut.
+            crate::store::PgStore::register_retention(
+                pool,
+                schema,
+                config.name.as_str(),
+                config.retention,
+            )
+            .await
+            .map_err(store_error)?;
             Backend::Transactional(inbox)
         }
         #[cfg(not(feature = "postgres"))]

@@ -101,6 +101,19 @@ pub enum StoreError {
         /// The schema.
         schema: String,
     },
+    /// The schema lacks a table of a newer idem migration (PostgreSQL
+    /// store).
+    #[error(
+        "schema `{schema}` has no {table} table: idem's newer migrations are not applied; run \
+         `PgStore::migrate(&pool, \"{schema}\")` (or `RuntimeBuilder::provision`, or apply idem's \
+         migrations by hand)"
+    )]
+    SchemaOutdated {
+        /// The schema.
+        schema: String,
+        /// The missing table.
+        table: &'static str,
+    },
     /// The database role may not do what idem needs in the schema.
     #[error(
         "the database role may not {action} in schema `{schema}` ({detail}): grant it (e.g. `GRANT CREATE, USAGE \

@@ -117,6 +117,17 @@ pub(crate) async fn migrated_schema(pool: &PgPool, schema: &str) -> Result<Strin
             schema: schema.to_owned(),
         });
     }
+    let handlers: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
+        .bind(format!("{ident}.idem_handlers"))
+        .fetch_one(pool)
+        .await
+        .map_err(|e| StoreError::unavailable(StoreOp::Provision, e))?;
+    if handlers.is_none() {
+        return Err(StoreError::SchemaOutdated {
+            schema: schema.to_owned(),
+            table: "idem_handlers",
+        });
+    }
     Ok(ident)
 }
 
@@ -199,6 +210,62 @@ impl PgStore {
                 return Ok(purged);
             }
         }
+    }
+
+    /// Registers how long `handler` keeps its keys (what a transactional
+    /// worker does at start-up), so that the operator's tools never purge a
+    /// key its handler still answers duplicates for. The last registration
+    /// of a handler wins.
+    ///
+    /// ```no_run
+    /// # async fn demo(pool: sqlx::PgPool) -> Result<(), idem::store::StoreError> {
+    /// use std::time::Duration;
+    /// use idem::store::PgStore;
+    ///
+    /// PgStore::register_retention(&pool, "idem", "apply_transfer", Duration::from_secs(30 * 86_400)).await?;
+    /// let kept = PgStore::retentions(&pool, "idem").await?;
+    /// assert_eq!(kept, [("apply_transfer".to_owned(), Duration::from_secs(30 * 86_400))]);
+    /// # Ok(()) }
+    /// ```
+    pub async fn register_retention(
+        pool: &PgPool,
+        schema: &str,
+        handler: &str,
+        retention: Duration,
+    ) -> Result<(), StoreError> {
+        let ident = migrated_schema(pool, schema).await?;
+        sqlx::query(&format!(
+            "INSERT INTO {ident}.idem_handlers (handler, retention_ms, updated_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (handler) DO UPDATE SET retention_ms = EXCLUDED.retention_ms, updated_at = EXCLUDED.updated_at"
+        ))
+        .bind(handler)
+        .bind(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX))
+        .bind(millis(SystemClock.now()))
+        .execute(pool)
+        .await
+        .map_err(|e| provisioning_error(schema, "register a handler", e))?;
+        Ok(())
+    }
+
+    /// Every transactional handler's registered retention, by name.
+    pub async fn retentions(
+        pool: &PgPool,
+        schema: &str,
+    ) -> Result<Vec<(String, Duration)>, StoreError> {
+        let ident = migrated_schema(pool, schema).await?;
+        let rows: Vec<(String, i64)> = sqlx::query_as(&format!(
+            "SELECT handler, retention_ms FROM {ident}.idem_handlers ORDER BY handler"
+        ))
+        .fetch_all(pool)
+        .await
+        .map_err(|e| StoreError::unavailable(StoreOp::Read, e))?;
+        Ok(rows
+            .into_iter()
+            .map(|(handler, ms)| {
+                let ms = u64::try_from(ms).unwrap_or(0);
+                (handler, Duration::from_millis(ms))
+            })
+            .collect())
     }
 
     /// Opens the store on a migrated schema; fails with
