@@ -302,7 +302,11 @@ pub async fn run(
             let bar = out.progress(letters.len() as u64, "replaying");
             let mut report = Vec::with_capacity(letters.len());
             for letter in &letters {
-                let outcome = replay.one(letter).await?;
+                // One payload in memory at a time: the listing read headers.
+                let outcome = match replay.payload_of(letter).await? {
+                    Some(whole) => replay.one(&whole).await?,
+                    None => Outcome::ReplayedElsewhere,
+                };
                 report.push(Replayed {
                     sequence: letter.sequence,
                     handler: letter.handler.clone(),
@@ -365,7 +369,8 @@ fn list_table(letters: &[Letter]) -> comfy_table::Table {
 }
 
 /// Every dead letter `wanted` admits, oldest first, read with an ordered
-/// consumer (from `--since` on, if given).
+/// consumer (from `--since` on, if given) — headers only: a listing holds
+/// no payloads (a replay fetches each one when it comes to it).
 pub async fn read(stream: &Stream, wanted: &Wanted, out: &Output) -> Result<Vec<Letter>, CliError> {
     let mut stream = stream.clone();
     let info = stream
@@ -385,6 +390,7 @@ pub async fn read(stream: &Stream, wanted: &Wanted, out: &Output) -> Result<Vec<
     let consumer = stream
         .create_consumer(OrderedConfig {
             deliver_policy,
+            headers_only: true,
             ..Default::default()
         })
         .await
@@ -567,6 +573,25 @@ impl<'a> Replayer<'a> {
         match self.stream.get_raw_message(sequence).await {
             Ok(_) => false,
             Err(e) => e.kind() == LastRawMessageErrorKind::NoMessageFound,
+        }
+    }
+
+    /// The letter whole (payload and headers as stored), or `None` if it is
+    /// gone (another replay deleted it).
+    async fn payload_of(&self, letter: &Letter) -> Result<Option<Letter>, CliError> {
+        use async_nats::jetstream::stream::LastRawMessageErrorKind;
+        match self.stream.get_raw_message(letter.sequence).await {
+            Ok(raw) => Ok(Some(Letter::new(
+                letter.sequence,
+                SystemTime::from(raw.time),
+                raw.headers,
+                raw.payload,
+            ))),
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(CliError::jetstream(format!(
+                "read dead letter {}",
+                letter.sequence
+            ))(e.into())),
         }
     }
 
