@@ -10,8 +10,11 @@
 //!   compare-and-set to `released` on the revision read, attempts counted
 //!   afresh — only this payload can claim it, never another reusing the
 //!   key), then the payload is republished;
-//! * no record, or the payload's own record released or running: it is
-//!   republished (the handler's claim answers a copy too many);
+//! * no record, or the payload's own record released: it is republished
+//!   (the handler's claim answers a copy too many);
+//! * its own payload held by a worker (`pending`): the letter is kept
+//!   (`in_flight`) — the worker may be between storing this letter and
+//!   marking the key dead, and a copy would then be answered unrun;
 //! * its own payload is `done`: the letter is deleted, nothing published;
 //! * another payload's record, or a done record whose payload cannot be
 //!   told: the letter is kept and reported (`conflict`, `unknown`).
@@ -549,7 +552,9 @@ impl<'a> Replayer<'a> {
         match decision {
             Replay::Republish | Replay::Reopen { .. } => self.republish(letter).await?,
             Replay::AlreadyDone => {}
-            Replay::Conflict { .. } | Replay::Unknown => return Ok(Outcome::Decided(decision)),
+            Replay::InFlight | Replay::Conflict { .. } | Replay::Unknown => {
+                return Ok(Outcome::Decided(decision));
+            }
         }
         // Confirmed (or applied already): the letter has done its work.
         match self.stream.delete_message(letter.sequence).await {

@@ -680,3 +680,40 @@ async fn an_inbox_row_older_than_seven_days_is_seen_and_kept_for_its_handlers_re
     );
     assert_eq!(json(&pg(&show))["state"], "dead", "still there");
 }
+
+/// Found by the model checker (checker/): a replay that read the letter's
+/// own payload `pending` — its worker between storing this letter and
+/// marking the key dead — republished and deleted the letter; the dead mark
+/// then answered the copy unrun.
+#[tokio::test]
+async fn a_letter_whose_payload_a_worker_still_holds_is_kept_for_a_later_replay() {
+    use idem::store::DedupStore;
+    let shop = Shop::open().await;
+    let x = order("h-1", "x");
+    shop.publish(x.clone(), &[]).await;
+    shop.until_counted(Outcome::DeadLettered, 1).await;
+    // A worker holds X's key again (as one does between a dead letter's
+    // PubAck and its dead mark).
+    let store = idem::store::KvStore::open(&shop.js, idem::store::KvStoreConfig::default())
+        .await
+        .expect("bucket");
+    let key = idem::key::RecordKey::new(
+        &idem::key::HandlerName::new("ship_order").expect("name"),
+        &idem::key::IdempotencyKey::new("h-1").expect("key"),
+    );
+    let dead = store.inspect(&key).await.expect("read").expect("dead");
+    store.reopen(&key, &dead).await.expect("reopen");
+    let fingerprint = Some(idem::fingerprint::Fingerprint::of(&x));
+    let held = store
+        .claim(&key, fingerprint, Duration::from_secs(30))
+        .await
+        .expect("claim");
+    assert!(
+        matches!(held, idem::claim::ClaimOutcome::Claimed(_)),
+        "{held:?}"
+    );
+
+    let replayed = json(&shop.idem(&["dead", "replay", "--yes", "--json"]));
+    assert_eq!(replayed[0]["outcome"], "in_flight", "{replayed}");
+    assert_eq!(shop.letters().len(), 1, "the letter is kept");
+}

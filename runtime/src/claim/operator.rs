@@ -116,8 +116,14 @@ pub enum LetterClaim {
 pub enum Replay {
     /// Republish the letter's payload; delete the letter once the broker
     /// confirmed the copy. (No record, or the letter's own payload is
-    /// released or running: the handler's claim answers the copy.)
+    /// released: the handler's claim answers the copy.)
     Republish,
+    /// A worker holds the letter's own payload (`pending`): it may be
+    /// between storing this very letter and marking the key dead — a copy
+    /// published now would find the key dead and be acknowledged unrun,
+    /// with the letter gone (found by the model checker). Keep the letter;
+    /// replay it once the key is dead, done or released.
+    InFlight,
     /// The letter's own payload is recorded `dead` at `revision`: reopen it
     /// (compare-and-set to `released`, attempts counted afresh — only this
     /// payload can claim it), then republish.
@@ -144,6 +150,7 @@ impl Replay {
         match self {
             Replay::Republish | Replay::Reopen { .. } => "republished",
             Replay::AlreadyDone => "already_done",
+            Replay::InFlight => "in_flight",
             Replay::Conflict { .. } => "conflict",
             Replay::Unknown => "unknown",
         }
@@ -212,7 +219,8 @@ pub fn replay(letter: LetterClaim, record: Option<&Snapshot>) -> Replay {
         },
         ClaimState::Done if told => Replay::AlreadyDone,
         ClaimState::Done => Replay::Unknown,
-        ClaimState::Released | ClaimState::Pending { .. } => Replay::Republish,
+        ClaimState::Released => Replay::Republish,
+        ClaimState::Pending { .. } => Replay::InFlight,
     }
 }
 
@@ -271,7 +279,8 @@ mod tests {
             let expected = match state {
                 ClaimState::Dead => Replay::Reopen { revision: 9 },
                 ClaimState::Done => Replay::AlreadyDone,
-                _ => Replay::Republish,
+                ClaimState::Released => Replay::Republish,
+                ClaimState::Pending { .. } => Replay::InFlight,
             };
             assert_eq!(replay(LetterClaim::Held(x), Some(&own)), expected);
             // A letter without a fingerprint never counts a done record as
@@ -279,14 +288,16 @@ mod tests {
             let expected = match state {
                 ClaimState::Dead => Replay::Reopen { revision: 9 },
                 ClaimState::Done => Replay::Unknown,
-                _ => Replay::Republish,
+                ClaimState::Released => Replay::Republish,
+                ClaimState::Pending { .. } => Replay::InFlight,
             };
             assert_eq!(replay(LetterClaim::Held(None), Some(&own)), expected);
             let blind = snapshot(state, None);
             let expected = match state {
                 ClaimState::Dead => Replay::Reopen { revision: 9 },
                 ClaimState::Done => Replay::AlreadyDone,
-                _ => Replay::Republish,
+                ClaimState::Released => Replay::Republish,
+                ClaimState::Pending { .. } => Replay::InFlight,
             };
             assert_eq!(replay(LetterClaim::Held(None), Some(&blind)), expected);
         }
