@@ -10,7 +10,7 @@ use async_nats::jetstream::{self, consumer::PullConsumer, message::PublishMessag
 use idem::consumer::{Outcome, Stats};
 use idem::handler::{HandlerConfig, StartAt};
 use idem::key::{HandlerName, IdempotencyKey, RecordKey};
-use idem::testing::{NatsServer, TestDatabase};
+use idem::testing::{NatsServer, Proxy, TestDatabase};
 use idem::{HandlerError, Json, Retry, Runtime, State, Tx, idempotent};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
@@ -43,6 +43,9 @@ struct Transfer {
 struct Ledger {
     schema: String,
     attempts: Arc<Mutex<HashMap<String, u32>>>,
+    /// Stalled by a poison transfer just before it fails: the worker's link
+    /// to the broker stops while its dead letter is being stored.
+    stall_on_poison: Option<Arc<Proxy>>,
 }
 
 /// Moves money and logs the application, inside the runtime's transaction,
@@ -98,6 +101,9 @@ async fn apply_transfer(
     drop(conn);
     sleep(Duration::from_millis(transfer.sleep_ms)).await;
     if transfer.poison {
+        if let Some(proxy) = &ledger.stall_on_poison {
+            proxy.stall();
+        }
         return Err(HandlerError::permanent(format!(
             "transfer {} is poison",
             transfer.id
@@ -174,6 +180,7 @@ impl Setup {
         let ledger = Ledger {
             schema: s,
             attempts: Arc::default(),
+            stall_on_poison: None,
         };
         Self {
             url: server.client_url(),
@@ -220,10 +227,24 @@ impl Setup {
         configure: impl FnOnce(idem::consumer::RuntimeBuilder) -> idem::consumer::RuntimeBuilder,
         tune: impl Fn(HandlerConfig) -> HandlerConfig + Send + 'static,
     ) -> Worker {
+        self.worker_through(&self.url, self.ledger.clone(), pool, configure, tune)
+            .await
+    }
+
+    /// A worker connected to the broker at `url` (a proxy's, say), with
+    /// its own `ledger` state.
+    async fn worker_through(
+        &self,
+        url: &str,
+        ledger: Ledger,
+        pool: sqlx::PgPool,
+        configure: impl FnOnce(idem::consumer::RuntimeBuilder) -> idem::consumer::RuntimeBuilder,
+        tune: impl Fn(HandlerConfig) -> HandlerConfig + Send + 'static,
+    ) -> Worker {
         let (stop, stopped) = oneshot::channel::<()>();
-        let builder = Runtime::builder(async_nats::connect(&self.url).await.expect("connect"));
+        let builder = Runtime::builder(async_nats::connect(url).await.expect("connect"));
         let runtime = configure(builder)
-            .state(self.ledger.clone())
+            .state(ledger)
             .postgres(pool, self.db.schema())
             .handler_with(apply_transfer, tune)
             .shutdown_grace(Duration::from_millis(200))
@@ -460,6 +481,72 @@ async fn a_reused_key_arriving_during_the_first_payloads_backoff_is_a_key_confli
     assert_eq!(setup.applied("t-reuse").await, 1);
     assert_eq!(setup.balances().await, (900, 1100), "X's amount, not Y's");
     worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_dead_letter_stalled_past_the_lease_keeps_its_transaction_and_the_key_its_payloads() {
+    const LEASE: Duration = Duration::from_secs(2);
+    let setup = Setup::new().await;
+    let server: std::net::SocketAddr = setup
+        .url
+        .trim_start_matches("nats://")
+        .parse()
+        .expect("the server's address");
+    let proxy = Arc::new(Proxy::start(server).await.expect("proxy"));
+    let tune = |config: HandlerConfig| config.lease(LEASE);
+    // Worker A reaches the broker through the proxy; its poison transfer
+    // stalls the link just before it fails, so its dead letter's PubAck
+    // waits past the lease with the handler's transaction open.
+    let stalling = Ledger {
+        stall_on_poison: Some(proxy.clone()),
+        ..setup.ledger.clone()
+    };
+    let a = setup
+        .worker_through(&proxy.url(), stalling, setup.db.pool().clone(), |b| b, tune)
+        .await;
+    let poison = Transfer {
+        poison: true,
+        ..transfer("t-stall", 10)
+    };
+    setup.publish(&poison, "poison").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while proxy.flow() != idem::testing::Flow::Stalled {
+        assert!(Instant::now() < deadline, "the poison transfer never ran");
+        sleep(Duration::from_millis(10)).await;
+    }
+    // Past the lease (the transaction's idle timeout), X's row must still
+    // be held by its transaction: were the session ended, the row's lock —
+    // and the uncommitted claim with it — would be gone, and another
+    // payload under the key would claim and commit it.
+    sleep(LEASE + LEASE / 2).await;
+    // Another claim of the key must still wait on X's uncommitted row.
+    let mut probe = setup.db.pool().begin().await.expect("begin");
+    sqlx::query("SET LOCAL lock_timeout = 300")
+        .execute(&mut *probe)
+        .await
+        .expect("lock_timeout");
+    let claimed = sqlx::query(&format!(
+        "INSERT INTO \"{}\".idem_inbox (handler, key, state, owner, attempt, created_at, updated_at) \
+         VALUES ('apply_transfer', 'k.t-stall', 'done', gen_random_uuid(), 1, 0, 0)",
+        setup.ledger.schema
+    ))
+    .execute(&mut *probe)
+    .await;
+    match claimed {
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => {}
+        other => panic!("X's row is not held by its transaction any more: {other:?}"),
+    }
+    drop(probe);
+    proxy.open();
+    a.wait_for("X dead-lettered", |w| w.count(Outcome::DeadLettered) == 1)
+        .await;
+    // Y, another payload under the key, is a conflict.
+    setup.publish(&transfer("t-stall", 999), "reused").await;
+    a.wait_for("Y answered", |w| w.count(Outcome::KeyConflict) == 1)
+        .await;
+    assert_eq!(setup.applied("t-stall").await, 0, "neither payload applied");
+    assert_eq!(setup.balances().await, (1000, 1000));
+    a.stop().await;
 }
 
 #[tokio::test]

@@ -153,7 +153,7 @@ fn cut(model: &IdemModel, property: &str, path: &Path<State, Action>) -> Path<St
 mod tests {
     use super::*;
     use crate::properties::{
-        DUPLICATE_BACKED, FIRST_CLAIMER, LETTER_DELETED, NO_EFFECT_TWICE, NO_MESSAGE_LOST,
+        DUPLICATE_BACKED, FENCED, FIRST_CLAIMER, LETTER_DELETED, NO_EFFECT_TWICE, NO_MESSAGE_LOST,
     };
     use crate::rules::Mutant;
 
@@ -211,6 +211,18 @@ mod tests {
     #[test]
     fn a_replay_that_deletes_another_payloads_letter_is_found() {
         finds(Mutant::ReplayIgnoresFingerprint, LETTER_DELETED);
+    }
+
+    #[test]
+    fn terminating_a_message_whose_claim_was_taken_over_is_found() {
+        let report = check(
+            Config::ci_freeze(),
+            Rules::mutated(Mutant::TermAfterLostDeadMark),
+            Until::FailureOf(FENCED),
+            1,
+        );
+        println!("mutant term-after-lost-dead-mark: {report}");
+        assert!(report.failure(FENCED).is_some(), "{report}");
     }
 
     #[test]

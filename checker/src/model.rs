@@ -384,6 +384,11 @@ impl IdemModel {
                 // lets the original go.
                 let settled = if write.applied() {
                     Some((Settle::Term, self.settle(&mut next, message, lose_term)))
+                } else if self.rules.term_after_lost_dead_mark {
+                    // The old bug: the original of a claim another worker
+                    // holds is terminated — a step of a fenced worker.
+                    next.ghost.fenced_violation = true;
+                    Some((Settle::Term, self.settle(&mut next, message, lose_term)))
                 } else if lose_term {
                     return None;
                 } else {

@@ -31,6 +31,9 @@ pub struct Rules {
     /// Whether a worker acknowledges a redelivery of a payload it completed
     /// itself without asking the store (the runtime's old `recent` memory).
     pub memory: bool,
+    /// Whether a worker whose dead mark found the claim taken over still
+    /// terminates the original (the runtime's old dead-letter path).
+    pub term_after_lost_dead_mark: bool,
 }
 
 impl Rules {
@@ -41,6 +44,7 @@ impl Rules {
             forget: operator::forget,
             replay: operator::replay,
             memory: false,
+            term_after_lost_dead_mark: false,
         }
     }
 
@@ -68,6 +72,10 @@ impl Rules {
                 replay: replay_in_flight,
                 ..real
             },
+            Mutant::TermAfterLostDeadMark => Self {
+                term_after_lost_dead_mark: true,
+                ..real
+            },
         }
     }
 }
@@ -76,6 +84,7 @@ impl fmt::Debug for Rules {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Rules")
             .field("memory", &self.memory)
+            .field("term_after_lost_dead_mark", &self.term_after_lost_dead_mark)
             .finish_non_exhaustive()
     }
 }
@@ -101,16 +110,20 @@ pub enum Mutant {
     /// the owner marks the key dead after the copy was published, the copy
     /// is acknowledged unrun, and the letter is gone.
     ReplayInFlight,
+    /// A worker whose dead mark found the claim taken over still terminates
+    /// the original, which another worker now handles.
+    TermAfterLostDeadMark,
 }
 
 impl Mutant {
     /// Every mutant.
-    pub const ALL: [Mutant; 5] = [
+    pub const ALL: [Mutant; 6] = [
         Mutant::ReleasedAnyPayload,
         Mutant::ReplayIgnoresFingerprint,
         Mutant::Memory,
         Mutant::ForgetPending,
         Mutant::ReplayInFlight,
+        Mutant::TermAfterLostDeadMark,
     ];
 }
 
@@ -122,6 +135,7 @@ impl fmt::Display for Mutant {
             Mutant::Memory => "memory",
             Mutant::ForgetPending => "forget-pending",
             Mutant::ReplayInFlight => "replay-in-flight",
+            Mutant::TermAfterLostDeadMark => "term-after-lost-dead-mark",
         })
     }
 }

@@ -132,6 +132,19 @@ fn outcome_text(outcome: Outcome) -> String {
             (_, None) => "dead letter next".to_owned(),
         },
         Outcome::Stopped => "message left alone".to_owned(),
+        Outcome::Transition {
+            write: Write::LeaseLost(store),
+            settled: Some((settle, lost)),
+        } => {
+            let kind = match settle {
+                Settle::Ack => "Ack",
+                Settle::Term => "Term",
+            };
+            format!(
+                "LeaseLost (store: {store}), yet {kind}{}: another worker's message settled",
+                lost_text(lost)
+            )
+        }
         Outcome::Transition { write, settled } => {
             let mut text = write_text(write);
             if let Some((settle, lost)) = settled {

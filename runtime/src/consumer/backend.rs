@@ -277,8 +277,10 @@ impl Held {
     }
 
     /// Marks the key dead after its dead letter was stored.
-    pub(crate) async fn mark_dead(self, backend: &Backend) {
-        self.end(backend, End::Dead).await;
+    /// `false`: the claim had been taken over — the message is the new
+    /// owner's, and must not be terminated.
+    pub(crate) async fn mark_dead(self, backend: &Backend) -> bool {
+        self.end(backend, End::Dead).await
     }
 
     /// Keeps the key for this payload while its dead letter cannot be

@@ -16,13 +16,13 @@ use tracing::{error, warn};
 use super::acks::{
     MIN_NAK_DELAY, ack, ack_recorded, deliveries, in_flight_delay, nak, store_backoff,
 };
-use super::backend::Held;
+use super::backend::{Backend, Held};
 use super::dead_letter::{self, Reason};
 use super::shared::{HandlerPanicked, Ran, Shared};
 #[cfg(feature = "metrics")]
 use super::stats::Latency;
 use super::stats::Outcome;
-use crate::claim::ClaimOutcome;
+use crate::claim::{ClaimOutcome, Transition};
 use crate::fingerprint::Fingerprint;
 use crate::handler::{DeadLetterReason, Handler, HandlerConfig, OnMissingKey, PrepareError};
 use crate::retry::RetryDecision;
@@ -298,17 +298,29 @@ impl<H: Handler> Shared<H> {
             Err(e) => return self.store_unavailable(message, delivery, e).await,
         }
         let reason = Reason { code, error };
-        let record = held
-            .claim()
-            .zip(self.backend.location())
-            .map(|(claim, store)| dead_letter::Record {
-                key: &claim.key,
-                store,
-                fingerprint: claim.fingerprint,
-            });
-        if let Err(e) =
-            dead_letter::publish(&self.js, &self.config, delivery, reason, attempts, record).await
-        {
+        let claimed = held.claim().map(|c| (c.key.clone(), c.fingerprint));
+        let record =
+            claimed
+                .as_ref()
+                .zip(self.backend.location())
+                .map(|((key, fingerprint), store)| dead_letter::Record {
+                    key,
+                    store,
+                    fingerprint: *fingerprint,
+                });
+        // The letter's PubAck may take a while (a stalled link, a slow
+        // leader): meanwhile the original is kept in progress and the claim
+        // held — a KV lease renewed, a transaction kept from its idle
+        // timeout (which would free the row's lock for another payload).
+        let published = keep_held(
+            message,
+            &mut held,
+            &self.backend,
+            self.config.lease,
+            dead_letter::publish(&self.js, &self.config, delivery, reason, attempts, record),
+        )
+        .await;
+        if let Err(e) = published {
             error!(error = %e, reason = %code, subject = %self.config.dead_letter, "could not store the dead letter; the message and its key are kept");
             // The key stays this payload's: a KV claim stays pending (the
             // message comes back once its lease ran out), a transactional
@@ -324,10 +336,46 @@ impl<H: Handler> Shared<H> {
             return nak(message, back_after).await;
         }
         warn!(reason = %code, %error, subject = %self.config.dead_letter, "dead-lettered");
-        held.mark_dead(&self.backend).await;
+        if !held.mark_dead(&self.backend).await {
+            // Taken over while the letter was stored: the message is the new
+            // owner's now — no Term (its letter stays, and a replay finds
+            // the key held, done or released).
+            return self.lease_lost("the claim was taken over while the dead letter was stored");
+        }
         self.count(Outcome::DeadLettered);
         if let Err(e) = message.ack_with(AckKind::Term).await {
             warn!(error = %e, "could not terminate the original; its redelivery will find the key dead");
+        }
+    }
+}
+
+/// Runs `work` while holding `held`: every third of `lease` an in-progress
+/// ack for `message` and a renewal of the claim (for a transaction, a
+/// statement that keeps it from its idle timeout), until `work` ends.
+async fn keep_held<T>(
+    message: &Message,
+    held: &mut Held,
+    backend: &Backend,
+    lease: Duration,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    let every = (lease / 3).max(MIN_NAK_DELAY);
+    let mut work = std::pin::pin!(work);
+    loop {
+        tokio::select! {
+            done = &mut work => return done,
+            () = tokio::time::sleep(every) => {
+                if let Err(e) = message.ack_with(AckKind::Progress).await {
+                    tracing::debug!(error = %e, "could not send an in-progress ack");
+                }
+                match held.renew(backend).await {
+                    Ok(Transition::Applied) => {}
+                    Ok(Transition::LeaseLost { .. }) => {
+                        warn!("the claim was taken over while its dead letter was being stored");
+                    }
+                    Err(e) => warn!(error = %e, "could not renew the claim while its dead letter was being stored"),
+                }
+            }
         }
     }
 }
