@@ -318,3 +318,99 @@ async fn a_transactional_request_retried_after_its_reply_was_lost_commits_once()
     assert_eq!(rows, 1, "one commit for the key");
     served.stop().await;
 }
+
+fn charge_key(id: &str) -> idem::key::RecordKey {
+    idem::key::RecordKey::new(
+        &idem::key::HandlerName::new("charge_card").expect("name"),
+        &idem::key::IdempotencyKey::new(id).expect("key"),
+    )
+}
+
+#[tokio::test]
+async fn a_service_taking_over_an_expired_claim_counts_the_takeover() {
+    use idem::store::DedupStore;
+    let served = Served::start(|b| b.handler(charge_card)).await;
+    // A worker that died while it held the key (a 1 s lease).
+    let js = async_nats::jetstream::new(served.client.clone());
+    let claims = idem::store::KvStore::open(&js, idem::store::KvStoreConfig::default())
+        .await
+        .expect("bucket");
+    let dead_worker = claims.as_owner(idem::claim::Owner::random());
+    let held = dead_worker
+        .claim(&charge_key("ch-t"), None, Duration::from_secs(1))
+        .await
+        .expect("claim");
+    assert!(
+        matches!(held, idem::claim::ClaimOutcome::Claimed(_)),
+        "{held:?}"
+    );
+    // The request waits out the lease, takes the key over and runs.
+    let receipt: Receipt = served
+        .requester()
+        .request_json("payments.charge", &charge_of("ch-t", 0, 0))
+        .await
+        .expect("an answer");
+    assert_eq!(receipt.charge_id, "ch-t");
+    assert_eq!(served.runs.count(), 1);
+    assert_eq!(
+        served.stats.handler("charge_card").get(Outcome::Reclaimed),
+        1,
+        "every takeover is counted"
+    );
+    served.stop().await;
+}
+
+#[tokio::test]
+async fn a_run_whose_claim_was_lost_before_completion_does_not_reply_its_own_body() {
+    use idem::store::DedupStore;
+    let served = Served::start(|b| b.handler(charge_card)).await;
+    let js = async_nats::jetstream::new(served.client.clone());
+    let claims = idem::store::KvStore::open(&js, idem::store::KvStoreConfig::default())
+        .await
+        .expect("bucket");
+    let client = served.client.clone();
+    let asked = tokio::spawn(async move {
+        let body = serde_json::to_vec(&charge_of("ch-l", 1_500, 0)).expect("json");
+        client
+            .send_request(
+                "payments.charge".to_owned(),
+                async_nats::Request::new()
+                    .payload(body.into())
+                    .timeout(Some(Duration::from_secs(10))),
+            )
+            .await
+    });
+    // While the handler runs, its claim goes (an operator forces a forget).
+    let key = charge_key("ch-l");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the claim was never seen"
+        );
+        if let Some(held) = claims.inspect(&key).await.expect("read")
+            && claims.forget(&key, held.revision).await.expect("forget")
+                == idem::claim::operator::Written::Applied
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let answer = asked.await.expect("task").expect("a reply");
+    let kind = answer
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(idem::reply::KIND_HEADER))
+        .and_then(|k| ReplyErrorKind::parse(k.as_str()));
+    assert_eq!(
+        kind,
+        Some(ReplyErrorKind::OutcomeUnknown),
+        "replied its own body although the key is not its: {:?}",
+        String::from_utf8_lossy(&answer.payload)
+    );
+    assert_eq!(
+        served.stats.handler("charge_card").get(Outcome::LeaseLost),
+        1
+    );
+    served.stop().await;
+}

@@ -18,7 +18,7 @@ use super::active::ActiveKey;
 use super::backend::{Backend, Begun, Completion, Held, discard};
 use super::shared::{HandlerPanicked, Ran, Shared, Unprepared, boxed, state_with};
 use super::stats::{Latency, Outcome};
-use crate::claim::{ClaimOutcome, Transition};
+use crate::claim::Transition;
 use crate::handler::{Handler, Prepared, prepare};
 use crate::key::RecordKey;
 use crate::{Delivery, Fence, HandlerError};
@@ -161,14 +161,9 @@ impl<H: Handler> Shared<H> {
             self.status.store_answered();
             self.counters.observe(Latency::Claim, asked.elapsed());
         }
-        let claim = match claimed {
-            Ok(ClaimOutcome::Claimed(claim)) => claim,
-            Ok(ClaimOutcome::Reclaimed { claim, from }) => {
-                warn!(event = "reclaimed", previous_owner = %from, "took over an expired claim: its owner may have had its effect");
-                self.counters.count(Outcome::Reclaimed);
-                claim
-            }
-            Ok(refused) => {
+        let claim = match claimed.map(|outcome| self.granted(outcome)) {
+            Ok(Ok(claim)) => claim,
+            Ok(Err(refused)) => {
                 discard(begun).await;
                 let args = prepared.args;
                 return Box::pin(self.refused(message, delivery, refused, args)).await;

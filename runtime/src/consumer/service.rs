@@ -213,9 +213,9 @@ impl<H: Handler> Shared<H> {
                 .backend
                 .claim(&key, prepared.fingerprint, &self.config, &begun)
                 .await;
-            let claim = match claimed {
-                Ok(ClaimOutcome::Claimed(claim) | ClaimOutcome::Reclaimed { claim, .. }) => claim,
-                Ok(ClaimOutcome::InFlight { .. }) if Instant::now() < wait_until => {
+            let claim = match claimed.map(|outcome| self.granted(outcome)) {
+                Ok(Ok(claim)) => claim,
+                Ok(Err(ClaimOutcome::InFlight { .. })) if Instant::now() < wait_until => {
                     discard(begun).await;
                     tokio::select! {
                         () = sleep(IN_FLIGHT_POLL) => continue,
@@ -224,7 +224,7 @@ impl<H: Handler> Shared<H> {
                         }
                     }
                 }
-                Ok(refused) => {
+                Ok(Err(refused)) => {
                     discard(begun).await;
                     return self.refused_request(refused);
                 }
@@ -339,7 +339,14 @@ impl<H: Handler> Shared<H> {
                     "lease lost before completion: another request may have run it too"
                 );
                 self.counters.count(Outcome::LeaseLost);
-                Reply::Result(body)
+                // This run's body is not what the key records (the record
+                // is its successor's, or gone): a repeat could be answered
+                // differently. Say so; asking again gets the key's answer.
+                Reply::error(
+                    ReplyErrorKind::OutcomeUnknown,
+                    "the claim was taken over before this run's completion was recorded: \
+                     the key's outcome is the other run's; ask again for it",
+                )
             }
             Some(Completion::Aborted(e)) => {
                 self.count(Outcome::Retried);

@@ -54,6 +54,25 @@ pub(super) enum Ran<T> {
 }
 
 impl<H> Shared<H> {
+    /// The claim a claim's answer grants — a takeover logged and counted
+    /// (`reclaimed`: the old owner may have had its effect; docs/
+    /// guarantees.md: every takeover is counted) — or the refusal.
+    pub(super) fn granted(
+        &self,
+        outcome: crate::claim::ClaimOutcome,
+    ) -> Result<crate::claim::Claim, crate::claim::ClaimOutcome> {
+        use crate::claim::ClaimOutcome;
+        match outcome {
+            ClaimOutcome::Claimed(claim) => Ok(claim),
+            ClaimOutcome::Reclaimed { claim, from } => {
+                tracing::warn!(event = "reclaimed", previous_owner = %from, "took over an expired claim: its owner may have had its effect");
+                self.counters.count(super::stats::Outcome::Reclaimed);
+                Ok(claim)
+            }
+            refused => Err(refused),
+        }
+    }
+
     /// Shutdown: nothing new is started; the running handlers (`tasks`)
     /// get `grace` to finish, then the rest are cut off (claims left as
     /// each level says, messages NAKed, requests answered
