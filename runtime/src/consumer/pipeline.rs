@@ -16,7 +16,7 @@ use tracing::{Instrument, Span, error, field, info_span, warn};
 use super::acks::{deliveries, in_flight_delay, nak};
 use super::active::ActiveKey;
 use super::backend::{Backend, Begun, Completion, Held, discard};
-use super::shared::{HandlerPanicked, Ran, Shared, Unprepared, boxed, state_with};
+use super::shared::{Granted, HandlerPanicked, Ran, Shared, Unprepared, boxed, state_with};
 use super::stats::{Latency, Outcome};
 use crate::claim::Transition;
 use crate::handler::{Handler, Prepared, prepare};
@@ -162,8 +162,8 @@ impl<H: Handler> Shared<H> {
             self.counters.observe(Latency::Claim, asked.elapsed());
         }
         let claim = match claimed.map(|outcome| self.granted(outcome)) {
-            Ok(Ok(claim)) => claim,
-            Ok(Err(refused)) => {
+            Ok(Granted::Run(claim)) => claim,
+            Ok(Granted::Refused(refused)) => {
                 discard(begun).await;
                 let args = prepared.args;
                 return Box::pin(self.refused(message, delivery, refused, args)).await;

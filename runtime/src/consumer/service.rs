@@ -25,7 +25,7 @@ use tracing::{Instrument, Span, field, info_span, warn};
 
 use super::RuntimeError;
 use super::backend::{Completion, Held, discard};
-use super::shared::{Ran, Shared, Unprepared, boxed};
+use super::shared::{Granted, Ran, Shared, Unprepared, boxed};
 use super::stats::{Latency, Outcome};
 use super::worker::Worker;
 use crate::claim::{Claim, ClaimOutcome};
@@ -214,8 +214,10 @@ impl<H: Handler> Shared<H> {
                 .claim(&key, prepared.fingerprint, &self.config, &begun)
                 .await;
             let claim = match claimed.map(|outcome| self.granted(outcome)) {
-                Ok(Ok(claim)) => claim,
-                Ok(Err(ClaimOutcome::InFlight { .. })) if Instant::now() < wait_until => {
+                Ok(Granted::Run(claim)) => claim,
+                Ok(Granted::Refused(ClaimOutcome::InFlight { .. }))
+                    if Instant::now() < wait_until =>
+                {
                     discard(begun).await;
                     tokio::select! {
                         () = sleep(IN_FLIGHT_POLL) => continue,
@@ -224,7 +226,7 @@ impl<H: Handler> Shared<H> {
                         }
                     }
                 }
-                Ok(Err(refused)) => {
+                Ok(Granted::Refused(refused)) => {
                     discard(begun).await;
                     return self.refused_request(refused);
                 }

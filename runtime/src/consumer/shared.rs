@@ -41,6 +41,14 @@ pub(crate) struct Shared<H> {
     pub(crate) groups: Option<super::group::Groups>,
 }
 
+/// What a claim's answer allows.
+pub(super) enum Granted {
+    /// Run the handler holding this claim.
+    Run(crate::claim::Claim),
+    /// Do not run: the answer says why.
+    Refused(crate::claim::ClaimOutcome),
+}
+
 /// How a handler's run ended.
 pub(super) enum Ran<T> {
     /// It returned `Ok`.
@@ -57,19 +65,16 @@ impl<H> Shared<H> {
     /// The claim a claim's answer grants — a takeover logged and counted
     /// (`reclaimed`: the old owner may have had its effect; docs/
     /// guarantees.md: every takeover is counted) — or the refusal.
-    pub(super) fn granted(
-        &self,
-        outcome: crate::claim::ClaimOutcome,
-    ) -> Result<crate::claim::Claim, crate::claim::ClaimOutcome> {
+    pub(super) fn granted(&self, outcome: crate::claim::ClaimOutcome) -> Granted {
         use crate::claim::ClaimOutcome;
         match outcome {
-            ClaimOutcome::Claimed(claim) => Ok(claim),
+            ClaimOutcome::Claimed(claim) => Granted::Run(claim),
             ClaimOutcome::Reclaimed { claim, from } => {
                 tracing::warn!(event = "reclaimed", previous_owner = %from, "took over an expired claim: its owner may have had its effect");
                 self.counters.count(super::stats::Outcome::Reclaimed);
-                Ok(claim)
+                Granted::Run(claim)
             }
-            refused => Err(refused),
+            refused => Granted::Refused(refused),
         }
     }
 
