@@ -1413,7 +1413,10 @@ async fn a_handler_name_another_service_registered_in_the_shared_bucket_is_refus
     assert!(
         matches!(
             &refused,
-            idem::consumer::RuntimeError::HandlerNameTaken { stream, .. } if stream == "ORDERS"
+            idem::consumer::RuntimeError::HandlerNameTaken {
+                registered: idem::consumer::Registered::Stream { stream, .. },
+                ..
+            } if stream == "ORDERS"
         ),
         "{refused}"
     );

@@ -414,3 +414,84 @@ async fn a_run_whose_claim_was_lost_before_completion_does_not_reply_its_own_bod
     );
     served.stop().await;
 }
+
+/// `charge_card` of another service: the same handler name.
+#[idempotent(
+    name = "charge_card",
+    service = "refunds",
+    subject = "refunds.charge",
+    key = charge.charge_id,
+    lease = "5s"
+)]
+async fn refund_charge(
+    Json(charge): Json<Charge>,
+    State(runs): State<Runs>,
+) -> Result<Receipt, HandlerError> {
+    runs.0.fetch_add(1, Ordering::SeqCst);
+    Ok(Receipt {
+        charge_id: charge.charge_id,
+        receipt: "refund".into(),
+    })
+}
+
+#[tokio::test]
+async fn two_services_with_a_handler_of_one_name_in_one_bucket_are_refused_at_start() {
+    let served = Served::start(|b| b.handler(charge_card)).await;
+    let refused = Runtime::builder(served.client.clone())
+        .state(Runs::default())
+        .handler(refund_charge)
+        .build()
+        .await
+        .err()
+        .expect("the refunds service must not share the payments service's records");
+    assert!(
+        matches!(
+            &refused,
+            idem::consumer::RuntimeError::HandlerNameTaken {
+                registered: idem::consumer::Registered::Service { service, .. },
+                ..
+            } if service == "payments"
+        ),
+        "{refused}"
+    );
+    served.stop().await;
+}
+
+/// A service handler whose records live 2 s (a bucket of its own).
+#[idempotent(
+    service = "ephemeral",
+    subject = "ephemeral.ping",
+    key = charge.charge_id,
+    lease = "500ms",
+    retention = "2s"
+)]
+async fn short_lived(Json(charge): Json<Charge>) -> Result<Receipt, HandlerError> {
+    Ok(Receipt {
+        charge_id: charge.charge_id,
+        receipt: "pong".into(),
+    })
+}
+
+#[tokio::test]
+async fn a_running_handlers_registration_outlives_the_buckets_retention() {
+    let served = Served::start(|b| b.handler(short_lived)).await;
+    let js = async_nats::jetstream::new(served.client.clone());
+    let bucket = idem::store::KvStore::open_existing(&js, "idem_claims_2s")
+        .await
+        .expect("read")
+        .expect("the handler's bucket");
+    // Three retentions later the registration is still there: the running
+    // handler rewrote it.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    use idem::store::RevisionedMap;
+    let registration = bucket
+        .map()
+        .read("idem=handlers.short_lived")
+        .await
+        .expect("read");
+    assert!(
+        registration.is_some(),
+        "the registration expired while its handler ran"
+    );
+    served.stop().await;
+}

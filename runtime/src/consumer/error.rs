@@ -39,11 +39,12 @@ pub enum RuntimeError {
         /// The second handler's stream.
         second_stream: String,
     },
-    /// Another service uses the same handler name in the same claim bucket
-    /// for another stream or consumer: their claims would mix.
+    /// Another handler uses the same name in the same claim bucket — for
+    /// another stream or consumer, or another service or endpoint: their
+    /// claims would mix.
     #[error(
-        "handler `{handler}` is registered in claim bucket `{bucket}` for stream `{stream}`, consumer `{consumer}` — \
-         another service's handler, whose claims would mix with this one's: give this handler another \
+        "handler `{handler}` is registered in claim bucket `{bucket}` for {registered} — \
+         another handler, whose claims would mix with this one's: give this handler another \
          `name = \"…\"`, or give each service its own bucket (`.claims(KvStoreConfig::default().bucket(…))`)"
     )]
     HandlerNameTaken {
@@ -51,10 +52,8 @@ pub enum RuntimeError {
         handler: String,
         /// The bucket.
         bucket: String,
-        /// The stream it is registered for.
-        stream: String,
-        /// The consumer it is registered for.
-        consumer: String,
+        /// What it is registered for.
+        registered: super::name_registry::Registered,
     },
     /// A new consumer would start on a stream that already holds messages
     /// for it, without the handler saying where to start: a renamed handler

@@ -28,6 +28,7 @@ mod group;
 #[cfg(feature = "postgres")]
 mod grouped;
 mod health;
+mod name_registry;
 mod pace;
 mod pipeline;
 mod provision;
@@ -50,6 +51,7 @@ pub use builder::RuntimeBuilder;
 pub use dead_letter::headers;
 pub use error::RuntimeError;
 pub use health::{HandlerHealth, Health, HealthProbe, LastError};
+pub use name_registry::Registered;
 pub use provision::{DEAD_LETTER_STREAM, DEAD_LETTER_SUBJECTS};
 pub use stats::{Counts, Latency, Outcome, Stats};
 

@@ -273,56 +273,6 @@ pub(super) async fn claims(
         source,
     };
     let store = KvStore::open(js, kv).await.map_err(store_error)?;
-    register(&store, &bucket, config).await?;
+    super::name_registry::register(&store, &bucket, config).await?;
     Ok(store)
-}
-
-/// Who a handler name in a claim bucket belongs to.
-#[derive(serde::Serialize, serde::Deserialize, PartialEq, Eq)]
-struct Registration {
-    stream: String,
-    consumer: String,
-}
-
-/// Records that `config.name` in this bucket is the handler of its stream
-/// and consumer, or refuses a name another service registered for another
-/// stream or consumer: two services whose handlers share a name and a
-/// bucket would answer each other's keys as duplicates. Two deployments of
-/// one service (same stream and consumer) share it on purpose.
-///
-/// The key (`idem=handlers.<name>`) holds a `=`, which no handler name
-/// has, so it is never a claim record's. It expires with the bucket's
-/// retention and is written again at every start.
-async fn register(
-    store: &KvStore,
-    bucket: &str,
-    config: &HandlerConfig,
-) -> Result<(), RuntimeError> {
-    use crate::store::{Create, RevisionedMap};
-    let mine = Registration {
-        stream: config.stream.clone(),
-        consumer: config.consumer.clone(),
-    };
-    let key = format!("idem=handlers.{}", config.name);
-    let value = serde_json::to_vec(&mine).unwrap_or_default();
-    let created = store.map().create(&key, value.into()).await;
-    let found = match created {
-        Ok(Create::Created(_) | Create::Exists(None)) => return Ok(()),
-        Ok(Create::Exists(Some((bytes, _)))) => bytes,
-        Err(source) => {
-            return Err(RuntimeError::Store {
-                handler: config.name.clone(),
-                source,
-            });
-        }
-    };
-    match serde_json::from_slice::<Registration>(&found) {
-        Ok(theirs) if theirs != mine => Err(RuntimeError::HandlerNameTaken {
-            handler: config.name.clone(),
-            bucket: bucket.to_owned(),
-            stream: theirs.stream,
-            consumer: theirs.consumer,
-        }),
-        _ => Ok(()),
-    }
 }

@@ -110,6 +110,7 @@ impl<H: Handler> ServiceWorker<H> {
         shutdown: CancellationToken,
         grace: Duration,
     ) -> Result<(), RuntimeError> {
+        self.shared.start_housekeeping(&shutdown);
         let status = self.shared.status.clone();
         status.running(true);
         let permits = Arc::new(tokio::sync::Semaphore::new(self.shared.config.concurrency));

@@ -78,6 +78,32 @@ impl<H> Shared<H> {
         }
     }
 
+    /// Starts what a running handler keeps up in the background until
+    /// `stop`: its name's registration in the claim bucket (`kv`), the
+    /// inbox's purge of rows past the retention (`transactional`).
+    pub(super) fn start_housekeeping(&self, stop: &CancellationToken) {
+        let config = &self.config;
+        match &self.backend {
+            Backend::Kv(store) => {
+                let keeper = super::name_registry::keep_registered(
+                    (**store).clone(),
+                    config.clone(),
+                    stop.clone(),
+                );
+                tokio::spawn(keeper);
+            }
+            #[cfg(feature = "postgres")]
+            Backend::Transactional(inbox) => {
+                let purge =
+                    inbox
+                        .clone()
+                        .purge_loop(config.name.clone(), config.retention, stop.clone());
+                tokio::spawn(purge);
+            }
+            Backend::Off => {}
+        }
+    }
+
     /// Shutdown: nothing new is started; the running handlers (`tasks`)
     /// get `grace` to finish, then the rest are cut off (claims left as
     /// each level says, messages NAKed, requests answered

@@ -171,15 +171,7 @@ impl<H: Handler> HandlerWorker<H> {
         shutdown: CancellationToken,
         grace: Duration,
     ) -> Result<(), RuntimeError> {
-        #[cfg(feature = "postgres")]
-        if let super::backend::Backend::Transactional(inbox) = &self.shared.backend {
-            let config = &self.shared.config;
-            let purge =
-                inbox
-                    .clone()
-                    .purge_loop(config.name.clone(), config.retention, shutdown.clone());
-            tokio::spawn(purge);
-        }
+        self.shared.start_housekeeping(&shutdown);
         let status = self.shared.status.clone();
         status.running(true);
         let result = self.fetch_until(shutdown, grace).await;
