@@ -6,8 +6,8 @@
 
 use std::time::Duration;
 
-use idem::claim::operator::{Forget, LetterClaim, REOPENED_ATTEMPTS, Replay};
-use idem::claim::{ClaimRecord, ClaimState, Decision};
+use idem::claim::operator::{Forget, LetterClaim, Replay, reopened};
+use idem::claim::{ClaimRecord, ClaimState, Decision, Owner};
 use stateright::{Model, Property};
 
 use crate::rules::Rules;
@@ -18,6 +18,9 @@ use crate::state::{
 
 /// The lease every claim takes.
 pub const LEASE: Duration = Duration::from_secs(5);
+
+/// The operator's tool's identity in the records it creates.
+const OPERATOR: Owner = Owner::from_uuid(uuid::Uuid::from_u128(0x0be7_a702));
 
 /// The bounds of one model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -792,13 +795,18 @@ impl IdemModel {
         };
         let payload = next.letters[letter].payload;
         if let Plan::Reopen { revision } = plan {
-            let reopened = next.store.record.as_ref().map(|stored| ClaimRecord {
-                state: ClaimState::Released,
-                attempt: REOPENED_ATTEMPTS,
-                updated_at: next.store.now(),
-                ..stored.record.clone()
-            });
-            let written = reopened.and_then(|record| next.store.update(record, revision));
+            // The record the runtime's stores write: `operator::reopened`.
+            let found = next.store.record.as_ref().map(|stored| &stored.record);
+            let record = reopened(
+                found,
+                Some(payload.fingerprint()),
+                OPERATOR,
+                next.store.now(),
+            );
+            let written = match revision {
+                Some(revision) => next.store.update(record, revision),
+                None => next.store.create(record),
+            };
             if written.is_none() {
                 return Some(match self.plan(next, letter) {
                     Some(plan) => {

@@ -432,10 +432,12 @@ pub struct Worker {
 pub enum Plan {
     /// Republish the payload, then delete the letter.
     Republish,
-    /// Reopen the `dead` record at `revision`, republish, delete the letter.
+    /// Reopen the key for the letter's payload — CAS at `revision` (a
+    /// `dead` or `released` record), or create it (`None`) — republish,
+    /// delete the letter.
     Reopen {
-        /// The revision read.
-        revision: u64,
+        /// The revision read (`None`: absent).
+        revision: Option<u64>,
     },
     /// Delete the letter.
     AlreadyDone,

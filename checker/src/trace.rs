@@ -202,7 +202,10 @@ fn write_text(write: Write) -> String {
 fn plan_text(plan: Plan) -> String {
     match plan {
         Plan::Republish => "Republish".to_owned(),
-        Plan::Reopen { revision } => format!("Reopen(rev {revision})"),
+        Plan::Reopen {
+            revision: Some(revision),
+        } => format!("Reopen(rev {revision})"),
+        Plan::Reopen { revision: None } => "Reopen(create)".to_owned(),
         Plan::AlreadyDone => "AlreadyDone".to_owned(),
     }
 }

@@ -6,12 +6,13 @@
 //! payload's fingerprint idem wrote into the letter; a producer's own
 //! `Idem-*` headers never reach a letter):
 //!
-//! * the letter's own payload is `dead`: the record is *reopened* (a
-//!   compare-and-set to `released` on the revision read, attempts counted
-//!   afresh — only this payload can claim it, never another reusing the
-//!   key), then the payload is republished;
-//! * no record, or the payload's own record released: it is republished
-//!   (the handler's claim answers a copy too many);
+//! * the letter's own payload is `dead` or `released`, or there is no
+//!   record: the key is *reopened* for it (a compare-and-set to `released`
+//!   on the revision read, or a create — attempts counted afresh, only this
+//!   payload can claim it, never another reusing the key), then the payload
+//!   is republished. The write is what decides, not the read: a read misses
+//!   a transactional worker's uncommitted claim, the write waits for it and
+//!   finds the record moved, and the replay reads again;
 //! * its own payload held by a worker (`pending`): the letter is kept
 //!   (`in_flight`) — the worker may be between storing this letter and
 //!   marking the key dead, and a copy would then be answered unrun;
@@ -40,6 +41,7 @@ use futures::StreamExt;
 use idem::claim::Snapshot;
 use idem::claim::operator::{self, LetterClaim, Replay, Written};
 use idem::consumer::headers;
+use idem::fingerprint::Fingerprint;
 use idem::handler::DeadLetterReason;
 use idem::key::RecordKey;
 use idem::publisher::{Outgoing, Publisher};
@@ -533,8 +535,10 @@ impl<'a> Replayer<'a> {
                 Some(claimed) => {
                     let snapshot = self.inspect(claimed).await?;
                     let decision = operator::replay(claimed.letter, snapshot.as_ref());
-                    if let (Replay::Reopen { .. }, Some(dead)) = (&decision, &snapshot)
-                        && self.reopen(claimed, dead).await? == Written::Moved
+                    if let (Replay::Reopen { .. }, LetterClaim::Held(fingerprint)) =
+                        (&decision, claimed.letter)
+                        && self.reopen(claimed, snapshot.as_ref(), fingerprint).await?
+                            == Written::Moved
                     {
                         // A worker (or another replay) moved the record
                         // since it was read: read it again.
@@ -629,16 +633,24 @@ impl<'a> Replayer<'a> {
         })
     }
 
-    async fn reopen(&mut self, claimed: &Claimed, dead: &Snapshot) -> Result<Written, CliError> {
+    async fn reopen(
+        &mut self,
+        claimed: &Claimed,
+        found: Option<&Snapshot>,
+        fingerprint: Option<Fingerprint>,
+    ) -> Result<Written, CliError> {
         Ok(match &claimed.location {
             Location::Kv(bucket) => {
                 self.bucket(bucket)
                     .await?
-                    .reopen(&claimed.key, dead)
+                    .reopen(&claimed.key, found, fingerprint)
                     .await?
             }
             Location::Postgres(schema) => {
-                self.inbox(schema).await?.reopen(&claimed.key, dead).await?
+                self.inbox(schema)
+                    .await?
+                    .reopen(&claimed.key, found, fingerprint)
+                    .await?
             }
         })
     }

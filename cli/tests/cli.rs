@@ -702,8 +702,11 @@ async fn a_letter_whose_payload_a_worker_still_holds_is_kept_for_a_later_replay(
         &idem::key::IdempotencyKey::new("h-1").expect("key"),
     );
     let dead = store.inspect(&key).await.expect("read").expect("dead");
-    store.reopen(&key, &dead).await.expect("reopen");
     let fingerprint = Some(idem::fingerprint::Fingerprint::of(&x));
+    store
+        .reopen(&key, Some(&dead), fingerprint)
+        .await
+        .expect("reopen");
     let held = store
         .claim(&key, fingerprint, Duration::from_secs(30))
         .await
@@ -716,4 +719,113 @@ async fn a_letter_whose_payload_a_worker_still_holds_is_kept_for_a_later_replay(
     let replayed = json(&shop.idem(&["dead", "replay", "--yes", "--json"]));
     assert_eq!(replayed[0]["outcome"], "in_flight", "{replayed}");
     assert_eq!(shop.letters().len(), 1, "the letter is kept");
+}
+
+/// Found by review: a transactional worker's claim is invisible to other
+/// sessions until it commits, so a replay read no record while the worker
+/// — its letter stored, the PubAck not yet back — still held the row; it
+/// republished and deleted the letter, the worker then committed the dead
+/// mark, and the copy was acknowledged unrun. The replay's write must wait
+/// for the worker's commit and decide again on what it committed.
+#[tokio::test]
+async fn a_replay_waits_for_a_transactional_workers_uncommitted_claim() {
+    use idem::store::DedupStore;
+    let server = NatsServer::start().await.expect("nats-server");
+    let js = jetstream::new(server.connect().await.expect("connect"));
+    js.create_stream(stream::Config {
+        name: idem::consumer::DEAD_LETTER_STREAM.into(),
+        subjects: vec![idem::consumer::DEAD_LETTER_SUBJECTS.into()],
+        ..Default::default()
+    })
+    .await
+    .expect("the dead-letter stream");
+    js.create_stream(stream::Config {
+        name: "ORDERS".into(),
+        subjects: vec!["orders.>".into()],
+        ..Default::default()
+    })
+    .await
+    .expect("stream");
+    let db = idem::testing::TestDatabase::create()
+        .await
+        .expect("a PostgreSQL schema (DATABASE_URL)");
+    let inbox =
+        idem::store::PgStore::open(db.pool().clone(), db.schema(), Duration::from_secs(3600))
+            .await
+            .expect("inbox");
+    let key = idem::key::RecordKey::new(
+        &idem::key::HandlerName::new("book_order").expect("name"),
+        &idem::key::IdempotencyKey::new("b-1").expect("key"),
+    );
+    let payload = order("b-1", "");
+    let fingerprint = idem::fingerprint::Fingerprint::of(&payload);
+    // The worker: its claim row, not yet committed …
+    let mut worker = db.pool().begin().await.expect("begin");
+    sqlx::query(&format!(
+        "INSERT INTO \"{}\".idem_inbox (handler, key, state, owner, attempt, fingerprint, created_at, updated_at) \
+         VALUES ('book_order', 'k.b-1', 'done', gen_random_uuid(), 1, $1, 0, 0)",
+        db.schema()
+    ))
+    .bind(fingerprint.as_bytes().to_vec())
+    .execute(&mut *worker)
+    .await
+    .expect("the worker's claim");
+    // … and its dead letter, stored.
+    let mut headers = async_nats::HeaderMap::new();
+    for (name, value) in [
+        (idem::consumer::headers::HANDLER, "book_order".to_owned()),
+        (idem::consumer::headers::REASON, "handler_error".to_owned()),
+        (idem::consumer::headers::SUBJECT, "orders.booked".to_owned()),
+        (idem::consumer::headers::KEY, key.as_str().to_owned()),
+        (
+            idem::consumer::headers::STORE,
+            format!("postgres:{}", db.schema()),
+        ),
+        (
+            idem::consumer::headers::FINGERPRINT,
+            fingerprint.to_string(),
+        ),
+    ] {
+        headers.insert(name, value.as_str());
+    }
+    js.publish_with_headers("idem.dead.book_order", headers, payload.into())
+        .await
+        .expect("publish")
+        .await
+        .expect("PubAck");
+    let replay = std::process::Command::new(env!("CARGO_BIN_EXE_idem"))
+        .args(["dead", "replay", "--yes", "--json"])
+        .args(["--server", &server.client_url()])
+        .args(["--postgres", db.url(), "--schema", db.schema()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run the idem binary");
+    // The worker marks the key dead and commits while the replay runs.
+    sleep(Duration::from_secs(1)).await;
+    sqlx::query(&format!(
+        "UPDATE \"{}\".idem_inbox SET state = 'dead', revision = nextval('\"{}\".idem_inbox_revision') \
+         WHERE handler = 'book_order' AND key = 'k.b-1'",
+        db.schema(),
+        db.schema()
+    ))
+    .execute(&mut *worker)
+    .await
+    .expect("the dead mark");
+    worker.commit().await.expect("commit");
+    let replayed = replay.wait_with_output().expect("replay");
+    assert!(
+        replayed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&replayed.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&replayed.stdout).expect("json");
+    assert_eq!(report[0]["outcome"], "republished", "{report}");
+    // The copy must find the key runnable for its payload, not dead.
+    let record = inbox.inspect(&key).await.expect("read").expect("a record");
+    assert_eq!(
+        record.record.state,
+        idem::claim::ClaimState::Released,
+        "the replay republished onto a dead key: its copy would be acknowledged unrun"
+    );
 }

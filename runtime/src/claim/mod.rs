@@ -52,7 +52,7 @@ impl Owner {
     }
 
     /// The owner with this UUID (as read back from a store).
-    pub fn from_uuid(id: uuid::Uuid) -> Self {
+    pub const fn from_uuid(id: uuid::Uuid) -> Self {
         Self(id)
     }
 

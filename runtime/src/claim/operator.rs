@@ -19,7 +19,7 @@
 //! * A `pending` key is not forgotten unless forced: its owner may be
 //!   running the handler, and a second worker would run it again.
 
-use super::{ClaimState, Owner, Snapshot};
+use super::{ClaimRecord, ClaimState, Owner, Snapshot};
 use crate::clock::UnixMillis;
 use crate::fingerprint::Fingerprint;
 
@@ -115,8 +115,7 @@ pub enum LetterClaim {
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum Replay {
     /// Republish the letter's payload; delete the letter once the broker
-    /// confirmed the copy. (No record, or the letter's own payload is
-    /// released: the handler's claim answers the copy.)
+    /// confirmed the copy. (The letter holds no claim: no record is its.)
     Republish,
     /// A worker holds the letter's own payload (`pending`): it may be
     /// between storing this very letter and marking the key dead — a copy
@@ -124,12 +123,19 @@ pub enum Replay {
     /// with the letter gone (found by the model checker). Keep the letter;
     /// replay it once the key is dead, done or released.
     InFlight,
-    /// The letter's own payload is recorded `dead` at `revision`: reopen it
-    /// (compare-and-set to `released`, attempts counted afresh — only this
-    /// payload can claim it), then republish.
+    /// Make the key the letter's payload's, `released` — only that payload
+    /// can claim it, with its attempts counted afresh — by a
+    /// compare-and-set on what was read (`revision`: the `dead` or
+    /// `released` record; `None`: no record, so a create); then republish.
+    ///
+    /// The write, not the read, is what counts: a read may miss a worker's
+    /// uncommitted claim (a transactional handler's row is invisible until
+    /// its transaction commits), but the write waits for it and answers
+    /// [`Written::Moved`] once that worker's commit moved the record — the
+    /// replay then reads and decides again.
     Reopen {
-        /// The revision the decision was made on.
-        revision: u64,
+        /// The revision the decision was made on (`None`: absent).
+        revision: Option<u64>,
     },
     /// The letter's own payload is recorded done: delete the letter,
     /// publish nothing.
@@ -190,7 +196,7 @@ impl Replay {
 ///     revision: 7,
 /// };
 /// let letter = LetterClaim::Held(Some(x));
-/// assert_eq!(replay(letter, Some(&record(ClaimState::Dead, x))), Replay::Reopen { revision: 7 });
+/// assert_eq!(replay(letter, Some(&record(ClaimState::Dead, x))), Replay::Reopen { revision: Some(7) });
 /// assert_eq!(replay(letter, Some(&record(ClaimState::Done, x))), Replay::AlreadyDone);
 /// // The key was forgotten and another payload completed under it: the
 /// // letter is kept, never deleted as if applied.
@@ -201,7 +207,7 @@ pub fn replay(letter: LetterClaim, record: Option<&Snapshot>) -> Replay {
         return Replay::Republish;
     };
     let Some(snapshot) = record else {
-        return Replay::Republish;
+        return Replay::Reopen { revision: None };
     };
     let stored = snapshot.record.fingerprint;
     match (stored, mine) {
@@ -214,12 +220,11 @@ pub fn replay(letter: LetterClaim, record: Option<&Snapshot>) -> Replay {
     }
     let told = mine.is_some() || stored.is_none();
     match snapshot.record.state {
-        ClaimState::Dead => Replay::Reopen {
-            revision: snapshot.revision,
+        ClaimState::Dead | ClaimState::Released => Replay::Reopen {
+            revision: Some(snapshot.revision),
         },
         ClaimState::Done if told => Replay::AlreadyDone,
         ClaimState::Done => Replay::Unknown,
-        ClaimState::Released => Replay::Republish,
         ClaimState::Pending { .. } => Replay::InFlight,
     }
 }
@@ -227,6 +232,47 @@ pub fn replay(letter: LetterClaim, record: Option<&Snapshot>) -> Replay {
 /// The attempt count a reopened record starts from: a replay gives the
 /// payload a fresh retry budget.
 pub const REOPENED_ATTEMPTS: u32 = 0;
+
+/// The record a replay writes ([`Replay::Reopen`]): the key released for
+/// the payload `found` holds — or, with no record, for the letter's
+/// `fingerprint` — with its attempts counted afresh. Stores and the model
+/// checker write exactly this.
+///
+/// ```
+/// use idem::claim::operator::{reopened, REOPENED_ATTEMPTS};
+/// use idem::claim::{ClaimState, Owner};
+/// use idem::clock::UnixMillis;
+/// use idem::fingerprint::Fingerprint;
+///
+/// let x = Some(Fingerprint::of(b"x"));
+/// let fresh = reopened(None, x, Owner::random(), UnixMillis(7));
+/// assert_eq!((fresh.state, fresh.fingerprint, fresh.attempt), (ClaimState::Released, x, REOPENED_ATTEMPTS));
+/// ```
+pub fn reopened(
+    found: Option<&ClaimRecord>,
+    fingerprint: Option<Fingerprint>,
+    owner: Owner,
+    now: UnixMillis,
+) -> ClaimRecord {
+    match found {
+        Some(record) => ClaimRecord {
+            state: ClaimState::Released,
+            attempt: REOPENED_ATTEMPTS,
+            result: None,
+            updated_at: now,
+            ..record.clone()
+        },
+        None => ClaimRecord {
+            state: ClaimState::Released,
+            owner,
+            attempt: REOPENED_ATTEMPTS,
+            fingerprint,
+            result: None,
+            created_at: now,
+            updated_at: now,
+        },
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -263,7 +309,10 @@ mod tests {
             pending,
         ];
         assert_eq!(replay(LetterClaim::None, None), Replay::Republish);
-        assert_eq!(replay(LetterClaim::Held(x), None), Replay::Republish);
+        assert_eq!(
+            replay(LetterClaim::Held(x), None),
+            Replay::Reopen { revision: None }
+        );
         for state in states {
             // No claim of its own: the record is never the letter's.
             let record = snapshot(state, y);
@@ -277,26 +326,23 @@ mod tests {
             // Its own payload's record.
             let own = snapshot(state, x);
             let expected = match state {
-                ClaimState::Dead => Replay::Reopen { revision: 9 },
+                ClaimState::Dead | ClaimState::Released => Replay::Reopen { revision: Some(9) },
                 ClaimState::Done => Replay::AlreadyDone,
-                ClaimState::Released => Replay::Republish,
                 ClaimState::Pending { .. } => Replay::InFlight,
             };
             assert_eq!(replay(LetterClaim::Held(x), Some(&own)), expected);
             // A letter without a fingerprint never counts a done record as
             // its own unless the record has none either.
             let expected = match state {
-                ClaimState::Dead => Replay::Reopen { revision: 9 },
+                ClaimState::Dead | ClaimState::Released => Replay::Reopen { revision: Some(9) },
                 ClaimState::Done => Replay::Unknown,
-                ClaimState::Released => Replay::Republish,
                 ClaimState::Pending { .. } => Replay::InFlight,
             };
             assert_eq!(replay(LetterClaim::Held(None), Some(&own)), expected);
             let blind = snapshot(state, None);
             let expected = match state {
-                ClaimState::Dead => Replay::Reopen { revision: 9 },
+                ClaimState::Dead | ClaimState::Released => Replay::Reopen { revision: Some(9) },
                 ClaimState::Done => Replay::AlreadyDone,
-                ClaimState::Released => Replay::Republish,
                 ClaimState::Pending { .. } => Replay::InFlight,
             };
             assert_eq!(replay(LetterClaim::Held(None), Some(&blind)), expected);

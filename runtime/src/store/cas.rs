@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::{DedupStore, StoreError};
-use crate::claim::operator::{REOPENED_ATTEMPTS, Written};
+use crate::claim::operator::{Written, reopened};
 use crate::claim::{
     Claim, ClaimOutcome, ClaimRecord, ClaimState, Decision, Owner, Snapshot, Transition, decide,
 };
@@ -406,27 +406,32 @@ impl<M: RevisionedMap> DedupStore for CasStore<M> {
         })
     }
 
-    async fn reopen(&self, key: &RecordKey, dead: &Snapshot) -> Result<Written, StoreError> {
-        if dead.record.state != ClaimState::Dead {
+    async fn reopen(
+        &self,
+        key: &RecordKey,
+        found: Option<&Snapshot>,
+        fingerprint: Option<Fingerprint>,
+    ) -> Result<Written, StoreError> {
+        let record = found.map(|s| &s.record);
+        if record.is_some_and(|r| !matches!(r.state, ClaimState::Dead | ClaimState::Released)) {
             return Ok(Written::Moved);
         }
-        let reopened = ClaimRecord {
-            state: ClaimState::Released,
-            attempt: REOPENED_ATTEMPTS,
-            result: None,
-            updated_at: self.clock.now(),
-            ..dead.record.clone()
-        };
-        Ok(
-            match self
-                .map
-                .update(key.as_str(), reopened.encode(), dead.revision)
-                .await?
-            {
-                Write::Written(_) => Written::Applied,
-                Write::Conflict => Written::Moved,
+        let next = reopened(record, fingerprint, self.owner, self.clock.now());
+        let written = match found {
+            Some(found) => {
+                self.map
+                    .update(key.as_str(), next.encode(), found.revision)
+                    .await?
+            }
+            None => match self.map.create(key.as_str(), next.encode()).await? {
+                Create::Created(revision) => Write::Written(revision),
+                Create::Exists(_) => Write::Conflict,
             },
-        )
+        };
+        Ok(match written {
+            Write::Written(_) => Written::Applied,
+            Write::Conflict => Written::Moved,
+        })
     }
 }
 

@@ -120,14 +120,19 @@ pub trait DedupStore: Send + Sync + 'static {
         revision: u64,
     ) -> impl Future<Output = Result<Written, StoreError>> + Send;
 
-    /// Gives a `dead` record back to its own payload (`idem dead replay`):
-    /// a compare-and-set on `dead`'s revision to `released`, attempts
-    /// counted afresh. Only the payload it holds can claim it then; another
-    /// is still a key conflict. [`Written::Moved`] if the record is no
-    /// longer that dead record.
+    /// Makes the key its payload's again for a replay (`idem dead replay`,
+    /// [`Replay::Reopen`](crate::claim::operator::Replay::Reopen)): the
+    /// [`reopened`](crate::claim::operator::reopened) record written over
+    /// `found` (a `dead` or `released` record) by a compare-and-set on its
+    /// revision, or — `found` being `None` — created for `fingerprint`.
+    /// Only that payload can claim it then; another is still a key
+    /// conflict. [`Written::Moved`] if the record is no longer what was
+    /// read (on PostgreSQL the write first waits for a worker's
+    /// uncommitted claim of the key).
     fn reopen(
         &self,
         key: &RecordKey,
-        dead: &Snapshot,
+        found: Option<&Snapshot>,
+        fingerprint: Option<Fingerprint>,
     ) -> impl Future<Output = Result<Written, StoreError>> + Send;
 }

@@ -725,9 +725,11 @@ pub async fn a_reopened_dead_key_is_its_own_payloads_again<F: Fixture>(f: &F) {
         .expect("inspect")
         .expect("a pending record");
     assert_eq!(
-        a.reopen(&key, &pending).await.expect("reopen"),
+        a.reopen(&key, Some(&pending), payload_a())
+            .await
+            .expect("reopen"),
         Written::Moved,
-        "only a dead record is reopened"
+        "a held record is not reopened"
     );
     a.mark_dead(&claim).await.expect("mark_dead");
     let dead = a
@@ -736,12 +738,16 @@ pub async fn a_reopened_dead_key_is_its_own_payloads_again<F: Fixture>(f: &F) {
         .expect("inspect")
         .expect("a dead record");
     assert_eq!(
-        a.reopen(&key, &dead).await.expect("reopen"),
+        a.reopen(&key, Some(&dead), payload_a())
+            .await
+            .expect("reopen"),
         Written::Applied
     );
     assert_eq!(record_state(&a, &key).await.0, ClaimState::Released);
     assert_eq!(
-        a.reopen(&key, &dead).await.expect("reopen"),
+        a.reopen(&key, Some(&dead), payload_a())
+            .await
+            .expect("reopen"),
         Written::Moved,
         "a second reopen of the same dead record"
     );
@@ -753,6 +759,26 @@ pub async fn a_reopened_dead_key_is_its_own_payloads_again<F: Fixture>(f: &F) {
     );
     let again = claimed(&b, &key, f.lease()).await;
     assert_eq!(again.attempt(), 1, "a fresh retry budget");
+
+    // A key with no record (expired, purged, forgotten) is created released
+    // for the letter's payload — unless a claimer got there first.
+    let gone = self::key("reopen-absent");
+    assert_eq!(
+        a.reopen(&gone, None, payload_a()).await.expect("reopen"),
+        Written::Applied
+    );
+    assert_eq!(record_state(&a, &gone).await.0, ClaimState::Released);
+    assert_eq!(
+        b.claim(&gone, payload_b(), f.lease()).await.expect("claim"),
+        ClaimOutcome::KeyConflict {
+            stored: payload_a()
+        }
+    );
+    assert_eq!(
+        a.reopen(&gone, None, payload_a()).await.expect("reopen"),
+        Written::Moved,
+        "created meanwhile"
+    );
 }
 
 async fn revision_of<S: DedupStore>(store: &S, key: &RecordKey) -> u64 {
