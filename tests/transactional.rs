@@ -550,6 +550,87 @@ async fn a_dead_letter_stalled_past_the_lease_keeps_its_transaction_and_the_key_
 }
 
 #[tokio::test]
+async fn a_dead_letters_transaction_ended_under_it_leaves_the_key_its_payloads() {
+    const LEASE: Duration = Duration::from_secs(2);
+    let setup = Setup::new().await;
+    let server: std::net::SocketAddr = setup
+        .url
+        .trim_start_matches("nats://")
+        .parse()
+        .expect("the server's address");
+    let proxy = Arc::new(Proxy::start(server).await.expect("proxy"));
+    let stalling = Ledger {
+        stall_on_poison: Some(proxy.clone()),
+        ..setup.ledger.clone()
+    };
+    let a = setup
+        .worker_through(
+            &proxy.url(),
+            stalling,
+            setup.db.pool().clone(),
+            |b| b,
+            |config: HandlerConfig| config.lease(LEASE),
+        )
+        .await;
+    let poison = Transfer {
+        poison: true,
+        ..transfer("t-ended", 10)
+    };
+    setup.publish(&poison, "poison").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while proxy.flow() != idem::testing::Flow::Stalled {
+        assert!(Instant::now() < deadline, "the poison transfer never ran");
+        sleep(Duration::from_millis(10)).await;
+    }
+    // The worker's transaction (with its uncommitted claim) is ended under
+    // it while its dead letter waits: a lost connection, a restarted
+    // database, an operator's pg_terminate_backend.
+    let holder: i32 = sqlx::query_scalar(
+        "SELECT l.pid FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
+         JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE n.nspname = $1 AND c.relname = 'idem_inbox' AND l.mode = 'RowExclusiveLock' LIMIT 1",
+    )
+    .bind(&setup.ledger.schema)
+    .fetch_one(setup.db.pool())
+    .await
+    .expect("the worker's session");
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(holder)
+        .execute(setup.db.pool())
+        .await
+        .expect("terminate it");
+    sleep(LEASE).await;
+    // Another payload's claim of the key must find it taken.
+    let mut probe = setup.db.pool().begin().await.expect("begin");
+    sqlx::query("SET LOCAL lock_timeout = 300")
+        .execute(&mut *probe)
+        .await
+        .expect("lock_timeout");
+    let claimed = sqlx::query(&format!(
+        "INSERT INTO \"{}\".idem_inbox (handler, key, state, owner, attempt, created_at, updated_at) \
+         VALUES ('apply_transfer', 'k.t-ended', 'done', gen_random_uuid(), 1, 0, 0) ON CONFLICT DO NOTHING",
+        setup.ledger.schema
+    ))
+    .execute(&mut *probe)
+    .await;
+    match claimed {
+        Ok(done) if done.rows_affected() == 0 => {}
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => {}
+        other => panic!("the key was free for another payload: {other:?}"),
+    }
+    drop(probe);
+    proxy.open();
+    a.wait_for("X dead-lettered", |w| w.count(Outcome::DeadLettered) == 1)
+        .await;
+    setup.publish(&transfer("t-ended", 999), "reused").await;
+    a.wait_for("Y answered", |w| w.count(Outcome::KeyConflict) == 1)
+        .await;
+    assert_eq!(setup.applied("t-ended").await, 0);
+    assert_eq!(setup.balances().await, (1000, 1000));
+    a.stop().await;
+}
+
+#[tokio::test]
 async fn an_interrupted_handler_leaves_nothing_and_the_next_worker_applies_once() {
     let setup = Setup::new().await;
     let first = setup.worker(setup.db.pool().clone()).await;

@@ -189,7 +189,7 @@ impl Letter {
             .iter()
             .filter(|(name, _)| {
                 let name: &str = name.as_ref();
-                !headers::is_idems(name) && name != idem::MSG_ID_HEADER
+                !headers::is_idems(name) && !headers::is_server_directive(name)
             })
             .flat_map(|(name, values)| {
                 let name: &str = name.as_ref();
@@ -460,6 +460,8 @@ enum Outcome {
     /// The record kept moving under the replay (workers busy with the key):
     /// the letter is kept; replay it again later.
     Busy,
+    /// Its `Idem-Key` or `Idem-Store` does not read: the letter is kept.
+    Unreadable,
 }
 
 impl Outcome {
@@ -468,6 +470,7 @@ impl Outcome {
             Outcome::Decided(replay) => replay.as_str(),
             Outcome::ReplayedElsewhere => "replayed_elsewhere",
             Outcome::Busy => "busy",
+            Outcome::Unreadable => "unreadable",
         }
     }
 }
@@ -527,7 +530,15 @@ impl<'a> Replayer<'a> {
     }
 
     async fn one(&mut self, letter: &Letter) -> Result<Outcome, CliError> {
-        let claimed = claimed(letter)?;
+        let claimed = match claimed(letter) {
+            Ok(claimed) => claimed,
+            // One letter whose idem headers do not read stops nothing
+            // else: it is kept and reported.
+            Err(e) => {
+                warn_letter(letter.sequence, &e);
+                return Ok(Outcome::Unreadable);
+            }
+        };
         let mut decided = None;
         for _ in 0..ROUNDS {
             let decision = match &claimed {
@@ -674,6 +685,10 @@ impl<'a> Replayer<'a> {
             .get(schema)
             .ok_or_else(|| CliError::NotFound(format!("inbox schema `{schema}`")))
     }
+}
+
+fn warn_letter(sequence: u64, error: &CliError) {
+    eprintln!("idem: dead letter {sequence} is kept: {error}");
 }
 
 /// The claim a letter names, if it held one.

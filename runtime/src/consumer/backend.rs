@@ -334,6 +334,24 @@ impl Held {
         }
     }
 
+    /// After a failed renewal while the claim must stay this payload's (a
+    /// dead letter being stored): a transaction that may be gone — its
+    /// session ended, the row's lock and an uncommitted claim with it — is
+    /// given up, and the row written on its own as kept for this payload,
+    /// so that no other payload claims the key meanwhile. Its ending is
+    /// then written on its own too ([`Held::RolledBack`]). A KV claim needs
+    /// nothing: it stays pending until its lease runs out.
+    pub(crate) async fn secure(&mut self, backend: &Backend) {
+        #[cfg(feature = "postgres")]
+        if let (Held::Tx { tx, claim }, Backend::Transactional(inbox)) = (&*self, backend) {
+            roll_back(tx).await;
+            end_alone(inbox, claim, End::Kept).await;
+            *self = Held::RolledBack(claim.clone());
+        }
+        #[cfg(not(feature = "postgres"))]
+        let _ = backend;
+    }
+
     /// Whether the claim is still this worker's, confirmed by the store
     /// (a renewal) before an irreversible step such as a dead letter.
     /// `Err`: the store could not say.

@@ -51,8 +51,29 @@ pub mod headers {
     /// assert!(!is_idems("Idempotency-Key"));
     /// ```
     pub fn is_idems(name: &str) -> bool {
-        name.get(..PREFIX.len())
-            .is_some_and(|prefix| prefix.eq_ignore_ascii_case(PREFIX))
+        starts_with_ignoring_case(name, PREFIX)
+    }
+
+    /// Whether a header name is one the NATS server acts on when a message
+    /// is published (`Nats-Msg-Id`, `Nats-Expected-Stream`,
+    /// `Nats-Expected-Last-*`, `Nats-TTL`, `Nats-Rollup`, …): a dead letter
+    /// and a replayed copy carry none of the original's, or a producer's
+    /// header could keep its letter from being stored, expire it, or make
+    /// the replay fail.
+    ///
+    /// ```
+    /// use idem::consumer::headers::is_server_directive;
+    ///
+    /// assert!(is_server_directive("Nats-Expected-Stream") && is_server_directive("nats-ttl"));
+    /// assert!(!is_server_directive("traceparent"));
+    /// ```
+    pub fn is_server_directive(name: &str) -> bool {
+        starts_with_ignoring_case(name, "Nats-")
+    }
+
+    fn starts_with_ignoring_case(name: &str, prefix: &str) -> bool {
+        name.get(..prefix.len())
+            .is_some_and(|start| start.eq_ignore_ascii_case(prefix))
     }
 }
 
@@ -64,6 +85,10 @@ pub(crate) struct Record<'a> {
     pub(crate) store: String,
     /// The fingerprint of the payload that held it.
     pub(crate) fingerprint: Option<crate::fingerprint::Fingerprint>,
+    /// The claim's revision when the letter was sent: one letter id per
+    /// claim, so a letter of a later claim of the same original (after a
+    /// replay reopened its key) is not dropped as a duplicate of this one.
+    pub(crate) revision: u64,
 }
 
 /// Why a message is dead-lettered, with the error for `Idem-Error`.
@@ -89,7 +114,7 @@ pub(crate) async fn publish(
     if let Some(id) = delivery.message_id() {
         out.insert(headers::MESSAGE_ID, id);
     }
-    if let Some(record) = record {
+    if let Some(record) = &record {
         out.insert(headers::KEY, record.key.as_str());
         out.insert(headers::STORE, record.store.as_str());
         if let Some(fingerprint) = record.fingerprint {
@@ -106,11 +131,11 @@ pub(crate) async fn publish(
         headers::SEQUENCE,
         delivery.stream_sequence().to_string().as_str(),
     );
-    let id = format!(
-        "idem-dead-{}-{}-{}",
-        config.name,
+    let id = letter_id(
+        &config.name,
         delivery.stream(),
-        delivery.stream_sequence()
+        delivery.stream_sequence(),
+        record.as_ref().map(|r| r.revision),
     );
     out.insert(crate::MSG_ID_HEADER, id.as_str());
     js.publish_with_headers(config.dead_letter.clone(), out, delivery.payload().clone())
@@ -119,15 +144,16 @@ pub(crate) async fn publish(
     Ok(())
 }
 
-/// The original's headers a dead letter keeps: all but its message id (the
-/// letter has its own) and any header in idem's namespace — a producer's
-/// `Idem-Key` or `Idem-Store` would otherwise point an operator's replay
-/// at another message's record.
+/// The original's headers a dead letter keeps: all but those the server
+/// acts on (its message id — the letter has its own —, expectations, TTLs,
+/// rollups) and any in idem's namespace — a producer's `Idem-Key` or
+/// `Idem-Store` would otherwise point an operator's replay at another
+/// message's record.
 fn original_headers(original: &HeaderMap) -> HeaderMap {
     let mut out = HeaderMap::new();
     for (name, values) in original.iter() {
         let name_str: &str = name.as_ref();
-        if name_str == crate::MSG_ID_HEADER || headers::is_idems(name_str) {
+        if headers::is_server_directive(name_str) || headers::is_idems(name_str) {
             continue;
         }
         for value in values {
@@ -135,6 +161,17 @@ fn original_headers(original: &HeaderMap) -> HeaderMap {
         }
     }
     out
+}
+
+/// A dead letter's message id: derived from the original's stream position
+/// (a resend after a lost PubAck is dropped by the duplicate window) and,
+/// when the message held a claim, the claim's revision — so the letter of a
+/// later claim of the same original is stored too.
+fn letter_id(handler: &str, stream: &str, sequence: u64, revision: Option<u64>) -> String {
+    match revision {
+        Some(revision) => format!("idem-dead-{handler}-{stream}-{sequence}-{revision}"),
+        None => format!("idem-dead-{handler}-{stream}-{sequence}"),
+    }
 }
 
 /// Header values are one line: control characters become spaces, and very
@@ -161,6 +198,8 @@ mod tests {
         original.insert("Idem-Key", "victim.k.order-1");
         original.insert("idem-store", "kv:idem_claims");
         original.insert("IDEM-Fingerprint", "00");
+        original.insert("Nats-Expected-Stream", "ORDERS");
+        original.insert("Nats-TTL", "1s");
         original.insert(crate::MSG_ID_HEADER, "m-1");
         original.insert("Traceparent", "00-abc-def-01");
         original.insert("Idempotency-Key", "order-1");
@@ -169,6 +208,19 @@ mod tests {
         assert_eq!(kept.iter().count(), 2, "{names:?}");
         assert!(kept.get("Traceparent").is_some());
         assert!(kept.get("Idempotency-Key").is_some(), "not idem's: kept");
+    }
+
+    #[test]
+    fn every_claim_of_an_original_has_a_letter_id_of_its_own() {
+        let handler = "ship";
+        assert_ne!(
+            letter_id(handler, "ORDERS", 7, Some(3)),
+            letter_id(handler, "ORDERS", 7, Some(9))
+        );
+        assert_eq!(
+            letter_id(handler, "ORDERS", 7, None),
+            "idem-dead-ship-ORDERS-7"
+        );
     }
 
     #[test]

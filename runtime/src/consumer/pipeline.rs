@@ -137,8 +137,8 @@ impl<H: Handler> Shared<H> {
             return boxed(self.finish(message, delivery, held, attempt, ran)).await;
         }
         let key = RecordKey::new(&self.name, &prepared.key);
-        // dedup = kv: one delivery per key at a time in this process, and
-        // duplicates of what it completed answered from memory.
+        // dedup = kv: one delivery per key at a time in this process (a
+        // duplicate waits for its original; the store answers it then).
         let mut _working = None;
         if let Backend::Kv(_) = self.backend {
             let Some(working) = self.work_on(&key).await else {

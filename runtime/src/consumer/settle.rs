@@ -298,16 +298,17 @@ impl<H: Handler> Shared<H> {
             Err(e) => return self.store_unavailable(message, delivery, e).await,
         }
         let reason = Reason { code, error };
-        let claimed = held.claim().map(|c| (c.key.clone(), c.fingerprint));
-        let record =
-            claimed
-                .as_ref()
-                .zip(self.backend.location())
-                .map(|((key, fingerprint), store)| dead_letter::Record {
-                    key,
-                    store,
-                    fingerprint: *fingerprint,
-                });
+        let claimed = held
+            .claim()
+            .map(|c| (c.key.clone(), c.fingerprint, c.revision));
+        let record = claimed.as_ref().zip(self.backend.location()).map(
+            |((key, fingerprint, revision), store)| dead_letter::Record {
+                key,
+                store,
+                fingerprint: *fingerprint,
+                revision: *revision,
+            },
+        );
         // The letter's PubAck may take a while (a stalled link, a slow
         // leader): meanwhile the original is kept in progress and the claim
         // held — a KV lease renewed, a transaction kept from its idle
@@ -373,7 +374,10 @@ async fn keep_held<T>(
                     Ok(Transition::LeaseLost { .. }) => {
                         warn!("the claim was taken over while its dead letter was being stored");
                     }
-                    Err(e) => warn!(error = %e, "could not renew the claim while its dead letter was being stored"),
+                    Err(e) => {
+                        warn!(error = %e, "could not renew the claim while its dead letter was being stored; keeping the key for its payload on its own");
+                        held.secure(backend).await;
+                    }
                 }
             }
         }
