@@ -253,7 +253,13 @@ impl<M: RevisionedMap> CasStore<M> {
                     return Ok((Transition::LeaseLost { current_owner }, None));
                 }
             };
-            if same_state(&current.record.state, &next.state) {
+            // Its own earlier write of the same end state: done. (Not for a
+            // renewal: that earlier write may be a lease/3 old, and readers
+            // have watched its revision since then — extending the lease
+            // from it would let the owner's deadline run past what a reader
+            // observes. A renewal writes afresh on the revision found.)
+            let renewal = matches!(next.state, ClaimState::Pending { .. });
+            if !renewal && same_state(&current.record.state, &next.state) {
                 return Ok((Transition::Applied, Some(current)));
             }
             if !matches!(current.record.state, ClaimState::Pending { .. }) {
@@ -437,7 +443,12 @@ impl<M: RevisionedMap> DedupStore for CasStore<M> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
     use std::time::Duration;
+
+    use bytes::Bytes;
+
+    use super::{Create, RevisionedMap, StoreError, Write};
 
     use crate::claim::{ClaimOutcome, Owner};
     use crate::clock::ManualClock;
@@ -463,6 +474,85 @@ mod tests {
         let a = MemoryStore::with_clock(Duration::from_secs(3600), first);
         let b = a.as_owner(Owner::random()).using_clock(second.clone());
         (a, b, second)
+    }
+
+    /// A map whose next update is applied but answered with an error (a
+    /// lost answer).
+    #[derive(Clone)]
+    struct LosesAnAnswer {
+        map: crate::store::MemoryMap,
+        lose: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl RevisionedMap for LosesAnAnswer {
+        async fn create(&self, key: &str, value: Bytes) -> Result<Create, StoreError> {
+            self.map.create(key, value).await
+        }
+        async fn read(&self, key: &str) -> Result<Option<(Bytes, u64)>, StoreError> {
+            self.map.read(key).await
+        }
+        async fn update(
+            &self,
+            key: &str,
+            value: Bytes,
+            revision: u64,
+        ) -> Result<Write, StoreError> {
+            let written = self.map.update(key, value, revision).await?;
+            if self.lose.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                return Err(StoreError::unavailable(
+                    crate::store::StoreOp::Update,
+                    "the answer was lost",
+                ));
+            }
+            Ok(written)
+        }
+        async fn delete_at(&self, key: &str, revision: u64) -> Result<Write, StoreError> {
+            self.map.delete_at(key, revision).await
+        }
+        fn retention(&self) -> Duration {
+            self.map.retention()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_renewal_after_a_lost_answer_writes_afresh_so_readers_watch_from_now() {
+        let memory = MemoryStore::new(Duration::from_secs(3600));
+        let lose = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let store = super::CasStore::over(LosesAnAnswer {
+            map: memory.map().clone(),
+            lose: lose.clone(),
+        });
+        let ClaimOutcome::Claimed(mut claim) =
+            store.claim(&key(), None, LEASE).await.expect("claim")
+        else {
+            panic!("a fresh key is free");
+        };
+        // A renewal is applied, its answer lost.
+        lose.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(store.renew(&mut claim).await.is_err());
+        let earlier = store
+            .inspect(&key())
+            .await
+            .expect("read")
+            .expect("record")
+            .revision;
+        // The next renewal finds that write: it must not extend the lease
+        // from it, but write again, so that readers watch from now.
+        assert_eq!(
+            store.renew(&mut claim).await.expect("renew"),
+            crate::claim::Transition::Applied
+        );
+        let now = store
+            .inspect(&key())
+            .await
+            .expect("read")
+            .expect("record")
+            .revision;
+        assert!(
+            now > earlier,
+            "the renewal did not write: {now} after {earlier}"
+        );
+        assert_eq!(claim.revision(), now);
     }
 
     #[tokio::test]
