@@ -31,3 +31,36 @@ mod pg {
             .expect("a PostgreSQL schema (DATABASE_URL)")
     });
 }
+
+/// An inbox row in a state this version does not know is an error naming
+/// it — never read as some state it might not be.
+#[tokio::test]
+async fn an_inbox_row_in_an_unknown_state_is_refused_naming_it() {
+    use idem::store::{DedupStore, PgStore};
+    let db = idem::testing::TestDatabase::create()
+        .await
+        .expect("a PostgreSQL schema (DATABASE_URL)");
+    let s = db.schema();
+    for statement in [
+        format!("ALTER TABLE \"{s}\".idem_inbox DROP CONSTRAINT idem_inbox_state_check"),
+        format!(
+            "INSERT INTO \"{s}\".idem_inbox (handler, key, state, owner, attempt, created_at, updated_at) \
+             VALUES ('ship', 'k.o-1', 'archived', gen_random_uuid(), 1, 0, 9999999999999)"
+        ),
+    ] {
+        sqlx::query(&statement)
+            .execute(db.pool())
+            .await
+            .expect("set up");
+    }
+    let inbox = PgStore::open(db.pool().clone(), s, std::time::Duration::from_secs(3600))
+        .await
+        .expect("inbox");
+    let key = idem::key::RecordKey::new(
+        &idem::key::HandlerName::new("ship").expect("name"),
+        &idem::key::IdempotencyKey::new("o-1").expect("key"),
+    );
+    let read = inbox.inspect(&key).await;
+    let error = read.expect_err("an unknown state must not read as a record");
+    assert!(format!("{error:?}").contains("archived"), "{error:?}");
+}

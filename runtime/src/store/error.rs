@@ -42,8 +42,10 @@ impl fmt::Display for StoreOp {
 #[non_exhaustive]
 pub enum StoreError {
     /// The store did not answer, or answered with an error: disconnected,
-    /// timed out, no JetStream, no quorum.
-    #[error("the dedup store could not {op}: {source}; the handler was not run (fail closed)")]
+    /// timed out, no JetStream, no quorum. (What follows for the handler is
+    /// the caller's to say: a claim that fails means it does not run, a
+    /// completion that fails is retried after it ran.)
+    #[error("the dedup store could not {op}: {source}")]
     Unavailable {
         /// What was attempted.
         op: StoreOp,
@@ -166,5 +168,18 @@ impl StoreError {
             op,
             source: source.into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_store_error_does_not_say_what_happened_to_the_handler() {
+        // A completion's failure comes after the handler ran: the message
+        // must not claim it did not (the caller says what follows).
+        let failed = StoreError::unavailable(StoreOp::Update, "timed out");
+        assert!(!failed.to_string().contains("not run"), "{failed}");
     }
 }

@@ -342,7 +342,14 @@ fn record_of(row: &PgRow) -> Result<(ClaimRecord, u64), sqlx::Error> {
         },
         "released" => ClaimState::Released,
         "done" => ClaimState::Done,
-        _ => ClaimState::Dead,
+        "dead" => ClaimState::Dead,
+        // Fail closed: a state this version does not know is not guessed
+        // (it was read as `dead`, and a redelivery acknowledged unrun).
+        unknown => {
+            return Err(sqlx::Error::Decode(
+                format!("idem_inbox.state {unknown:?} is not a claim state this idem knows").into(),
+            ));
+        }
     };
     let fingerprint = fingerprint_column(row.try_get("fingerprint")?);
     let result: Option<Vec<u8>> = row.try_get("result")?;
