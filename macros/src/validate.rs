@@ -108,6 +108,15 @@ fn served(options: &Options, errors: &mut Errors) {
             }
         }
         (None, Some(_)) => {
+            if let Some(store) = &options.store_result
+                && !store.value
+            {
+                errors.push(
+                    store.name.span(),
+                    "a service answers every repeat of a request with the stored result: \
+                     with `store_result = false` repeats would get an empty body; remove it",
+                );
+            }
             if options.subject.is_none() {
                 errors.push(
                     Span::call_site(),

@@ -92,6 +92,16 @@ pub enum ConfigError {
         /// The handler.
         handler: String,
     },
+    /// A request/reply handler told not to store its result: every repeat
+    /// of a request would be answered with an empty body.
+    #[error(
+        "handler `{handler}`: a service handler answers every repeat of a request with the stored result; \
+         without `store_result` repeats would get an empty body"
+    )]
+    ServiceWithoutStoredResult {
+        /// The handler.
+        handler: String,
+    },
     /// A bad subject.
     #[error("handler `{handler}`: {option}: {source}")]
     Subject {
@@ -478,6 +488,9 @@ impl HandlerConfig {
             Some(_) if self.subject.is_none() => {
                 return Err(ConfigError::NoEndpointSubject { handler: handler() });
             }
+            Some(_) if !self.store_result => {
+                return Err(ConfigError::ServiceWithoutStoredResult { handler: handler() });
+            }
             Some(_) => {}
             None if self.stream.is_empty() => {
                 return Err(ConfigError::NoStream { handler: handler() });
@@ -537,6 +550,7 @@ mod tests {
             ConfigError::NoStream { .. } => "NoStream",
             ConfigError::ServiceName { .. } => "ServiceName",
             ConfigError::NoEndpointSubject { .. } => "NoEndpointSubject",
+            ConfigError::ServiceWithoutStoredResult { .. } => "ServiceWithoutStoredResult",
             ConfigError::Subject { .. } => "Subject",
             ConfigError::DeadLetterLoop { .. } => "DeadLetterLoop",
             ConfigError::ZeroConcurrency { .. } => "ZeroConcurrency",
@@ -559,6 +573,12 @@ mod tests {
                 "ServiceName",
             ),
             (HandlerConfig::service("h", "payments"), "NoEndpointSubject"),
+            (
+                HandlerConfig::service("h", "payments")
+                    .subject("a")
+                    .store_result(false),
+                "ServiceWithoutStoredResult",
+            ),
             (base().subject("orders..x"), "Subject"),
             (base().dead_letter("dead.*"), "Subject"),
             (base().dead_letter("orders.created"), "DeadLetterLoop"),
