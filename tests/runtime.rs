@@ -728,6 +728,22 @@ async fn health_is_ready_while_all_works_and_names_what_does_not() {
         .expect("the store's error");
     assert!(!error.message.is_empty());
 
+    // The store comes back while the handler has nothing to claim (the
+    // message is gone): it is ready again all the same.
+    setup
+        .js
+        .get_stream(STREAM)
+        .await
+        .expect("stream")
+        .purge()
+        .await
+        .expect("purge");
+    setup.claims().await;
+    until("ready again once the store answers", || {
+        running.health.now().is_ready()
+    })
+    .await;
+
     // The server is gone: not connected.
     setup.server.kill().expect("kill the server");
     until("disconnected", || !running.health.now().connected).await;

@@ -139,6 +139,11 @@ impl HandlerStatus {
         }
     }
 
+    /// Whether the dedup store was last found unreachable.
+    pub(crate) fn store_is_unreachable(&self) -> bool {
+        self.store_unreachable.load(Ordering::Relaxed)
+    }
+
     /// The dedup store could not be reached.
     pub(crate) fn store_failed(&self, error: &dyn std::fmt::Display) {
         self.store_unreachable.store(true, Ordering::Relaxed);
@@ -154,5 +159,31 @@ impl HandlerStatus {
             at: SystemTime::now(),
             message: error.to_string(),
         });
+    }
+}
+
+/// How often an idle handler whose store was found unreachable looks again.
+const STORE_LOOK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// While `status` says the store is unreachable, looks at it every
+/// [`STORE_LOOK_EVERY`] (`answers`: a cheap read) and clears the mark when
+/// it answers — so that a handler with nothing to claim does not stay
+/// not-ready after its store came back. Until `stop`.
+pub(crate) async fn watch_store<F, Fut>(
+    status: std::sync::Arc<HandlerStatus>,
+    answers: F,
+    stop: tokio_util::sync::CancellationToken,
+) where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(STORE_LOOK_EVERY) => {}
+            () = stop.cancelled() => return,
+        }
+        if status.store_is_unreachable() && answers().await {
+            status.store_answered();
+        }
     }
 }

@@ -76,7 +76,9 @@ impl fmt::Display for Registered {
     }
 }
 
-fn key(config: &HandlerConfig) -> String {
+/// The registration's key: also what the health probe reads to see whether
+/// the bucket answers.
+pub(super) fn key(config: &HandlerConfig) -> String {
     format!("idem=handlers.{}", config.name)
 }
 

@@ -83,6 +83,7 @@ impl<H> Shared<H> {
     /// inbox's purge of rows past the retention (`transactional`).
     pub(super) fn start_housekeeping(&self, stop: &CancellationToken) {
         let config = &self.config;
+        let status = self.status.clone();
         match &self.backend {
             Backend::Kv(store) => {
                 let keeper = super::name_registry::keep_registered(
@@ -91,6 +92,19 @@ impl<H> Shared<H> {
                     stop.clone(),
                 );
                 tokio::spawn(keeper);
+                let store = (**store).clone();
+                let probe = super::name_registry::key(config);
+                tokio::spawn(super::health::watch_store(
+                    status,
+                    move || {
+                        let (store, probe) = (store.clone(), probe.clone());
+                        async move {
+                            use crate::store::RevisionedMap;
+                            store.map().read(&probe).await.is_ok()
+                        }
+                    },
+                    stop.clone(),
+                ));
             }
             #[cfg(feature = "postgres")]
             Backend::Transactional(inbox) => {
@@ -99,6 +113,15 @@ impl<H> Shared<H> {
                         .clone()
                         .purge_loop(config.name.clone(), config.retention, stop.clone());
                 tokio::spawn(purge);
+                let inbox = inbox.clone();
+                tokio::spawn(super::health::watch_store(
+                    status,
+                    move || {
+                        let inbox = inbox.clone();
+                        async move { inbox.answers().await }
+                    },
+                    stop.clone(),
+                ));
             }
             Backend::Off => {}
         }

@@ -508,6 +508,11 @@ impl TxInbox {
         .map(drop)
     }
 
+    /// Whether the database answers a statement (for the health probe).
+    pub(crate) async fn answers(&self) -> bool {
+        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+    }
+
     /// Deletes the handler's completed rows past the retention, every
     /// quarter of the retention (at least every minute, at most every hour),
     /// until `stop`.
