@@ -113,12 +113,67 @@ pub fn parse(event: &async_nats::Event) -> Option<Denial> {
     })
 }
 
-/// The first refusal recorded at or after `since`.
-pub(crate) fn denied_since(since: Instant) -> Option<Denial> {
+/// The first refusal recorded at or after `since` of a subject `concerns`
+/// admits. (Refusals are heard process-wide — async-nats gives them to a
+/// connection's callback without saying which request met them — so a
+/// caller names what it could have caused: another part of the program
+/// publishing to a subject it may not must not be blamed on it.)
+pub(crate) fn denied_since(since: Instant, concerns: impl Fn(&str) -> bool) -> Option<Denial> {
     DENIALS
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .iter()
-        .find(|d| d.at >= since)
+        .find(|d| d.at >= since && concerns(&d.subject))
         .cloned()
+}
+
+/// Whether a refused subject is one a handler's start-up asks for: the
+/// JetStream API about its stream, consumer, dead-letter stream or a claim
+/// bucket (or the account's JetStream info), the claim buckets' own
+/// subjects, reply inboxes, and its service's subjects.
+pub(crate) fn concerns_start_up(config: &crate::handler::HandlerConfig, subject: &str) -> bool {
+    let mentions = |name: &str| {
+        !name.is_empty()
+            && subject
+                .split('.')
+                .any(|token| token == name || token.strip_prefix("KV_").is_some())
+    };
+    let api = subject.starts_with("$JS.API.")
+        && (subject == "$JS.API.INFO"
+            || subject.starts_with("$JS.API.STREAM.NAMES")
+            || mentions(&config.stream)
+            || mentions(&config.consumer)
+            || mentions(crate::consumer::DEAD_LETTER_STREAM));
+    let service = config.service.is_some()
+        && (subject.starts_with("$SRV.") || config.subject.as_deref() == Some(subject));
+    api || service || subject.starts_with("$KV.") || subject.starts_with("_INBOX.")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::handler::HandlerConfig;
+
+    #[test]
+    fn an_unrelated_refusal_is_not_blamed_on_a_handlers_start_up() {
+        let config = HandlerConfig::new("ship_order", "ORDERS");
+        for unrelated in [
+            "orders.audit",
+            "$JS.API.STREAM.INFO.PAYMENTS",
+            "$JS.API.CONSUMER.INFO.PAYMENTS.charge",
+        ] {
+            assert!(!concerns_start_up(&config, unrelated), "{unrelated}");
+        }
+        for related in [
+            "$JS.API.STREAM.INFO.ORDERS",
+            "$JS.API.CONSUMER.DURABLE.CREATE.ORDERS.ship_order",
+            "$JS.API.STREAM.INFO.KV_idem_claims",
+            "$JS.API.STREAM.INFO.IDEM_DEAD_LETTERS",
+            "$JS.API.STREAM.NAMES",
+            "$KV.idem_claims.idem=handlers.ship_order",
+            "_INBOX.abc.def",
+        ] {
+            assert!(concerns_start_up(&config, related), "{related}");
+        }
+    }
 }

@@ -247,7 +247,9 @@ pub(super) async fn patiently<T, F: Future<Output = Result<T, RuntimeError>>>(
         // Silence the server explained as a permission violation (seen when
         // the client was connected with `idem::permissions::watch`).
         if result.is_err()
-            && let Some(denial) = crate::permissions::denied_since(began)
+            && let Some(denial) = crate::permissions::denied_since(began, |subject| {
+                crate::permissions::concerns_start_up(config, subject)
+            })
         {
             return Err(RuntimeError::PermissionDenied {
                 handler: config.name.clone(),
