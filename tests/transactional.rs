@@ -296,6 +296,67 @@ impl Setup {
             .expect("PubAck");
     }
 
+    /// A worker (lease `lease`) reaching the broker through a proxy, and a
+    /// poison transfer `id` it has run: the handler stalled the link just
+    /// before failing, so the transfer's dead letter now waits for its
+    /// PubAck with the handler's transaction open.
+    async fn stalled_on_its_dead_letter(&self, id: &str, lease: Duration) -> (Arc<Proxy>, Worker) {
+        let server: std::net::SocketAddr = self
+            .url
+            .trim_start_matches("nats://")
+            .parse()
+            .expect("the server's address");
+        let proxy = Arc::new(Proxy::start(server).await.expect("proxy"));
+        let stalling = Ledger {
+            stall_on_poison: Some(proxy.clone()),
+            ..self.ledger.clone()
+        };
+        let worker = self
+            .worker_through(
+                &proxy.url(),
+                stalling,
+                self.db.pool().clone(),
+                |b| b,
+                move |config: HandlerConfig| config.lease(lease),
+            )
+            .await;
+        let poison = Transfer {
+            poison: true,
+            ..transfer(id, 10)
+        };
+        self.publish(&poison, "poison").await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while proxy.flow() != idem::testing::Flow::Stalled {
+            assert!(Instant::now() < deadline, "the poison transfer never ran");
+            sleep(Duration::from_millis(10)).await;
+        }
+        (proxy, worker)
+    }
+
+    /// Whether a claim of transfer `id`'s key by another payload would
+    /// have to wait or find it taken: it waits on a row another transaction
+    /// holds (lock timeout), or finds one committed — never inserts its own.
+    async fn another_payload_would_wait_for(&self, id: &str) -> bool {
+        let mut probe = self.db.pool().begin().await.expect("begin");
+        sqlx::query("SET LOCAL lock_timeout = 300")
+            .execute(&mut *probe)
+            .await
+            .expect("lock_timeout");
+        let claimed = sqlx::query(&format!(
+            "INSERT INTO \"{}\".idem_inbox (handler, key, state, owner, attempt, created_at, updated_at) \
+             VALUES ('apply_transfer', $1, 'done', gen_random_uuid(), 1, 0, 0) ON CONFLICT DO NOTHING",
+            self.ledger.schema
+        ))
+        .bind(format!("k.{id}"))
+        .execute(&mut *probe)
+        .await;
+        match claimed {
+            Ok(done) => done.rows_affected() == 0,
+            Err(sqlx::Error::Database(e)) => e.code().as_deref() == Some("55P03"),
+            Err(e) => panic!("the probe failed: {e}"),
+        }
+    }
+
     async fn drained(&self) {
         let mut consumer: PullConsumer = self
             .js
@@ -487,56 +548,20 @@ async fn a_reused_key_arriving_during_the_first_payloads_backoff_is_a_key_confli
 async fn a_dead_letter_stalled_past_the_lease_keeps_its_transaction_and_the_key_its_payloads() {
     const LEASE: Duration = Duration::from_secs(2);
     let setup = Setup::new().await;
-    let server: std::net::SocketAddr = setup
-        .url
-        .trim_start_matches("nats://")
-        .parse()
-        .expect("the server's address");
-    let proxy = Arc::new(Proxy::start(server).await.expect("proxy"));
-    let tune = |config: HandlerConfig| config.lease(LEASE);
-    // Worker A reaches the broker through the proxy; its poison transfer
+    // Worker A reaches the broker through a proxy; its poison transfer
     // stalls the link just before it fails, so its dead letter's PubAck
     // waits past the lease with the handler's transaction open.
-    let stalling = Ledger {
-        stall_on_poison: Some(proxy.clone()),
-        ..setup.ledger.clone()
-    };
-    let a = setup
-        .worker_through(&proxy.url(), stalling, setup.db.pool().clone(), |b| b, tune)
-        .await;
-    let poison = Transfer {
-        poison: true,
-        ..transfer("t-stall", 10)
-    };
-    setup.publish(&poison, "poison").await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while proxy.flow() != idem::testing::Flow::Stalled {
-        assert!(Instant::now() < deadline, "the poison transfer never ran");
-        sleep(Duration::from_millis(10)).await;
-    }
+    let (proxy, a) = setup.stalled_on_its_dead_letter("t-stall", LEASE).await;
     // Past the lease (the transaction's idle timeout), X's row must still
     // be held by its transaction: were the session ended, the row's lock —
     // and the uncommitted claim with it — would be gone, and another
     // payload under the key would claim and commit it.
     sleep(LEASE + LEASE / 2).await;
     // Another claim of the key must still wait on X's uncommitted row.
-    let mut probe = setup.db.pool().begin().await.expect("begin");
-    sqlx::query("SET LOCAL lock_timeout = 300")
-        .execute(&mut *probe)
-        .await
-        .expect("lock_timeout");
-    let claimed = sqlx::query(&format!(
-        "INSERT INTO \"{}\".idem_inbox (handler, key, state, owner, attempt, created_at, updated_at) \
-         VALUES ('apply_transfer', 'k.t-stall', 'done', gen_random_uuid(), 1, 0, 0)",
-        setup.ledger.schema
-    ))
-    .execute(&mut *probe)
-    .await;
-    match claimed {
-        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => {}
-        other => panic!("X's row is not held by its transaction any more: {other:?}"),
-    }
-    drop(probe);
+    assert!(
+        setup.another_payload_would_wait_for("t-stall").await,
+        "X's row is not held by its transaction any more"
+    );
     proxy.open();
     a.wait_for("X dead-lettered", |w| w.count(Outcome::DeadLettered) == 1)
         .await;
@@ -553,35 +578,7 @@ async fn a_dead_letter_stalled_past_the_lease_keeps_its_transaction_and_the_key_
 async fn a_dead_letters_transaction_ended_under_it_leaves_the_key_its_payloads() {
     const LEASE: Duration = Duration::from_secs(2);
     let setup = Setup::new().await;
-    let server: std::net::SocketAddr = setup
-        .url
-        .trim_start_matches("nats://")
-        .parse()
-        .expect("the server's address");
-    let proxy = Arc::new(Proxy::start(server).await.expect("proxy"));
-    let stalling = Ledger {
-        stall_on_poison: Some(proxy.clone()),
-        ..setup.ledger.clone()
-    };
-    let a = setup
-        .worker_through(
-            &proxy.url(),
-            stalling,
-            setup.db.pool().clone(),
-            |b| b,
-            |config: HandlerConfig| config.lease(LEASE),
-        )
-        .await;
-    let poison = Transfer {
-        poison: true,
-        ..transfer("t-ended", 10)
-    };
-    setup.publish(&poison, "poison").await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while proxy.flow() != idem::testing::Flow::Stalled {
-        assert!(Instant::now() < deadline, "the poison transfer never ran");
-        sleep(Duration::from_millis(10)).await;
-    }
+    let (proxy, a) = setup.stalled_on_its_dead_letter("t-ended", LEASE).await;
     // The worker's transaction (with its uncommitted claim) is ended under
     // it while its dead letter waits: a lost connection, a restarted
     // database, an operator's pg_terminate_backend.
@@ -601,24 +598,10 @@ async fn a_dead_letters_transaction_ended_under_it_leaves_the_key_its_payloads()
         .expect("terminate it");
     sleep(LEASE).await;
     // Another payload's claim of the key must find it taken.
-    let mut probe = setup.db.pool().begin().await.expect("begin");
-    sqlx::query("SET LOCAL lock_timeout = 300")
-        .execute(&mut *probe)
-        .await
-        .expect("lock_timeout");
-    let claimed = sqlx::query(&format!(
-        "INSERT INTO \"{}\".idem_inbox (handler, key, state, owner, attempt, created_at, updated_at) \
-         VALUES ('apply_transfer', 'k.t-ended', 'done', gen_random_uuid(), 1, 0, 0) ON CONFLICT DO NOTHING",
-        setup.ledger.schema
-    ))
-    .execute(&mut *probe)
-    .await;
-    match claimed {
-        Ok(done) if done.rows_affected() == 0 => {}
-        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => {}
-        other => panic!("the key was free for another payload: {other:?}"),
-    }
-    drop(probe);
+    assert!(
+        setup.another_payload_would_wait_for("t-ended").await,
+        "the key was free for another payload"
+    );
     proxy.open();
     a.wait_for("X dead-lettered", |w| w.count(Outcome::DeadLettered) == 1)
         .await;

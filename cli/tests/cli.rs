@@ -102,42 +102,16 @@ async fn until(what: &str, mut done: impl FnMut() -> bool) {
 #[tokio::test]
 async fn dead_letters_replayed_after_a_fix_apply_once_and_a_second_replay_applies_nothing() {
     const N: usize = 5;
-    let server = NatsServer::start().await.expect("nats-server");
-    let client = server.connect().await.expect("connect");
-    let js = jetstream::new(client.clone());
-    js.create_stream(stream::Config {
-        name: "ORDERS".into(),
-        subjects: vec!["orders.>".into()],
-        ..Default::default()
-    })
-    .await
-    .expect("stream");
-    let world = World::default();
-    world.broken.store(true, Ordering::SeqCst);
-    let runtime = Runtime::builder(client.clone())
-        .state(world.clone())
-        .handler(ship_order)
-        .shutdown_on(std::future::pending())
-        .build()
-        .await
-        .expect("runtime");
-    let stats = runtime.stats();
-    let running = tokio::spawn(runtime.run());
+    let shop = Shop::open().await;
+    let (server, world, stats) = (&shop.server, &shop.world, &shop.stats);
     for i in 0..N {
-        js.publish("orders.created", order(&format!("o-{i}"), "").into())
-            .await
-            .expect("publish")
-            .await
-            .expect("PubAck");
+        shop.publish(order(&format!("o-{i}"), ""), &[]).await;
     }
-    until("every order dead-lettered", || {
-        stats.handler("ship_order").get(Outcome::DeadLettered) == N as u64
-    })
-    .await;
+    shop.until_counted(Outcome::DeadLettered, N as u64).await;
 
     // Listed, with the reason and the error.
     let listed = json(&idem(
-        &server,
+        server,
         &["dead", "list", "--json", "--handler", "ship_order"],
     ));
     let letters = listed.as_array().expect("a list");
@@ -155,20 +129,20 @@ async fn dead_letters_replayed_after_a_fix_apply_once_and_a_second_replay_applie
     }
     // The key is dead, and the CLI says so.
     let shown = json(&idem(
-        &server,
+        server,
         &["keys", "show", "ship_order", "o-0", "--json"],
     ));
     assert_eq!(shown["state"], "dead", "{shown}");
     // A filter that matches nothing lists nothing.
     let none = json(&idem(
-        &server,
+        server,
         &["dead", "list", "--json", "--reason", "decode"],
     ));
     assert_eq!(none.as_array().map(Vec::len), Some(0));
 
     // The handler is fixed; the dead letters are replayed.
     world.broken.store(false, Ordering::SeqCst);
-    let replayed = json(&idem(&server, &["dead", "replay", "--yes", "--json"]));
+    let replayed = json(&idem(server, &["dead", "replay", "--yes", "--json"]));
     let report = replayed.as_array().expect("a report");
     assert_eq!(report.len(), N, "{replayed}");
     assert!(
@@ -182,9 +156,9 @@ async fn dead_letters_replayed_after_a_fix_apply_once_and_a_second_replay_applie
     .await;
 
     // A second replay finds nothing to do.
-    let again = json(&idem(&server, &["dead", "replay", "--yes", "--json"]));
+    let again = json(&idem(server, &["dead", "replay", "--yes", "--json"]));
     assert_eq!(again.as_array().map(Vec::len), Some(0), "{again}");
-    let left = json(&idem(&server, &["dead", "list", "--json"]));
+    let left = json(&idem(server, &["dead", "list", "--json"]));
     assert_eq!(left.as_array().map(Vec::len), Some(0), "{left}");
     // Each key applied once, and is done.
     assert!(
@@ -193,13 +167,13 @@ async fn dead_letters_replayed_after_a_fix_apply_once_and_a_second_replay_applie
         world.effects()
     );
     let shown = json(&idem(
-        &server,
+        server,
         &["keys", "show", "ship_order", "o-0", "--json"],
     ));
     assert_eq!(shown["state"], "done", "{shown}");
 
     // Status: the handler's consumer is drained.
-    let status = json(&idem(&server, &["status", "--json"]));
+    let status = json(&idem(server, &["status", "--json"]));
     let handlers = status["handlers"].as_array().expect("handlers");
     let ship = handlers
         .iter()
@@ -207,7 +181,6 @@ async fn dead_letters_replayed_after_a_fix_apply_once_and_a_second_replay_applie
         .unwrap_or_else(|| panic!("ship_order in {status}"));
     assert_eq!(ship["stream"], "ORDERS");
     assert_eq!(ship["pending"], 0);
-    running.abort();
 }
 
 #[tokio::test]

@@ -107,28 +107,28 @@ fn schema_ident(schema: &str) -> Result<String, StoreError> {
 /// store, the transactional inbox and the outbox check before they open.
 pub(crate) async fn migrated_schema(pool: &PgPool, schema: &str) -> Result<String, StoreError> {
     let ident = schema_ident(schema)?;
-    let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
-        .bind(format!("{ident}.idem_inbox"))
-        .fetch_one(pool)
-        .await
-        .map_err(|e| StoreError::unavailable(StoreOp::Provision, e))?;
-    if exists.is_none() {
+    if !has_table(pool, &ident, "idem_inbox").await? {
         return Err(StoreError::SchemaMissing {
             schema: schema.to_owned(),
         });
     }
-    let handlers: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
-        .bind(format!("{ident}.idem_handlers"))
-        .fetch_one(pool)
-        .await
-        .map_err(|e| StoreError::unavailable(StoreOp::Provision, e))?;
-    if handlers.is_none() {
+    if !has_table(pool, &ident, "idem_handlers").await? {
         return Err(StoreError::SchemaOutdated {
             schema: schema.to_owned(),
             table: "idem_handlers",
         });
     }
     Ok(ident)
+}
+
+/// Whether the schema `ident` has `table`.
+async fn has_table(pool: &PgPool, ident: &str, table: &str) -> Result<bool, StoreError> {
+    let found: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
+        .bind(format!("{ident}.{table}"))
+        .fetch_one(pool)
+        .await
+        .map_err(|e| StoreError::unavailable(StoreOp::Provision, e))?;
+    Ok(found.is_some())
 }
 
 /// The sequence every inbox write takes its revision from.
