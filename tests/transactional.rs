@@ -46,6 +46,8 @@ struct Ledger {
     /// Stalled by a poison transfer just before it fails: the worker's link
     /// to the broker stops while its dead letter is being stored.
     stall_on_poison: Option<Arc<Proxy>>,
+    /// The receipts duplicates were handed (`receipt_again`).
+    announced: Arc<Mutex<Vec<String>>>,
 }
 
 /// Moves money and logs the application, inside the runtime's transaction,
@@ -119,6 +121,52 @@ async fn apply_transfer(
     Ok(())
 }
 
+/// Records a transfer in the handler's transaction and stores its receipt;
+/// a duplicate is handed the receipt again — without a transaction: its
+/// effect committed with the first delivery.
+#[idempotent(
+    stream = "LEDGER",
+    subject = "ledger.receipts",
+    key = transfer.id,
+    dedup = transactional,
+    store_result,
+    on_duplicate = receipt_again,
+)]
+async fn issue_receipt(
+    Json(transfer): Json<Transfer>,
+    tx: Tx,
+    State(ledger): State<Ledger>,
+) -> Result<String, HandlerError> {
+    let mut conn = tx.conn().await?;
+    sqlx::query(&format!(
+        "INSERT INTO \"{}\".applied (transfer) VALUES ($1)",
+        ledger.schema
+    ))
+    .bind(&transfer.id)
+    .execute(&mut *conn)
+    .await?;
+    Ok(format!("receipt-{}", transfer.id))
+}
+
+async fn receipt_again(
+    receipt: String,
+    Json(transfer): Json<Transfer>,
+    State(ledger): State<Ledger>,
+) -> Result<(), HandlerError> {
+    if receipt != format!("receipt-{}", transfer.id) {
+        return Err(HandlerError::permanent(format!(
+            "{} was handed {receipt}",
+            transfer.id
+        )));
+    }
+    ledger
+        .announced
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .push(receipt);
+    Ok(())
+}
+
 struct Setup {
     _server: NatsServer,
     url: String,
@@ -181,6 +229,7 @@ impl Setup {
             schema: s,
             attempts: Arc::default(),
             stall_on_poison: None,
+            announced: Arc::default(),
         };
         Self {
             url: server.client_url(),
@@ -1089,4 +1138,80 @@ async fn a_reused_key_never_gets_two_owners_when_a_group_member_is_dead_lettered
         assert_eq!(balances, (970, 1030));
     }
     worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_transactional_duplicate_is_handed_its_receipt_alone_and_in_a_group() {
+    let setup = Setup::new().await;
+    let announced = || {
+        setup
+            .ledger
+            .announced
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    };
+    let publish = |id: String, message_id: String| {
+        let js = setup.js.clone();
+        async move {
+            let body = serde_json::to_vec(&transfer(&id, 1)).expect("json");
+            js.send_publish(
+                "ledger.receipts",
+                PublishMessage::build()
+                    .payload(body.into())
+                    .message_id(message_id),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("PubAck");
+        }
+    };
+    for batch in [1, 8] {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let runtime = Runtime::builder(async_nats::connect(&setup.url).await.expect("connect"))
+            .state(setup.ledger.clone())
+            .postgres(setup.db.pool().clone(), setup.db.schema())
+            .handler_with(issue_receipt, move |c| c.batch(batch).start(StartAt::All))
+            .shutdown_on(async {
+                let _ = stopped.await;
+            })
+            .build()
+            .await
+            .expect("runtime");
+        let stats = runtime.stats();
+        let task = tokio::spawn(runtime.run());
+        let count = |outcome| stats.handler("issue_receipt").get(outcome);
+        let before = announced();
+        let (processed, duplicates) = (count(Outcome::Processed), count(Outcome::Duplicate));
+        let ids: Vec<String> = (0..4).map(|i| format!("r{batch}-{i}")).collect();
+        for id in &ids {
+            publish(id.clone(), format!("{id}-first")).await;
+        }
+        eventually("applied", || count(Outcome::Processed) == processed + 4).await;
+        // Resent under new message ids: duplicates, ready together (a group
+        // when batch > 1).
+        for id in &ids {
+            publish(id.clone(), format!("{id}-again")).await;
+        }
+        eventually("the duplicates answered", || {
+            count(Outcome::Duplicate) == duplicates + 4
+        })
+        .await;
+        eventually("every duplicate's hook ran", || announced() == before + 4).await;
+        assert_eq!(count(Outcome::DeadLettered), 0, "batch {batch}");
+        for id in &ids {
+            assert_eq!(setup.applied(id).await, 1, "{id}");
+        }
+        let _ = stop.send(());
+        task.await.expect("task").expect("runtime");
+    }
+}
+
+async fn eventually(what: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not within 30 s");
+        sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -41,7 +41,7 @@ pub fn expand(item: ItemFn, options: &Options, sig: &Signature, key: Option<Key>
     let key_fn = key_fn(&key, &key_pats);
     let fingerprint_fn = fingerprint_fn(options, &key_pats);
     let encode_result_fn = encode_result_fn(options, sig);
-    let on_duplicate_fn = on_duplicate_fn(options, &ok_type, &arg_vars);
+    let on_duplicate_fn = on_duplicate_fn(options, sig, &ok_type, &arg_vars);
 
     quote! {
         #(#docs)*
@@ -248,9 +248,14 @@ fn encode_result_fn(options: &Options, sig: &Signature) -> TokenStream {
     }
 }
 
-/// `on_duplicate = hook`: `hook(stored_result, <the handler's arguments>)`.
+/// `on_duplicate = hook`: `hook(stored_result, <the handler's arguments but
+/// its Tx>)`. A duplicate has no transaction of its own to hand over: its
+/// effect committed with the first delivery, and the `Tx` its delivery was
+/// made with is closed (alone) or another message's (in a group commit),
+/// whose statements would commit or roll back with that group.
 fn on_duplicate_fn(
     options: &Options,
+    sig: &Signature,
     ok_type: &TokenStream,
     arg_vars: &[syn::Ident],
 ) -> TokenStream {
@@ -258,7 +263,12 @@ fn on_duplicate_fn(
         return TokenStream::new();
     };
     let hook = &hook.value;
-    let call = quote_spanned!(hook.span()=> #hook(previous, #(#arg_vars),*));
+    let handed = arg_vars
+        .iter()
+        .zip(&sig.args)
+        .filter(|(_, arg)| !crate::signature::is_transaction(&arg.ty))
+        .map(|(var, _)| var);
+    let call = quote_spanned!(hook.span()=> #hook(previous, #(#handed),*));
     quote! {
         fn on_duplicate(
             &self,

@@ -60,7 +60,7 @@ use options::{Options, RawOptions};
 /// | `on_missing_key = dead_letter \| reject` | `dead_letter` | what to do when no key can be extracted |
 /// | `fingerprint = payload \| none \| <expr>` | `payload` | what tells a duplicate from a reused key |
 /// | `store_result` | off | store the `Ok` value (`Serialize + DeserializeOwned`) and hand it to duplicates |
-/// | `on_duplicate = hook` | none | with `store_result`: each duplicate delivery calls `hook(stored_result, <the handler's arguments>)` (an `async fn` returning `Result<(), E>`) before it is acknowledged — e.g. to announce the outcome again without running the effect |
+/// | `on_duplicate = hook` | none | with `store_result`: each duplicate delivery calls `hook(stored_result, <the handler's arguments but its Tx>)` (an `async fn` returning `Result<(), E>`) before it is acknowledged — e.g. to announce the outcome again without running the effect. A duplicate has no transaction: its effect committed with the first delivery |
 /// | `service = "NAME"` | — | instead of `stream`: serve the handler as a request/reply endpoint of the NATS micro service `NAME`, on `subject` (required); the result is stored and replied, repeats get the stored reply |
 /// | `version = "1.0.0"` | `"0.1.0"` | the service's version |
 ///

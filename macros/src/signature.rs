@@ -90,15 +90,18 @@ pub fn analyze(item: &ItemFn, errors: &mut Errors) -> Signature {
     for arg in &args {
         bind_names(&arg.pat, &mut bound);
     }
-    let has_transaction = args
-        .iter()
-        .any(|a| last_segment(&a.ty).as_deref() == Some(TRANSACTION_EXTRACTOR));
+    let has_transaction = args.iter().any(|a| is_transaction(&a.ty));
     Signature {
         args,
         ok_type,
         bound,
         has_transaction,
     }
+}
+
+/// Whether `ty` is the transaction extractor (`Tx`, or a path ending in it).
+pub fn is_transaction(ty: &Type) -> bool {
+    last_segment(ty).as_deref() == Some(TRANSACTION_EXTRACTOR)
 }
 
 fn last_segment(ty: &Type) -> Option<String> {

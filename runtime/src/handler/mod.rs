@@ -83,7 +83,8 @@ pub trait Handler: Send + Sync + 'static {
     /// What a duplicate's delivery does, given the arguments made from it
     /// and the result stored when its key completed (`None` if none was
     /// stored): nothing by default. `on_duplicate = hook` on the attribute
-    /// calls `hook(previous, <the handler's arguments>)` — e.g. to announce
+    /// calls `hook(previous, <the handler's arguments but its Tx>)` — a
+    /// duplicate has no transaction of its own — e.g. to announce
     /// the outcome again for a consumer that missed it — without running
     /// the effect again. Its `Err` is retried and dead-lettered as a
     /// handler's; the key stays completed either way.
