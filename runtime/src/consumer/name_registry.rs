@@ -94,6 +94,36 @@ enum Found {
     Theirs(Registered),
     /// Not registered (absent, or gone between two reads).
     Free,
+    /// Registered in a form this idem cannot read (a newer idem's, or
+    /// written by hand): it names nobody, so it refuses nobody — and it is
+    /// not this handler's to overwrite.
+    Unreadable,
+}
+
+/// What an existing registration `stored` says about `mine`.
+fn classify(stored: &[u8], mine: &Registered) -> Stored {
+    match serde_json::from_slice::<Registered>(stored) {
+        Ok(theirs) if theirs == *mine => Stored::Mine,
+        Ok(theirs) if theirs.is_legacy_service() && matches!(mine, Registered::Service { .. }) => {
+            Stored::Legacy
+        }
+        Ok(theirs) => Stored::Theirs(theirs),
+        Err(_) => Stored::Unreadable,
+    }
+}
+
+/// An existing registration, read.
+#[derive(Debug, PartialEq, Eq)]
+enum Stored {
+    /// This handler's.
+    Mine,
+    /// This service handler's, written before services registered as such:
+    /// rewritten.
+    Legacy,
+    /// Another handler's.
+    Theirs(Registered),
+    /// Not readable by this idem.
+    Unreadable,
 }
 
 async fn look(
@@ -107,18 +137,14 @@ async fn look(
         Create::Exists(None) => return Ok(Found::Free),
         Create::Exists(Some(found)) => found,
     };
-    Ok(match serde_json::from_slice::<Registered>(&bytes) {
-        Ok(theirs) if theirs == *mine => Found::Mine(revision),
-        Ok(theirs) if theirs.is_legacy_service() && matches!(mine, Registered::Service { .. }) => {
-            match store.map().update(&key, encode(mine), revision).await? {
-                Write::Written(revision) => Found::Mine(revision),
-                Write::Conflict => Found::Free,
-            }
-        }
-        Ok(theirs) => Found::Theirs(theirs),
-        // Unreadable: written by a newer idem, or by hand. Not ours to
-        // overwrite; and not a reason to refuse (it names nobody).
-        Err(_) => Found::Mine(revision),
+    Ok(match classify(&bytes, mine) {
+        Stored::Mine => Found::Mine(revision),
+        Stored::Legacy => match store.map().update(&key, encode(mine), revision).await? {
+            Write::Written(revision) => Found::Mine(revision),
+            Write::Conflict => Found::Free,
+        },
+        Stored::Theirs(theirs) => Found::Theirs(theirs),
+        Stored::Unreadable => Found::Unreadable,
     })
 }
 
@@ -137,7 +163,7 @@ pub(super) async fn register(
             source,
         })?;
     match found {
-        Found::Mine(_) | Found::Free => Ok(()),
+        Found::Mine(_) | Found::Free | Found::Unreadable => Ok(()),
         Found::Theirs(registered) => Err(RuntimeError::HandlerNameTaken {
             handler: config.name.clone(),
             bucket: bucket.to_owned(),
@@ -173,13 +199,17 @@ pub(super) async fn keep_registered(
         match look(&store, &config, &mine).await {
             Ok(Found::Mine(revision)) => {
                 match store.map().update(&key, encode(&mine), revision).await {
-                    Ok(_) => debug!(handler = %config.name, "registration rewritten"),
+                    Ok(Write::Written(_)) => {
+                        debug!(handler = %config.name, "registration rewritten")
+                    }
+                    // Changed since it was read: looked at again next time.
+                    Ok(Write::Conflict) => {}
                     Err(e) => {
                         warn!(handler = %config.name, error = %e, "could not rewrite the handler's registration; trying again")
                     }
                 }
             }
-            Ok(Found::Free) => {}
+            Ok(Found::Free | Found::Unreadable) => {}
             Ok(Found::Theirs(theirs)) => error!(
                 handler = %config.name,
                 registered = %theirs,
@@ -214,6 +244,31 @@ mod tests {
         let stream: Registered =
             serde_json::from_str(r#"{"stream":"ORDERS","consumer":"ship"}"#).expect("stream");
         assert!(!stream.is_legacy_service());
+    }
+
+    #[test]
+    fn an_unreadable_registration_refuses_nobody_and_is_not_rewritten() {
+        let mine = Registered::Stream {
+            stream: "ORDERS".into(),
+            consumer: "ship".into(),
+        };
+        assert_eq!(
+            classify(b"{\"v\":2,\"owner\":\"x\"}", &mine),
+            Stored::Unreadable
+        );
+        assert_eq!(classify(&encode(&mine), &mine), Stored::Mine);
+        let service = Registered::Service {
+            service: "payments".into(),
+            subject: "payments.charge".into(),
+        };
+        assert_eq!(
+            classify(br#"{"stream":"","consumer":"charge"}"#, &service),
+            Stored::Legacy
+        );
+        assert_eq!(
+            classify(&encode(&service), &mine),
+            Stored::Theirs(service.clone())
+        );
     }
 
     #[test]
