@@ -589,29 +589,41 @@ impl<'a> Replayer<'a> {
     /// Whether the letter at `sequence` is no longer in the stream (the
     /// server says "no message found"; any other answer: not known gone).
     async fn gone(&self, sequence: u64) -> bool {
-        use async_nats::jetstream::stream::LastRawMessageErrorKind;
-        match self.stream.get_raw_message(sequence).await {
-            Ok(_) => false,
-            Err(e) => e.kind() == LastRawMessageErrorKind::NoMessageFound,
-        }
+        matches!(self.stored(sequence).await, Ok(None))
     }
 
     /// The letter whole (payload and headers as stored), or `None` if it is
     /// gone (another replay deleted it).
     async fn payload_of(&self, letter: &Letter) -> Result<Option<Letter>, CliError> {
-        use async_nats::jetstream::stream::LastRawMessageErrorKind;
-        match self.stream.get_raw_message(letter.sequence).await {
-            Ok(raw) => Ok(Some(Letter::new(
-                letter.sequence,
+        let sequence = letter.sequence;
+        let raw = self
+            .stored(sequence)
+            .await
+            .map_err(|e| CliError::jetstream(format!("read dead letter {sequence}"))(e.into()))?;
+        Ok(raw.map(|raw| {
+            Letter::new(
+                sequence,
                 SystemTime::from(raw.time),
                 raw.headers,
                 raw.payload,
-            ))),
+            )
+        }))
+    }
+
+    /// The stored message at `sequence`; `None` when the server says there
+    /// is none.
+    async fn stored(
+        &self,
+        sequence: u64,
+    ) -> Result<
+        Option<async_nats::jetstream::message::StreamMessage>,
+        async_nats::jetstream::stream::RawMessageError,
+    > {
+        use async_nats::jetstream::stream::LastRawMessageErrorKind;
+        match self.stream.get_raw_message(sequence).await {
+            Ok(raw) => Ok(Some(raw)),
             Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
-            Err(e) => Err(CliError::jetstream(format!(
-                "read dead letter {}",
-                letter.sequence
-            ))(e.into())),
+            Err(e) => Err(e),
         }
     }
 
