@@ -382,6 +382,23 @@ impl Setup {
         (proxy, worker)
     }
 
+    /// Lets the stalled dead letter of poison transfer `id` through, then
+    /// checks that X was dead-lettered and that Y, another payload under
+    /// the key, is a conflict — neither applied — and stops the worker.
+    async fn dead_letter_released(&self, id: &str, proxy: &Proxy, worker: Worker) {
+        proxy.open();
+        worker
+            .wait_for("X dead-lettered", |w| w.count(Outcome::DeadLettered) == 1)
+            .await;
+        self.publish(&transfer(id, 999), "reused").await;
+        worker
+            .wait_for("Y answered", |w| w.count(Outcome::KeyConflict) == 1)
+            .await;
+        assert_eq!(self.applied(id).await, 0, "neither payload applied");
+        assert_eq!(self.balances().await, (1000, 1000));
+        worker.stop().await;
+    }
+
     /// Whether a claim of transfer `id`'s key by another payload would
     /// have to wait or find it taken: it waits on a row another transaction
     /// holds (lock timeout), or finds one committed — never inserts its own.
@@ -611,16 +628,7 @@ async fn a_dead_letter_stalled_past_the_lease_keeps_its_transaction_and_the_key_
         setup.another_payload_would_wait_for("t-stall").await,
         "X's row is not held by its transaction any more"
     );
-    proxy.open();
-    a.wait_for("X dead-lettered", |w| w.count(Outcome::DeadLettered) == 1)
-        .await;
-    // Y, another payload under the key, is a conflict.
-    setup.publish(&transfer("t-stall", 999), "reused").await;
-    a.wait_for("Y answered", |w| w.count(Outcome::KeyConflict) == 1)
-        .await;
-    assert_eq!(setup.applied("t-stall").await, 0, "neither payload applied");
-    assert_eq!(setup.balances().await, (1000, 1000));
-    a.stop().await;
+    setup.dead_letter_released("t-stall", &proxy, a).await;
 }
 
 #[tokio::test]
@@ -651,15 +659,7 @@ async fn a_dead_letters_transaction_ended_under_it_leaves_the_key_its_payloads()
         setup.another_payload_would_wait_for("t-ended").await,
         "the key was free for another payload"
     );
-    proxy.open();
-    a.wait_for("X dead-lettered", |w| w.count(Outcome::DeadLettered) == 1)
-        .await;
-    setup.publish(&transfer("t-ended", 999), "reused").await;
-    a.wait_for("Y answered", |w| w.count(Outcome::KeyConflict) == 1)
-        .await;
-    assert_eq!(setup.applied("t-ended").await, 0);
-    assert_eq!(setup.balances().await, (1000, 1000));
-    a.stop().await;
+    setup.dead_letter_released("t-ended", &proxy, a).await;
 }
 
 #[tokio::test]

@@ -66,6 +66,23 @@ async fn ship_order(
     Ok(())
 }
 
+/// A claim record's key.
+fn record_key(handler: &str, key: &str) -> idem::key::RecordKey {
+    idem::key::RecordKey::new(
+        &idem::key::HandlerName::new(handler).expect("name"),
+        &idem::key::IdempotencyKey::new(key).expect("key"),
+    )
+}
+
+/// Runs `idem ARGS` against the test database's inbox.
+fn idem_pg(db: &idem::testing::TestDatabase, args: &[&str]) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_idem"))
+        .args(args)
+        .args(["--postgres", db.url(), "--schema", db.schema()])
+        .output()
+        .expect("run the idem binary")
+}
+
 /// Runs `idem ARGS --server URL`.
 fn idem(server: &NatsServer, args: &[&str]) -> Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_idem"))
@@ -190,10 +207,7 @@ async fn keys_forget_asks_first_and_exit_codes_tell_scripts_what_happened() {
     let store = idem::store::KvStore::open(&js, idem::store::KvStoreConfig::default())
         .await
         .expect("bucket");
-    let key = idem::key::RecordKey::new(
-        &idem::key::HandlerName::new("ship_order").expect("name"),
-        &idem::key::IdempotencyKey::new("o-7").expect("key"),
-    );
+    let key = record_key("ship_order", "o-7");
     let claimed = idem::store::DedupStore::claim(&store, &key, None, Duration::from_secs(30))
         .await
         .expect("claim");
@@ -287,10 +301,7 @@ async fn a_transactional_key_is_shown_from_the_inbox_and_purged_when_old() {
     let inbox = PgStore::open(db.pool().clone(), db.schema(), Duration::from_secs(3600))
         .await
         .expect("inbox");
-    let key = idem::key::RecordKey::new(
-        &idem::key::HandlerName::new("apply_transfer").expect("name"),
-        &idem::key::IdempotencyKey::new("tr-1").expect("key"),
-    );
+    let key = record_key("apply_transfer", "tr-1");
     let idem::claim::ClaimOutcome::Claimed(claim) = inbox
         .claim(&key, None, Duration::from_secs(30))
         .await
@@ -302,13 +313,7 @@ async fn a_transactional_key_is_shown_from_the_inbox_and_purged_when_old() {
         .complete(&claim, Some("applied".into()))
         .await
         .expect("complete");
-    let pg = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_idem"))
-            .args(args)
-            .args(["--postgres", db.url(), "--schema", db.schema()])
-            .output()
-            .expect("run the idem binary")
-    };
+    let pg = |args: &[&str]| idem_pg(&db, args);
     let shown = json(&pg(&[
         "keys",
         "show",
@@ -456,10 +461,7 @@ async fn a_producers_idem_headers_never_steer_a_replay() {
     shop.publish(order("v-1", "victim"), &[]).await;
     shop.until_counted(Outcome::DeadLettered, 1).await;
     // A producer sends undecodable bytes naming the victim's record.
-    let victim = idem::key::RecordKey::new(
-        &idem::key::HandlerName::new("ship_order").expect("name"),
-        &idem::key::IdempotencyKey::new("v-1").expect("key"),
-    );
+    let victim = record_key("ship_order", "v-1");
     shop.publish(
         b"not an order".to_vec(),
         &[
@@ -490,10 +492,7 @@ async fn forgetting_a_pending_key_is_refused_unless_forced() {
     let store = idem::store::KvStore::open(&shop.js, idem::store::KvStoreConfig::default())
         .await
         .expect("bucket");
-    let key = idem::key::RecordKey::new(
-        &idem::key::HandlerName::new("ship_order").expect("name"),
-        &idem::key::IdempotencyKey::new("p-1").expect("key"),
-    );
+    let key = record_key("ship_order", "p-1");
     let claimed = idem::store::DedupStore::claim(&store, &key, None, Duration::from_secs(30))
         .await
         .expect("claim");
@@ -603,10 +602,7 @@ async fn an_inbox_row_older_than_seven_days_is_seen_and_kept_for_its_handlers_re
     PgStore::register_retention(db.pool(), db.schema(), "apply_transfer", 30 * DAY)
         .await
         .expect("register");
-    let key = idem::key::RecordKey::new(
-        &idem::key::HandlerName::new("apply_transfer").expect("name"),
-        &idem::key::IdempotencyKey::new("tr-old").expect("key"),
-    );
+    let key = record_key("apply_transfer", "tr-old");
     let idem::claim::ClaimOutcome::Claimed(claim) = inbox
         .claim(&key, None, Duration::from_secs(30))
         .await
@@ -624,13 +620,7 @@ async fn an_inbox_row_older_than_seven_days_is_seen_and_kept_for_its_handlers_re
     .execute(db.pool())
     .await
     .expect("age the row");
-    let pg = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_idem"))
-            .args(args)
-            .args(["--postgres", db.url(), "--schema", db.schema()])
-            .output()
-            .expect("run the idem binary")
-    };
+    let pg = |args: &[&str]| idem_pg(&db, args);
     let show = [
         "keys",
         "show",
@@ -670,10 +660,7 @@ async fn a_letter_whose_payload_a_worker_still_holds_is_kept_for_a_later_replay(
     let store = idem::store::KvStore::open(&shop.js, idem::store::KvStoreConfig::default())
         .await
         .expect("bucket");
-    let key = idem::key::RecordKey::new(
-        &idem::key::HandlerName::new("ship_order").expect("name"),
-        &idem::key::IdempotencyKey::new("h-1").expect("key"),
-    );
+    let key = record_key("ship_order", "h-1");
     let dead = store.inspect(&key).await.expect("read").expect("dead");
     let fingerprint = Some(idem::fingerprint::Fingerprint::of(&x));
     store
@@ -726,10 +713,7 @@ async fn a_replay_waits_for_a_transactional_workers_uncommitted_claim() {
         idem::store::PgStore::open(db.pool().clone(), db.schema(), Duration::from_secs(3600))
             .await
             .expect("inbox");
-    let key = idem::key::RecordKey::new(
-        &idem::key::HandlerName::new("book_order").expect("name"),
-        &idem::key::IdempotencyKey::new("b-1").expect("key"),
-    );
+    let key = record_key("book_order", "b-1");
     let payload = order("b-1", "");
     let fingerprint = idem::fingerprint::Fingerprint::of(&payload);
     // The worker: its claim row, not yet committed …
