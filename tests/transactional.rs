@@ -13,6 +13,7 @@ use idem::key::{HandlerName, IdempotencyKey, RecordKey};
 use idem::testing::{NatsServer, Proxy, TestDatabase};
 use idem::{HandlerError, Json, Retry, Runtime, State, Tx, idempotent};
 use serde::{Deserialize, Serialize};
+use sqlx::postgres::PgPoolOptions;
 use tokio::sync::oneshot;
 use tokio::time::{Instant, sleep};
 
@@ -1145,6 +1146,99 @@ async fn a_reused_key_never_gets_two_owners_when_a_group_member_is_dead_lettered
         assert_eq!(balances, (970, 1030));
     }
     worker.stop().await;
+}
+
+/// Transfers that each move 1 between two of ten accounts, the account
+/// named lower first — the usual cure for deadlocks: every transfer locks
+/// its rows in one order, so that alone (`batch = 1`) none ever waits in a
+/// circle. A group's transaction holds the rows of all its members, in no
+/// order, and meets other groups in circles: those deadlocks are the
+/// grouping's, and must cost no transfer an attempt.
+#[tokio::test]
+async fn deadlocks_between_groups_use_up_no_retries_and_dead_letter_nothing() {
+    const ACCOUNTS: usize = 10;
+    const TRANSFERS: usize = 300;
+    let setup = Setup::new().await;
+    let s = &setup.ledger.schema;
+    for a in 0..ACCOUNTS {
+        sqlx::query(&format!("INSERT INTO \"{s}\".accounts VALUES ($1, 1000)"))
+            .bind(format!("acct-{a}"))
+            .execute(setup.db.pool())
+            .await
+            .expect("an account");
+    }
+    let mut seed = 7u64;
+    let mut next = |n: usize| {
+        seed = seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        usize::try_from(seed >> 33).expect("31 bits") % n
+    };
+    let batch: Vec<Transfer> = (0..TRANSFERS)
+        .map(|i| {
+            let a = next(ACCOUNTS);
+            let b = (a + 1 + next(ACCOUNTS - 1)) % ACCOUNTS;
+            Transfer {
+                from: format!("acct-{}", a.min(b)),
+                to: format!("acct-{}", a.max(b)),
+                ..transfer(&format!("d-{i}"), 1)
+            }
+        })
+        .collect();
+    setup.publish_all(&batch).await;
+    // PostgreSQL looks for a deadlock after this long: soon, so that the
+    // test meets many.
+    let pool = PgPoolOptions::new()
+        .max_connections(16)
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                sqlx::query("SET deadlock_timeout = '20ms'")
+                    .execute(conn)
+                    .await
+                    .map(drop)
+            })
+        })
+        .connect(setup.db.url())
+        .await
+        .expect("a pool");
+    let tune = |config: HandlerConfig| config.batch(8).concurrency(32).start(StartAt::All);
+    let workers = [
+        setup.tuned_worker(pool.clone(), |b| b, tune).await,
+        setup.tuned_worker(pool.clone(), |b| b, tune).await,
+    ];
+    setup.drained().await;
+    let total = |outcome| workers.iter().map(|w| w.count(outcome)).sum::<u64>();
+    eventually("every transfer processed", || {
+        total(Outcome::Processed) == TRANSFERS as u64
+    })
+    .await;
+    let (applied, distinct): (i64, i64) = sqlx::query_as(&format!(
+        "SELECT count(*), count(DISTINCT transfer) FROM \"{s}\".applied"
+    ))
+    .fetch_one(setup.db.pool())
+    .await
+    .expect("count the applied transfers");
+    assert_eq!((applied, distinct), (TRANSFERS as i64, TRANSFERS as i64));
+    let money: i64 = sqlx::query_scalar(&format!(
+        "SELECT sum(balance)::bigint FROM \"{s}\".accounts"
+    ))
+    .fetch_one(setup.db.pool())
+    .await
+    .expect("the money");
+    assert_eq!(money, 2_000 + 1_000 * ACCOUNTS as i64, "money conserved");
+    assert!(
+        total(Outcome::LockConflict) > 0,
+        "the groups met in deadlocks (else this test shows nothing)"
+    );
+    assert_eq!(
+        total(Outcome::Retried),
+        0,
+        "no deadlock counted as an attempt"
+    );
+    assert_eq!(total(Outcome::DeadLettered), 0);
+    for worker in workers {
+        worker.stop().await;
+    }
 }
 
 #[tokio::test]

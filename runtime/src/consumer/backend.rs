@@ -25,7 +25,7 @@ use crate::Delivery;
 use crate::claim::{Claim, ClaimOutcome, Transition};
 use crate::fingerprint::Fingerprint;
 use crate::key::RecordKey;
-use crate::store::{DedupStore, KvStore, StoreError, StoreOp};
+use crate::store::{DedupStore, GroupLock, KvStore, StoreError, StoreOp};
 
 /// The transaction begun for a delivery before its claim (`dedup =
 /// transactional`); always `None` elsewhere.
@@ -143,13 +143,18 @@ impl Backend {
     }
 
     /// Begins what the handler's arguments need before the claim: the
-    /// transaction of `dedup = transactional`, its waits bounded by `lease`.
-    pub(crate) async fn begin(&self, lease: std::time::Duration) -> Result<Begun, StoreError> {
-        let _ = lease;
+    /// transaction of `dedup = transactional`, its waits bounded by `lease`,
+    /// standing to group commit as `group` says.
+    pub(crate) async fn begin(
+        &self,
+        lease: std::time::Duration,
+        group: GroupLock,
+    ) -> Result<Begun, StoreError> {
+        let _ = (lease, group);
         match self {
             #[cfg(feature = "postgres")]
             Backend::Transactional(inbox) => inbox
-                .begin(lease)
+                .begin(lease, group)
                 .await
                 .map(|open| Some(crate::Tx::new(open)))
                 .map_err(|e| StoreError::unavailable(StoreOp::Create, e)),
@@ -456,8 +461,15 @@ pub(crate) async fn commit_sealed(
 /// Writes a claim row's ending in a transaction of its own.
 #[cfg(feature = "postgres")]
 async fn end_alone(inbox: &crate::store::TxInbox, claim: &Claim, end: End) {
-    if let Err(e) = inbox.end_alone(claim, end.row_state()).await {
-        warn!(error = %e, "could not {}; a redelivery counts from the last recorded attempt (a dead letter is published again under the same id)", end.what());
+    match inbox.end_alone(claim, end.row_state()).await {
+        Ok(true) => {}
+        Ok(false) => warn!(
+            "could not {}: the key is completed, dead, or another payload's since this run's transaction ended",
+            end.what()
+        ),
+        Err(e) => {
+            warn!(error = %e, "could not {}; a redelivery counts from the last recorded attempt (a dead letter is published again under the same id)", end.what())
+        }
     }
 }
 

@@ -35,7 +35,7 @@ use crate::claim::{Claim, ClaimOutcome};
 use crate::fingerprint::Fingerprint;
 use crate::handler::HandlerConfig;
 use crate::key::RecordKey;
-use crate::store::TxInbox;
+use crate::store::{GroupLock, TxInbox};
 use crate::tx::Slot;
 
 /// The groups of one handler: the one open for new seats, and how many of
@@ -229,7 +229,7 @@ async fn drive(
             let _ = answer.send(Answer::Alone);
         }
     };
-    let transaction = match inbox.begin(lease).await {
+    let transaction = match inbox.begin(lease, GroupLock::Shared).await {
         Ok(transaction) => transaction,
         Err(e) => {
             debug!(error = %e, "could not begin a group's transaction; its messages run alone");

@@ -1,6 +1,8 @@
 //! One delivery of a handler that commits in groups (`dedup =
 //! transactional`, `batch > 1`): seated in a group (`group.rs`), run in the
 //! group's transaction, and — when the group rolls back — run again alone.
+//! A lock conflict met in a group (a deadlock between groups, say) is the
+//! grouping's doing, not the handler's: it costs no attempt.
 
 use async_nats::jetstream::Message;
 use tokio::time::Instant;
@@ -10,9 +12,10 @@ use super::backend::Held;
 use super::group::{Answer, GroupEnd, Groups};
 use super::settle::Failure;
 use super::shared::{Ran, Shared, boxed, state_with};
+use super::stats::Outcome;
 use crate::handler::{Handler, prepare};
 use crate::key::RecordKey;
-use crate::store::{IGNORED_FAILED_STATEMENT, failed_for_another};
+use crate::store::{GroupLock, IGNORED_FAILED_STATEMENT, failed_for_another, met_lock_conflict};
 use crate::{Delivery, Fence, HandlerError, Tx};
 
 impl<H: Handler> Shared<H> {
@@ -53,7 +56,7 @@ impl<H: Handler> Shared<H> {
             }
             Answer::Alone => {
                 drop(prepared);
-                return boxed(self.process_alone(message, delivery)).await;
+                return boxed(self.process_alone(message, delivery, GroupLock::Ignored)).await;
             }
         };
         if let Some(fence) = &fence {
@@ -86,6 +89,12 @@ impl<H: Handler> Shared<H> {
                 return self.interrupted(message, Held::Nothing).await;
             }
             (GroupEnd::Aborted, _) => Some(HandlerError::retryable(IGNORED_FAILED_STATEMENT)),
+            // A deadlock, serialization failure or lock timeout met in a
+            // group is the grouping's doing: not counted, run again alone.
+            (GroupEnd::RolledBack, Ran::Failed(error)) if met_lock_conflict(&error) => {
+                self.count(Outcome::LockConflict);
+                None
+            }
             (GroupEnd::RolledBack, Ran::Failed(error)) if !failed_for_another(&error) => {
                 Some(error)
             }
@@ -105,10 +114,12 @@ impl<H: Handler> Shared<H> {
             // between). The attempt runs again alone, where the claim row
             // stays locked until its ending commits; the group's run was
             // never recorded, so it is the same attempt.
-            Some((Failure::DeadLetter(_), _)) => boxed(self.process_alone(message, delivery)).await,
+            Some((Failure::DeadLetter(_), _)) => {
+                boxed(self.process_alone(message, delivery, GroupLock::Ignored)).await
+            }
             // Another handler's failure (or the group's commit) rolled this
             // one back: it runs again, alone.
-            None => boxed(self.process_alone(message, delivery)).await,
+            None => boxed(self.process_alone(message, delivery, GroupLock::Ignored)).await,
         }
     }
 }

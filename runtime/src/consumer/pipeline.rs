@@ -21,6 +21,7 @@ use super::stats::{Latency, Outcome};
 use crate::claim::Transition;
 use crate::handler::{Handler, Prepared, prepare};
 use crate::key::RecordKey;
+use crate::store::GroupLock;
 use crate::{Delivery, Fence, HandlerError};
 
 /// When the lease this worker holds ends, on its monotonic clock, as the
@@ -57,6 +58,19 @@ impl LeaseEnd {
     }
 }
 
+/// How a delivery's run alone ended.
+enum Alone {
+    /// Settled: acknowledged, retried, dead-lettered, or left for later.
+    Settled,
+    /// It met a lock conflict beside group commit, and nothing of it
+    /// committed: run again, apart from every group.
+    #[cfg_attr(
+        not(feature = "postgres"),
+        expect(dead_code, reason = "transactional only")
+    )]
+    AgainApartFromGroups,
+}
+
 impl<H: Handler> Shared<H> {
     /// Handles one delivery inside its tracing span.
     pub(crate) async fn handle(self: Arc<Self>, message: Message) {
@@ -83,21 +97,24 @@ impl<H: Handler> Shared<H> {
         if let Some(groups) = &self.groups {
             return boxed(self.process_in_group(groups, message, delivery)).await;
         }
-        self.process_alone(message, delivery).await;
+        self.process_alone(message, delivery, GroupLock::Ignored)
+            .await;
     }
 
-    /// Begins what the level needs (a transaction for `transactional`) and
-    /// makes the arguments, key and fingerprint — the steps before a claim,
-    /// for a stream's delivery and a request alike. `fence` is handed to
-    /// extractors that take it.
+    /// Begins what the level needs (a transaction for `transactional`,
+    /// standing to group commit as `group` says) and makes the arguments,
+    /// key and fingerprint — the steps before a claim, for a stream's
+    /// delivery and a request alike. `fence` is handed to extractors that
+    /// take it.
     pub(super) async fn begin_prepared(
         &self,
         delivery: &Delivery,
         fence: Option<&Fence>,
+        group: GroupLock,
     ) -> Result<(Begun, Prepared<H::Args>), Unprepared> {
         let begun = self
             .backend
-            .begin(self.config.lease)
+            .begin(self.config.lease, group)
             .await
             .map_err(Unprepared::Store)?;
         let state = state_with(&self.state, &begun, fence);
@@ -112,14 +129,32 @@ impl<H: Handler> Shared<H> {
         }
     }
 
-    /// One delivery in a transaction of its own, or no transaction at all.
-    pub(super) async fn process_alone(&self, message: &Message, delivery: &Delivery) {
+    /// One delivery in a transaction of its own (standing to group commit
+    /// as `group` says), or no transaction at all.
+    pub(super) async fn process_alone(
+        &self,
+        message: &Message,
+        delivery: &Delivery,
+        group: GroupLock,
+    ) {
+        let mut group = group;
+        while let Alone::AgainApartFromGroups = self.run_alone(message, delivery, group).await {
+            group = GroupLock::Exclusive;
+        }
+    }
+
+    /// One run of [`process_alone`](Self::process_alone).
+    async fn run_alone(&self, message: &Message, delivery: &Delivery, group: GroupLock) -> Alone {
         let fence = self.takes_fence.then(Fence::unset);
-        let (begun, prepared) = match self.begin_prepared(delivery, fence.as_ref()).await {
+        let (begun, prepared) = match self.begin_prepared(delivery, fence.as_ref(), group).await {
             Ok(ready) => ready,
-            Err(Unprepared::Store(e)) => return self.store_unavailable(message, delivery, e).await,
+            Err(Unprepared::Store(e)) => {
+                self.store_unavailable(message, delivery, e).await;
+                return Alone::Settled;
+            }
             Err(Unprepared::Rejected(rejected)) => {
-                return Box::pin(self.rejected(message, delivery, rejected)).await;
+                Box::pin(self.rejected(message, delivery, rejected)).await;
+                return Alone::Settled;
             }
         };
         Span::current().record("key", field::debug(&prepared.key));
@@ -134,7 +169,8 @@ impl<H: Handler> Shared<H> {
                     prepared.args,
                 )
                 .await;
-            return boxed(self.finish(message, delivery, held, attempt, ran)).await;
+            boxed(self.finish(message, delivery, held, attempt, ran)).await;
+            return Alone::Settled;
         }
         let key = RecordKey::new(&self.name, &prepared.key);
         // dedup = kv: one delivery per key at a time in this process (a
@@ -143,11 +179,9 @@ impl<H: Handler> Shared<H> {
         if let Backend::Kv(_) = self.backend {
             let Some(working) = self.work_on(&key).await else {
                 self.count(Outcome::InFlightElsewhere);
-                return nak(
-                    message,
-                    in_flight_delay(deliveries(delivery), self.config.lease),
-                )
-                .await;
+                let delay = in_flight_delay(deliveries(delivery), self.config.lease);
+                nak(message, delay).await;
+                return Alone::Settled;
             };
             _working = Some(working);
         }
@@ -166,11 +200,13 @@ impl<H: Handler> Shared<H> {
             Ok(Granted::Refused(refused)) => {
                 discard(begun).await;
                 let args = prepared.args;
-                return Box::pin(self.refused(message, delivery, refused, args)).await;
+                Box::pin(self.refused(message, delivery, refused, args)).await;
+                return Alone::Settled;
             }
             Err(e) => {
                 discard(begun).await;
-                return self.store_unavailable(message, delivery, e).await;
+                self.store_unavailable(message, delivery, e).await;
+                return Alone::Settled;
             }
         };
         if let Some(fence) = &fence {
@@ -180,7 +216,21 @@ impl<H: Handler> Shared<H> {
         let (attempt, ran) = self
             .run_attempt(Some(message), delivery, &mut held, asked, prepared.args)
             .await;
+        #[cfg(feature = "postgres")]
+        if let Ran::Failed(error) = &ran
+            && self.groups.is_some()
+            && group != GroupLock::Exclusive
+            && crate::store::met_lock_conflict(error)
+        {
+            // Perhaps a group's doing: nothing of the run commits (its claim
+            // neither), and it runs again with no group beside it, where a
+            // lock conflict is its own.
+            held.abandon().await;
+            self.count(Outcome::LockConflict);
+            return Alone::AgainApartFromGroups;
+        }
         boxed(self.finish(message, delivery, held, attempt, ran)).await;
+        Alone::Settled
     }
 
     /// Runs the handler on `args` while holding `held`: which attempt the

@@ -32,6 +32,7 @@ use crate::claim::{Claim, ClaimOutcome};
 use crate::handler::Handler;
 use crate::key::RecordKey;
 use crate::reply::{KIND_HEADER, ReplyErrorKind};
+use crate::store::GroupLock;
 use crate::{Delivery, Fence};
 
 /// A request's answer: the handler's (stored) result, or an error.
@@ -192,7 +193,10 @@ impl<H: Handler> Shared<H> {
         let wait_until = Instant::now() + self.config.lease;
         let fence = self.takes_fence.then(Fence::unset);
         loop {
-            let (begun, prepared) = match self.begin_prepared(delivery, fence.as_ref()).await {
+            let (begun, prepared) = match self
+                .begin_prepared(delivery, fence.as_ref(), GroupLock::Ignored)
+                .await
+            {
                 Ok(ready) => ready,
                 Err(Unprepared::Store(e)) => return self.unavailable(e),
                 Err(Unprepared::Rejected(rejected)) => {

@@ -49,11 +49,19 @@ pub enum Outcome {
     /// The handler panicked: a failed attempt, retried under the handler's
     /// policy, then dead-lettered with reason `panic`.
     Panicked,
+    /// `dedup = transactional` with group commit: the handler met a lock
+    /// conflict (a deadlock, serialization failure or lock timeout) that
+    /// grouping can cause — in a group's transaction, or alone beside one.
+    /// Nothing of the run committed; it runs again, not counted against
+    /// its retries (alone, then with no group beside it, where a lock
+    /// conflict is its own). Many of them: a smaller `batch` may serve
+    /// better.
+    LockConflict,
 }
 
 impl Outcome {
     /// Every outcome, in counter order.
-    pub const ALL: [Outcome; 14] = [
+    pub const ALL: [Outcome; 15] = [
         Outcome::Processed,
         Outcome::Duplicate,
         Outcome::InFlightElsewhere,
@@ -68,6 +76,7 @@ impl Outcome {
         Outcome::Interrupted,
         Outcome::DeadLetterFailed,
         Outcome::Panicked,
+        Outcome::LockConflict,
     ];
 
     /// The counter's name.
@@ -87,6 +96,7 @@ impl Outcome {
             Outcome::Interrupted => "interrupted",
             Outcome::DeadLetterFailed => "dead_letter_failed",
             Outcome::Panicked => "panicked",
+            Outcome::LockConflict => "lock_conflict",
         }
     }
 }

@@ -26,13 +26,36 @@ pub use error::{StoreError, StoreOp};
 pub use kv::{KvBucket, KvStore, KvStoreConfig, MIN_RETENTION};
 pub use memory::{MemoryMap, MemoryStore};
 #[cfg(feature = "postgres")]
-pub(crate) use pg::inbox::{IGNORED_FAILED_STATEMENT, SealError, TxInbox, failed_for_another};
+pub(crate) use pg::inbox::{
+    IGNORED_FAILED_STATEMENT, SealError, TxInbox, failed_for_another, met_lock_conflict,
+};
 #[cfg(feature = "postgres")]
 pub(crate) use pg::migrated_schema;
 #[cfg(feature = "postgres")]
 pub use pg::{MIGRATOR, PgMap, PgStore};
 
 use crate::claim::operator::Written;
+
+/// How a transaction of `dedup = transactional` stands to group commit's
+/// transactions, which hold the rows of many messages in no one order and
+/// so can meet each other — or a message's own transaction — in a deadlock
+/// that no handler alone would meet. Groups share the schema's group lock;
+/// a message run again after such a lock conflict takes it alone, so that
+/// no group runs beside it; every other transaction ignores it.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(
+    not(feature = "postgres"),
+    expect(dead_code, reason = "transactional only")
+)]
+pub(crate) enum GroupLock {
+    /// Neither taken nor waited for.
+    Ignored,
+    /// A group's transaction: beside other groups, never beside a message
+    /// that holds the lock alone.
+    Shared,
+    /// A message run again after a lock conflict: beside no group.
+    Exclusive,
+}
 use crate::claim::{Claim, ClaimOutcome, Owner, Snapshot, Transition};
 use crate::fingerprint::Fingerprint;
 use crate::key::RecordKey;

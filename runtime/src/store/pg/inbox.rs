@@ -22,13 +22,23 @@ use crate::claim::{Claim, ClaimOutcome, Owner};
 use crate::clock::{Clock, SystemClock, UnixMillis};
 use crate::fingerprint::Fingerprint;
 use crate::key::RecordKey;
-use crate::store::{PgStore, StoreError, StoreOp};
+use crate::store::{GroupLock, PgStore, StoreError, StoreOp};
 
 /// The savepoint between a claim and the handler's effects.
 const HANDLER_SAVEPOINT: &str = "idem_handler";
 
 /// PostgreSQL's "lock not available" (a `lock_timeout` ran out).
 const LOCK_NOT_AVAILABLE: &str = "55P03";
+/// PostgreSQL's "deadlock detected": the transaction was chosen to end a
+/// circle of waits.
+const DEADLOCK_DETECTED: &str = "40P01";
+/// PostgreSQL's "could not serialize access": a concurrent transaction
+/// changed what this one read (`REPEATABLE READ` and `SERIALIZABLE`).
+const SERIALIZATION_FAILURE: &str = "40001";
+/// The group lock's class in PostgreSQL's advisory lock space (its upper
+/// 32 bits; the inbox table's oid is the rest), so that it names this
+/// schema's groups and no lock of the application's.
+const GROUP_LOCK_CLASS: i64 = 0x1de3 << 32;
 /// PostgreSQL's "current transaction is aborted, commands ignored until end
 /// of transaction block": a statement in the transaction failed earlier.
 const IN_FAILED_TRANSACTION: &str = "25P02";
@@ -92,14 +102,32 @@ pub(crate) const IGNORED_FAILED_STATEMENT: &str =
 /// before its statement — under group commit, by another message's
 /// handler: not this message's failure.
 pub(crate) fn failed_for_another(error: &crate::HandlerError) -> bool {
+    database_error(error).is_some_and(|sql| has_code(sql, IN_FAILED_TRANSACTION))
+}
+
+/// Whether a handler's error is a lock conflict — a deadlock, a
+/// serialization failure, or a lock timeout — which group commit can cause
+/// (its transactions hold the rows of many messages, in no one order) and
+/// so is not counted against a grouped handler's retries until it meets one
+/// with no group beside it ([`GroupLock::Exclusive`]).
+pub(crate) fn met_lock_conflict(error: &crate::HandlerError) -> bool {
+    database_error(error).is_some_and(|sql| {
+        [DEADLOCK_DETECTED, SERIALIZATION_FAILURE, LOCK_NOT_AVAILABLE]
+            .into_iter()
+            .any(|code| has_code(sql, code))
+    })
+}
+
+/// The database error a handler's error carries, if any.
+fn database_error(error: &crate::HandlerError) -> Option<&sqlx::Error> {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error.error());
     while let Some(error) = source {
         if let Some(sql) = error.downcast_ref::<sqlx::Error>() {
-            return has_code(sql, IN_FAILED_TRANSACTION);
+            return Some(sql);
         }
         source = error.source();
     }
-    false
+    None
 }
 
 impl TxInbox {
@@ -197,16 +225,30 @@ impl TxInbox {
     /// for a row lock (a key another transaction holds), and idle (a worker
     /// frozen inside its transaction must not hold its keys for as long as
     /// it stays frozen: the server ends a transaction idle for a lease, and
-    /// nothing of it commits).
+    /// nothing of it commits). It takes the schema's group lock as `group`
+    /// says, before any row: waiting for it holds nothing another waits for.
     pub(crate) async fn begin(
         &self,
         lease: Duration,
+        group: GroupLock,
     ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
         let lease_ms = lease.as_millis().max(1);
+        let lock = match group {
+            GroupLock::Ignored => "",
+            GroupLock::Shared => "; SELECT pg_advisory_xact_lock_shared",
+            GroupLock::Exclusive => "; SELECT pg_advisory_xact_lock",
+        };
+        let key = match group {
+            GroupLock::Ignored => String::new(),
+            GroupLock::Shared | GroupLock::Exclusive => format!(
+                "({GROUP_LOCK_CLASS} + '{}'::regclass::oid::bigint)",
+                self.table
+            ),
+        };
         self.pool
             .begin_with(format!(
                 "BEGIN; SET LOCAL lock_timeout = {lease_ms}; \
-                 SET LOCAL idle_in_transaction_session_timeout = {lease_ms}"
+                 SET LOCAL idle_in_transaction_session_timeout = {lease_ms}{lock}{key}"
             ))
             .await
     }
@@ -484,15 +526,18 @@ impl TxInbox {
     /// payload while its dead letter cannot be stored (only the same
     /// payload may claim it), or `dead` with the payload's fingerprint (a
     /// later payload under the key is a conflict, the same one a
-    /// duplicate). A completed or dead row is left as it is.
-    pub(crate) async fn end_alone(&self, claim: &Claim, state: &str) -> Result<(), sqlx::Error> {
+    /// duplicate). A completed or dead row is left as it is, and so is
+    /// another payload's: with the transaction gone, the key was free, and
+    /// the first payload to claim it since owns it. `false`: left as it was.
+    pub(crate) async fn end_alone(&self, claim: &Claim, state: &str) -> Result<bool, sqlx::Error> {
         let (handler, rest) = key_columns(claim.key.as_str());
         sqlx::query(&format!(
             "INSERT INTO {t} AS inbox (handler, key, state, owner, attempt, fingerprint, created_at, updated_at) \
              VALUES ($1, $2, $6, $3, $4, $5, $7, $7) \
              ON CONFLICT (handler, key) DO UPDATE SET state = $6, owner = $3, attempt = $4, \
              fingerprint = $5, updated_at = $7, revision = nextval('{s}') \
-             WHERE inbox.state NOT IN ('done', 'dead')",
+             WHERE inbox.state NOT IN ('done', 'dead') \
+             AND inbox.fingerprint IS NOT DISTINCT FROM EXCLUDED.fingerprint",
             t = self.table,
             s = self.sequence,
         ))
@@ -505,7 +550,7 @@ impl TxInbox {
         .bind(millis_now())
         .execute(&self.pool)
         .await
-        .map(drop)
+        .map(|done| done.rows_affected() > 0)
     }
 
     /// Whether the database answers a statement (for the health probe).
@@ -538,5 +583,80 @@ impl TxInbox {
                 Err(e) => tracing::warn!(handler, error = %e, "could not purge the inbox"),
             }
         }
+    }
+}
+
+#[cfg(all(test, feature = "testing"))]
+mod tests {
+    use super::*;
+    use crate::key::{HandlerName, IdempotencyKey};
+    use crate::store::GroupLock;
+    use crate::testing::TestDatabase;
+
+    const LEASE: Duration = Duration::from_secs(5);
+    const RETENTION: Duration = Duration::from_secs(3600);
+
+    async fn claimed(
+        inbox: &TxInbox,
+        key: &RecordKey,
+        fingerprint: Fingerprint,
+    ) -> (crate::Tx, Claim) {
+        let tx = crate::Tx::new(inbox.begin(LEASE, GroupLock::Ignored).await.expect("begin"));
+        let outcome = {
+            let mut conn = tx.conn().await.expect("conn");
+            inbox
+                .claim(&mut conn, key, Some(fingerprint), LEASE, RETENTION)
+                .await
+                .expect("claim")
+        };
+        match outcome {
+            ClaimOutcome::Claimed(claim) => (tx, claim),
+            other => panic!("not claimed: {other:?}"),
+        }
+    }
+
+    /// A group member X failed and its group rolled back, so that the key
+    /// was free; payload Y reused it, failed permanently and, its dead
+    /// letter not stored yet, kept the row for itself (`pending`). X's
+    /// ending, written on its own, must leave Y's row alone — else X owns
+    /// the key again and Y's kept claim is lost.
+    #[tokio::test]
+    async fn an_ending_written_alone_leaves_another_payloads_kept_row_alone() {
+        let db = TestDatabase::create().await.expect("PostgreSQL");
+        let inbox = TxInbox::open(db.pool().clone(), db.schema())
+            .await
+            .expect("inbox");
+        let name = HandlerName::new("h").expect("name");
+        let key = RecordKey::new(&name, &IdempotencyKey::new("k").expect("key"));
+        let (x, y) = (Fingerprint::of(b"X"), Fingerprint::of(b"Y"));
+        let (x_tx, x_claim) = claimed(&inbox, &key, x).await;
+        x_tx.take()
+            .await
+            .expect("X's transaction")
+            .rollback()
+            .await
+            .expect("X's group rolled back");
+        let (y_tx, y_claim) = claimed(&inbox, &key, y).await;
+        inbox
+            .end_in(&y_tx, &y_claim, "pending")
+            .await
+            .expect("Y kept");
+        let written = inbox
+            .end_alone(&x_claim, "released")
+            .await
+            .expect("X's ending");
+        assert!(!written, "X's ending found the row another payload's");
+        let (handler, rest) = key_columns(key.as_str());
+        let (state, fingerprint): (String, Option<Vec<u8>>) = sqlx::query_as(&format!(
+            "SELECT state, fingerprint FROM {} WHERE handler = $1 AND key = $2",
+            inbox.table
+        ))
+        .bind(handler)
+        .bind(rest)
+        .fetch_one(db.pool())
+        .await
+        .expect("the row");
+        assert_eq!(state, "pending");
+        assert_eq!(fingerprint_column(fingerprint), Some(y));
     }
 }
