@@ -52,6 +52,32 @@ impl Observations {
     }
 }
 
+/// Claims this handle created whose answer it never got (an error: the
+/// create may or may not have been written). Its redelivery finding that
+/// very record — this owner, this payload, untouched since — takes it at
+/// once as the same attempt: nobody holds it, for the delivery that made it
+/// was never run.
+#[derive(Clone)]
+struct Unanswered(Arc<quick_cache::sync::Cache<RecordKey, ClaimRecord>>);
+
+impl Unanswered {
+    fn new() -> Self {
+        Self(Arc::new(quick_cache::sync::Cache::new(OBSERVATIONS)))
+    }
+
+    /// Whether `found` is the record this handle's unanswered create of
+    /// `key` wrote — and if so, forgets it: only one delivery takes it.
+    fn take(&self, key: &RecordKey, found: &ClaimRecord) -> bool {
+        self.0.remove_if(key, |sent| sent == found).is_some()
+    }
+}
+
+impl std::fmt::Debug for Unanswered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Unanswered({})", self.0.len())
+    }
+}
+
 impl std::fmt::Debug for Observations {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Observations({})", self.0.len())
@@ -129,6 +155,7 @@ pub struct CasStore<M> {
     owner: Owner,
     clock: Arc<dyn Clock>,
     observed: Observations,
+    unanswered: Unanswered,
 }
 
 impl<M: RevisionedMap> CasStore<M> {
@@ -139,6 +166,7 @@ impl<M: RevisionedMap> CasStore<M> {
             owner: Owner::random(),
             clock: Arc::new(SystemClock),
             observed: Observations::new(),
+            unanswered: Unanswered::new(),
         }
     }
 
@@ -148,6 +176,7 @@ impl<M: RevisionedMap> CasStore<M> {
         Self {
             owner,
             observed: Observations::new(),
+            unanswered: Unanswered::new(),
             ..self.clone()
         }
     }
@@ -314,7 +343,14 @@ impl<M: RevisionedMap> DedupStore for CasStore<M> {
         for _ in 0..CLAIM_ROUNDS {
             let now = self.clock.now();
             let fresh = self.pending(now, lease, None, fingerprint);
-            let found = match self.map.create(key.as_str(), fresh.encode()).await? {
+            let created = match self.map.create(key.as_str(), fresh.encode()).await {
+                Ok(created) => created,
+                Err(e) => {
+                    self.unanswered.0.insert(key.clone(), fresh);
+                    return Err(e);
+                }
+            };
+            let found = match created {
                 Create::Created(revision) => {
                     return Ok(ClaimOutcome::Claimed(Self::granted(
                         key, &fresh, revision, lease,
@@ -327,6 +363,25 @@ impl<M: RevisionedMap> DedupStore for CasStore<M> {
             let Some(found) = found else {
                 continue;
             };
+            if found.record.fingerprint == fingerprint && self.unanswered.take(key, &found.record) {
+                // This handle's own claim, its create's answer lost: the
+                // same attempt, taken afresh at its revision.
+                let next = ClaimRecord {
+                    attempt: found.record.attempt,
+                    ..self.pending(now, lease, Some(&found.record), fingerprint)
+                };
+                if let Write::Written(revision) = self
+                    .map
+                    .update(key.as_str(), next.encode(), found.revision)
+                    .await?
+                {
+                    self.observed.forget(key);
+                    return Ok(ClaimOutcome::Claimed(Self::granted(
+                        key, &next, revision, lease,
+                    )));
+                }
+                continue;
+            }
             let observed = match found.record.state {
                 ClaimState::Pending { .. } => {
                     self.observed
@@ -476,17 +531,38 @@ mod tests {
         (a, b, second)
     }
 
-    /// A map whose next update is applied but answered with an error (a
-    /// lost answer).
+    /// A map whose next update (or, with `lose_create`, create) is applied
+    /// but answered with an error (a lost answer).
     #[derive(Clone)]
     struct LosesAnAnswer {
         map: crate::store::MemoryMap,
         lose: Arc<std::sync::atomic::AtomicBool>,
+        lose_create: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl LosesAnAnswer {
+        fn over(memory: &MemoryStore) -> Self {
+            Self {
+                map: memory.map().clone(),
+                lose: Arc::default(),
+                lose_create: Arc::default(),
+            }
+        }
     }
 
     impl RevisionedMap for LosesAnAnswer {
         async fn create(&self, key: &str, value: Bytes) -> Result<Create, StoreError> {
-            self.map.create(key, value).await
+            let created = self.map.create(key, value).await?;
+            if self
+                .lose_create
+                .swap(false, std::sync::atomic::Ordering::SeqCst)
+            {
+                return Err(StoreError::unavailable(
+                    crate::store::StoreOp::Create,
+                    "the answer was lost",
+                ));
+            }
+            Ok(created)
         }
         async fn read(&self, key: &str) -> Result<Option<(Bytes, u64)>, StoreError> {
             self.map.read(key).await
@@ -517,11 +593,9 @@ mod tests {
     #[tokio::test]
     async fn a_renewal_after_a_lost_answer_writes_afresh_so_readers_watch_from_now() {
         let memory = MemoryStore::new(Duration::from_secs(3600));
-        let lose = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let store = super::CasStore::over(LosesAnAnswer {
-            map: memory.map().clone(),
-            lose: lose.clone(),
-        });
+        let map = LosesAnAnswer::over(&memory);
+        let lose = map.lose.clone();
+        let store = super::CasStore::over(map);
         let ClaimOutcome::Claimed(mut claim) =
             store.claim(&key(), None, LEASE).await.expect("claim")
         else {
@@ -553,6 +627,31 @@ mod tests {
             "the renewal did not write: {now} after {earlier}"
         );
         assert_eq!(claim.revision(), now);
+    }
+
+    /// A claim's create is written, its answer lost: the delivery was not
+    /// run. Its redelivery to this worker finds this worker's own claim —
+    /// which nobody holds — and takes it at once, as the same attempt: no
+    /// lease waited for, no takeover of itself counted.
+    #[tokio::test]
+    async fn a_claim_whose_create_answer_was_lost_is_taken_at_once_as_the_same_attempt() {
+        let memory = MemoryStore::new(Duration::from_secs(3600));
+        let map = LosesAnAnswer::over(&memory);
+        map.lose_create
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let store = super::CasStore::over(map);
+        let payload = Some(crate::fingerprint::Fingerprint::of(b"x"));
+        assert!(store.claim(&key(), payload, LEASE).await.is_err());
+        match store.claim(&key(), payload, LEASE).await.expect("claim") {
+            ClaimOutcome::Claimed(claim) => assert_eq!(claim.attempt(), 1),
+            other => panic!("its own unanswered claim was not taken at once: {other:?}"),
+        }
+        // Another worker still sees a live claim.
+        let other = store.as_owner(Owner::random());
+        assert!(matches!(
+            other.claim(&key(), payload, LEASE).await.expect("claim"),
+            ClaimOutcome::InFlight { .. }
+        ));
     }
 
     #[tokio::test]
