@@ -318,8 +318,18 @@ impl Setup {
         &self,
         configure: impl FnOnce(idem::consumer::RuntimeBuilder) -> idem::consumer::RuntimeBuilder,
     ) -> Running {
+        self.start_through(&self.server.client_url(), configure)
+            .await
+    }
+
+    /// A runtime whose client connects to `url` (a proxy's, say).
+    async fn start_through(
+        &self,
+        url: &str,
+        configure: impl FnOnce(idem::consumer::RuntimeBuilder) -> idem::consumer::RuntimeBuilder,
+    ) -> Running {
         let (stop, stopped) = oneshot::channel::<()>();
-        let builder = Runtime::builder(self.server.connect().await.expect("connect"))
+        let builder = Runtime::builder(async_nats::connect(url).await.expect("connect"))
             .state(self.effects.clone())
             .shutdown_grace(Duration::from_millis(300))
             .shutdown_on(async {
@@ -1227,6 +1237,51 @@ async fn a_handler_cut_off_at_shutdown_keeps_its_claim_and_its_rerun_is_counted(
     .await;
     assert_eq!(running.count("kv_handler", Outcome::Reclaimed), 1);
     assert_eq!(setup.effects.runs("attempt:cut").len(), 2);
+    running.stop().await;
+}
+
+/// Every answer of the server reaches the worker 1.5 s late, past its
+/// 1 s lease: the claim is granted after the lease ran out on the worker's
+/// clock, when a reader may already have taken the key over. The handler
+/// must not start; nothing ran, so the claim is given back — no attempt,
+/// no takeover, no lost lease counted — and once answers come on time the
+/// message runs once, as its first attempt.
+#[tokio::test]
+async fn a_claim_answered_after_its_lease_never_starts_the_handler_and_costs_no_attempt() {
+    let setup = Setup::new().await;
+    let proxy = Proxy::start(setup.server.client_addr())
+        .await
+        .expect("proxy");
+    let running = setup
+        .start_through(&proxy.url(), |b| b.handler(kv_handler))
+        .await;
+    proxy.delay_replies(Duration::from_millis(1_500));
+    setup.publish("orders.kv", &order("late"), None, None).await;
+    until("a claim answered too late", || {
+        running.count("kv_handler", Outcome::StoreUnavailable) >= 1
+    })
+    .await;
+    assert!(
+        setup.effects.runs("attempt:late").is_empty(),
+        "the handler started on a claim whose lease had run out"
+    );
+    proxy.delay_replies(Duration::ZERO);
+    until("applied once answers come on time", || {
+        setup.effects.runs("late").len() == 1
+    })
+    .await;
+    let record = setup
+        .claims()
+        .await
+        .inspect(&record_key("kv_handler", "late"))
+        .await
+        .expect("inspect")
+        .expect("record");
+    assert_eq!(record.record.state, ClaimState::Done);
+    assert_eq!(record.record.attempt, 1, "an unstarted claim is no attempt");
+    assert_eq!(setup.effects.runs("attempt:late").len(), 1);
+    assert_eq!(running.count("kv_handler", Outcome::Reclaimed), 0);
+    assert_eq!(running.count("kv_handler", Outcome::LeaseLost), 0);
     running.stop().await;
 }
 

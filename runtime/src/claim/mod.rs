@@ -130,6 +130,15 @@ impl Claim {
         self.attempt
     }
 
+    /// The claim as it was before this attempt was counted: what a
+    /// handler that never started gives back.
+    pub(crate) fn given_back(&self) -> Claim {
+        Claim {
+            attempt: self.attempt.saturating_sub(1),
+            ..self.clone()
+        }
+    }
+
     /// The record this claim writes when it moves to `state`.
     pub(crate) fn record(
         &self,

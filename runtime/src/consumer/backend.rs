@@ -371,6 +371,22 @@ impl Held {
         }
     }
 
+    /// Gives back a claim whose handler never started: released with the
+    /// attempt it counted taken off (a compare-and-set on its revision: if
+    /// a reader took the key over meanwhile, nothing is written). A
+    /// transaction is rolled back.
+    pub(crate) async fn give_back(self, backend: &Backend) {
+        match (self, backend) {
+            (Held::Kv(claim), Backend::Kv(store)) => {
+                log_transition(
+                    "give the unstarted claim back",
+                    store.release(&claim.given_back()).await,
+                );
+            }
+            (held, _) => held.abandon().await,
+        }
+    }
+
     /// Leaves the claim as the shutdown deadline found it. A KV claim stays
     /// pending: the handler may have had its effect, so the next owner takes
     /// it over only after the lease, and counts it (`reclaimed`). A

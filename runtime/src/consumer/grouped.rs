@@ -80,7 +80,7 @@ impl<H: Handler> Shared<H> {
         drop(held);
         let vote = match &ran {
             Ran::Returned(output) => Some(self.stored_result(output)),
-            Ran::Failed(_) | Ran::CutOff | Ran::LeaseLost(_) => None,
+            Ran::Failed(_) | Ran::CutOff | Ran::NotStarted | Ran::LeaseLost(_) => None,
         };
         let own_failure = match (ballot.vote(vote).await, ran) {
             (GroupEnd::Committed, _) => return self.succeeded(message, true).await,

@@ -302,20 +302,23 @@ impl<H: Handler> Shared<H> {
         let fenced = matches!(held, Held::Kv(_));
         let lease_ends = LeaseEnd::new(asked + lease);
         let mut call = std::pin::pin!(AssertUnwindSafe(call).catch_unwind());
+        let mut started = false;
         let mut guarded = std::pin::pin!(futures::future::poll_fn(|cx| {
             if fenced && lease_ends.passed() {
-                return std::task::Poll::Ready(None);
+                return std::task::Poll::Ready(Err(started));
             }
-            call.as_mut().poll(cx).map(Some)
+            started = true;
+            call.as_mut().poll(cx).map(Ok)
         }));
         loop {
             tokio::select! {
                 biased;
                 result = &mut guarded => return match result {
-                    None => Ran::LeaseLost("the lease ran out on this worker's clock without a confirmed renewal"),
-                    Some(Ok(Ok(output))) => Ran::Returned(output),
-                    Some(Ok(Err(e))) => Ran::Failed(e),
-                    Some(Err(payload)) => {
+                    Err(false) => Ran::NotStarted,
+                    Err(true) => Ran::LeaseLost("the lease ran out on this worker's clock without a confirmed renewal"),
+                    Ok(Ok(Ok(output))) => Ran::Returned(output),
+                    Ok(Ok(Err(e))) => Ran::Failed(e),
+                    Ok(Err(payload)) => {
                         let panicked = HandlerPanicked::from_payload(&*payload);
                         error!(error = %panicked, "the handler panicked; counted as a failed attempt");
                         self.counters.count(Outcome::Panicked);
@@ -362,6 +365,7 @@ impl<H: Handler> Shared<H> {
         let output = match ran {
             Ran::Returned(output) => output,
             Ran::CutOff => return self.interrupted(message, held).await,
+            Ran::NotStarted => return self.not_started(message, delivery, held).await,
             Ran::LeaseLost(why) => return self.lease_lost(why),
             // The failure paths are boxed: rare, and large (dead letters).
             Ran::Failed(error) => {

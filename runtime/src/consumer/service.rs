@@ -321,6 +321,14 @@ impl<H: Handler> Shared<H> {
                     "the endpoint shut down while the handler ran",
                 );
             }
+            Ran::NotStarted => {
+                held.give_back(&self.backend).await;
+                self.count(Outcome::StoreUnavailable);
+                return Reply::error(
+                    ReplyErrorKind::StoreUnavailable,
+                    "the claim was answered only after its lease ran out: the handler did not run",
+                );
+            }
             Ran::LeaseLost(why) => {
                 self.lease_lost(why);
                 return Reply::error(ReplyErrorKind::OutcomeUnknown, why);

@@ -110,6 +110,7 @@ impl<H: Handler> Shared<H> {
                 Box::pin(self.failed(message, delivery, error, attempt, held)).await;
             }
             Ran::CutOff => self.interrupted(message, held).await,
+            Ran::NotStarted => self.not_started(message, delivery, held).await,
             Ran::LeaseLost(why) => self.lease_lost(why),
         }
     }
@@ -257,6 +258,21 @@ impl<H: Handler> Shared<H> {
             "lease lost while the handler ran: the handler was stopped and the message left to the claim's holder"
         );
         self.count(Outcome::LeaseLost);
+    }
+
+    /// The claim was answered only after its lease had run out on this
+    /// worker's clock: the handler never started (a reader may have taken
+    /// the key over meanwhile). Nothing ran, so it is not an attempt and
+    /// not a takeover: the claim is given back — released with the attempt
+    /// it counted taken off, if it is still this worker's — and the
+    /// message NAKed with the store's backoff.
+    pub(super) async fn not_started(&self, message: &Message, delivery: &Delivery, held: Held) {
+        warn!(
+            "the claim was answered only after its lease ran out: the handler was not started; the claim is given back and the message NAKed"
+        );
+        held.give_back(&self.backend).await;
+        self.count(Outcome::StoreUnavailable);
+        nak(message, super::acks::store_backoff(deliveries(delivery))).await;
     }
 
     /// The shutdown deadline cut the handler off. Its claim is left as the

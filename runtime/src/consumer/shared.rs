@@ -57,6 +57,10 @@ pub(super) enum Ran<T> {
     Failed(HandlerError),
     /// The shutdown deadline cut it off.
     CutOff,
+    /// Never started: the claim was answered only after its lease had run
+    /// out on this worker's clock (a slow or stalled store), so the fence
+    /// stopped the handler before its first step.
+    NotStarted,
     /// The claim is no longer this worker's (why): the handler was stopped.
     LeaseLost(&'static str),
 }
