@@ -79,7 +79,8 @@ step "the main example (README's first command)"
 IDEM_NATS_SERVER="$current" cargo run --quiet --example membership_card
 step "all tests against nats-server $(version_of "$current") ($current)"
 IDEM_NATS_SERVER="$current" run_tests
-step "fault suite, quick profile (replay a failure with the seed it prints)"
+step "fault suite, quick profile, the operator's tool included (replay a failure with the seed it prints)"
+cargo build --quiet -p idem-cli
 IDEM_NATS_SERVER="$current" cargo run --quiet -p idem-faults -- --profile quick
 step "benchmarks, quick: every scenario runs (figures are printed, not gated)"
 IDEM_NATS_SERVER="$current" cargo run --quiet --release -p idem-bench -- --quick --out target/bench-quick

@@ -7,6 +7,7 @@ use idem::claim::ClaimState;
 
 use crate::evidence::Evidence;
 use crate::ledger::Execution;
+use crate::operator::Operations;
 use crate::order::{Behaviour, Level};
 use crate::schedule::Fault;
 use crate::workload::{Copy, Workload};
@@ -40,8 +41,11 @@ pub fn check(
     workload: &Workload,
     faults: &[Fault],
     publishing: &Publishing,
+    operations: Option<&Operations>,
     evidence: &Evidence,
 ) -> Vec<Verdict> {
+    let none = Operations::default();
+    let operations = operations.unwrap_or(&none);
     let mut planned: BTreeMap<Key, BTreeSet<u64>> = BTreeMap::new();
     let mut conflicted: BTreeSet<Key> = BTreeSet::new();
     let mut behaviour: BTreeMap<Key, Behaviour> = BTreeMap::new();
@@ -68,10 +72,11 @@ pub fn check(
     for e in &evidence.events {
         *explained.entry((e.level, e.key.clone())).or_default() += 1;
     }
+    // Runs beyond those allowed (a forgotten key runs once more).
     let repeats = |level: Level| -> Vec<(&Key, usize)> {
         runs.iter()
-            .filter(|((l, _), r)| *l == level && r.len() > 1)
-            .map(|(k, r)| (k, r.len()))
+            .filter(|(k, r)| k.0 == level && r.len() > operations.allowed_runs(k))
+            .map(|(k, r)| (k, r.len() + 1 - operations.allowed_runs(k)))
             .collect()
     };
     let mut verdicts = Vec::new();
@@ -88,11 +93,14 @@ pub fn check(
         ),
     });
 
-    let distinct = workload.distinct_ids() as u64;
+    let distinct = (workload.distinct_ids() + operations.published) as u64;
     verdicts.push(Verdict {
         name: "the broker stored each message id once",
         passed: evidence.stored == distinct,
-        detail: format!("{} stored for {distinct} distinct ids", evidence.stored),
+        detail: format!(
+            "{} stored for {distinct} distinct ids ({} of them the operator's copies and resends)",
+            evidence.stored, operations.published
+        ),
     });
 
     let lost: Vec<String> = planned
@@ -283,6 +291,8 @@ pub fn check(
         ),
     });
 
+    verdicts.extend(operator_verdicts(operations, &runs, &explained, evidence));
+
     verdicts.push(Verdict {
         name: "stream and consumers drained",
         passed: evidence.drained,
@@ -312,6 +322,98 @@ pub fn check(
             "{} worker processes; unclean: {}",
             evidence.exits.len(),
             sample(unclean.iter())
+        ),
+    });
+    verdicts
+}
+
+/// What the operator's tools promise (docs/guarantees.md).
+fn operator_verdicts(
+    operations: &Operations,
+    runs: &BTreeMap<Key, Vec<&Execution>>,
+    explained: &BTreeMap<Key, usize>,
+    evidence: &Evidence,
+) -> Vec<Verdict> {
+    let mut verdicts = Vec::new();
+    let failed: Vec<&String> = operations
+        .replays
+        .iter()
+        .filter_map(|r| r.as_ref().err())
+        .collect();
+    let outcomes: Vec<String> = operations
+        .replays
+        .iter()
+        .filter_map(|r| r.as_ref().ok())
+        .map(|outcomes| format!("{outcomes:?}"))
+        .collect();
+    let left: Vec<String> = evidence
+        .dead_letters
+        .iter()
+        .filter(|d| d.reason == "handler_error")
+        .filter(|d| {
+            operations
+                .fixed
+                .contains_key(&(d.level, d.order.key.clone()))
+        })
+        .map(|d| format!("{} {} ({})", d.level.name(), d.order.key, d.reason))
+        .collect();
+    verdicts.push(Verdict {
+        name: "operator: two replays at once both succeed, and no fixed key's handler_error letter is left",
+        passed: operations.replays.len() == 2 && failed.is_empty() && left.is_empty(),
+        detail: format!(
+            "{} keys fixed; replays: {}; failed: {}; letters left: {}",
+            operations.fixed.len(),
+            sample(outcomes.iter()),
+            sample(failed.iter()),
+            sample(left.iter())
+        ),
+    });
+
+    let wrong: Vec<String> = operations
+        .fixed
+        .iter()
+        .filter_map(|(key, value)| {
+            let applied = runs
+                .get(key)
+                .into_iter()
+                .flatten()
+                .filter(|e| e.value == *value)
+                .count();
+            let excused = if key.0.claims_in_kv() {
+                explained.get(key).copied().unwrap_or(0)
+            } else {
+                0
+            };
+            (applied == 0 || applied > 1 + excused)
+                .then(|| format!("{} {} applied {applied}×", key.0.name(), key.1))
+        })
+        .collect();
+    verdicts.push(Verdict {
+        name: "operator: every replayed letter's payload applied once",
+        passed: wrong.is_empty(),
+        detail: format!(
+            "{} replayed keys; wrong: {}",
+            operations.fixed.len(),
+            sample(wrong.iter())
+        ),
+    });
+
+    let not_again: Vec<String> = operations
+        .forgotten
+        .iter()
+        .filter_map(|(key, before)| {
+            let now = runs.get(key).map_or(0, Vec::len);
+            (now != before + 1).then(|| format!("{} {}: {before} → {now}", key.0.name(), key.1))
+        })
+        .collect();
+    verdicts.push(Verdict {
+        name: "operator: a forgotten key sent again runs once more",
+        passed: not_again.is_empty() && operations.forget_failures.is_empty(),
+        detail: format!(
+            "{} keys forgotten; wrong: {}; forgets failed: {}",
+            operations.forgotten.len(),
+            sample(not_again.iter()),
+            sample(operations.forget_failures.iter())
         ),
     });
     verdicts

@@ -423,6 +423,15 @@ impl Deployment {
             .sum())
     }
 
+    /// A server's URL, straight (not through a proxy): where the operator's
+    /// tool connects.
+    pub fn server_url(&self) -> String {
+        self.servers
+            .addrs()
+            .first()
+            .map_or_else(String::new, |addr| format!("nats://{addr}"))
+    }
+
     /// Messages stored in the stream.
     pub async fn stored(&self) -> Fallible<u64> {
         Ok(self

@@ -6,6 +6,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use idem::claim::ClaimState;
 use idem::consumer::{DEAD_LETTER_STREAM, headers};
 use idem::key::{HandlerName, IdempotencyKey, RecordKey};
@@ -82,7 +83,8 @@ pub async fn gather(
     })
 }
 
-async fn dead_letters(deployment: &Deployment) -> Fallible<Vec<DeadLetter>> {
+/// Every dead letter in the dead-letter stream, with its key's record.
+pub async fn dead_letters(deployment: &Deployment) -> Fallible<Vec<DeadLetter>> {
     let js = &deployment.admin;
     let Ok(mut stream) = js.get_stream(DEAD_LETTER_STREAM).await else {
         return Ok(Vec::new());
@@ -104,7 +106,12 @@ async fn dead_letters(deployment: &Deployment) -> Fallible<Vec<DeadLetter>> {
         if state.messages == 0 {
             break;
         }
-        let message = stream.get_raw_message(sequence).await?;
+        // A replayed letter was deleted: its sequence is a gap.
+        let message = match stream.get_raw_message(sequence).await {
+            Ok(message) => message,
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => continue,
+            Err(e) => return Err(e.into()),
+        };
         let header = |name: &str| {
             message
                 .headers

@@ -6,7 +6,9 @@
 //! committed executions appear.
 //!
 //! A second table, `started`, notes when a worker enters a long handler, so
-//! that the driver can aim a kill or a freeze at a handler in progress.
+//! that the driver can aim a kill or a freeze at a handler in progress; a
+//! third, `fixed`, holds the keys whose scripted permanent failure the
+//! operator has "fixed" before replaying their dead letters.
 
 use sqlx::postgres::{PgArguments, PgPool};
 use sqlx::{Postgres, Row};
@@ -44,6 +46,7 @@ pub struct Ledger {
     insert_sql: String,
     started: String,
     runs: String,
+    fixed: String,
 }
 
 impl Ledger {
@@ -57,11 +60,13 @@ impl Ledger {
         );
         let started = format!("{schema}.started");
         let runs = format!("{schema}.runs");
+        let fixed = format!("{schema}.fixed");
         Self {
             table,
             insert_sql,
             started,
             runs,
+            fixed,
         }
     }
 
@@ -87,7 +92,45 @@ impl Ledger {
         ))
         .execute(pool)
         .await?;
+        sqlx::query(&format!(
+            "CREATE TABLE {} (handler text NOT NULL, key text NOT NULL, PRIMARY KEY (handler, key))",
+            self.fixed
+        ))
+        .execute(pool)
+        .await?;
         Ok(())
+    }
+
+    /// "Fixes" the handler's permanent failure for `key`: from now on its
+    /// runs succeed (the operator's fix before a replay).
+    pub async fn fix(&self, pool: &PgPool, level: Level, key: &str) -> Result<(), sqlx::Error> {
+        sqlx::query(&format!(
+            "INSERT INTO {} (handler, key) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            self.fixed
+        ))
+        .bind(level.handler())
+        .bind(key)
+        .execute(pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Whether the operator fixed the handler's permanent failure for `key`.
+    pub async fn is_fixed(
+        &self,
+        pool: &PgPool,
+        level: Level,
+        key: &str,
+    ) -> Result<bool, sqlx::Error> {
+        let row = sqlx::query(&format!(
+            "SELECT EXISTS (SELECT 1 FROM {} WHERE handler = $1 AND key = $2)",
+            self.fixed
+        ))
+        .bind(level.handler())
+        .bind(key)
+        .fetch_one(pool)
+        .await?;
+        row.try_get(0)
     }
 
     /// Counts one run of a handler for `order` (on its own, outside any

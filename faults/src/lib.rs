@@ -12,6 +12,9 @@
 //!   faults it injects when, both derived from the seed alone;
 //! * [`deploy`] — servers, proxies and worker processes, and the faults
 //!   applied to them;
+//! * [`operator`] — the operator's turn once the faults healed: a fix and
+//!   two concurrent replays of the permanent failures' dead letters, and
+//!   forgotten keys sent again;
 //! * [`check`] — the invariants, evaluated on the ledger, the dead letters,
 //!   the workers' logs and the stream.
 //!
@@ -22,6 +25,7 @@ pub mod cli;
 pub mod deploy;
 pub mod evidence;
 pub mod ledger;
+pub mod operator;
 pub mod order;
 pub mod report;
 pub mod run;

@@ -33,7 +33,8 @@ pub enum Behaviour {
     Succeed,
     /// A retryable error on its first n runs, then its effect.
     FailTimes(u32),
-    /// A permanent error: dead-lettered `handler_error`, never applied.
+    /// A permanent error: dead-lettered `handler_error` — until the
+    /// operator fixes it and replays the letter, which is then applied once.
     FailPermanently,
     /// A panic on every run: dead-lettered `panic` after the attempts.
     Panic,

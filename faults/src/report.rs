@@ -101,6 +101,14 @@ pub fn print(outcome: &Outcome) {
             level.name()
         );
     }
+    if let Some(ops) = &outcome.operations {
+        println!();
+        println!(
+            "Operator, once drained: {} permanently failing keys fixed and their letters replayed by two `idem dead replay` at once; {} completed keys forgotten (`idem keys forget`) and sent again",
+            ops.fixed.len(),
+            ops.forgotten.len()
+        );
+    }
     println!();
     println!("| invariant | result | detail |");
     println!("|---|---|---|");

@@ -1,5 +1,6 @@
 //! One run: deploy, publish the workload while the schedule's faults hit,
-//! heal, drain, stop the workers, gather the evidence and check it.
+//! heal, drain, let the operator act (fix, replay, forget, resend), drain
+//! again, stop the workers, gather the evidence and check it.
 
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ use crate::check::{Publishing, Verdict, check};
 use crate::cli::Settings;
 use crate::deploy::{Deployment, Fallible};
 use crate::evidence::{Evidence, gather};
+use crate::operator::{Operations, act};
 use crate::schedule::{Fault, schedule};
 use crate::workload::Workload;
 
@@ -28,6 +30,8 @@ pub struct Outcome {
     pub faults: Vec<(Fault, Result<String, String>)>,
     /// What the producer was told.
     pub publishing: Publishing,
+    /// What the operator did (none if the first drain ran out of time).
+    pub operations: Option<Operations>,
     /// What was left behind.
     pub evidence: Evidence,
     /// The invariants.
@@ -84,12 +88,28 @@ pub async fn run(settings: Settings) -> Fallible<Outcome> {
         start.elapsed().as_secs_f64()
     );
     let drained = deployment.drain(settings.drain_timeout).await?;
+    // The operator's turn, with the workers running: a fix and two replays
+    // at once, forgotten keys sent again. Then the stream drains again.
+    let operations = if drained {
+        eprintln!("drained; the operator fixes, replays, forgets and resends");
+        let operations = act(&deployment, &workload).await?;
+        eprintln!(
+            "operator: {} keys fixed and replayed, {} forgotten and resent; draining",
+            operations.fixed.len(),
+            operations.forgotten.len()
+        );
+        Some(operations)
+    } else {
+        None
+    };
+    let drained = drained && deployment.drain(settings.drain_timeout).await?;
     let exits = deployment.stop_workers().await;
     let evidence = gather(&deployment, exits, drained).await?;
     let verdicts = check(
         &workload,
         &faults.iter().map(|(f, _)| f.clone()).collect::<Vec<_>>(),
         &publishing,
+        operations.as_ref(),
         &evidence,
     );
     let outcome = Outcome {
@@ -97,6 +117,7 @@ pub async fn run(settings: Settings) -> Fallible<Outcome> {
         workload,
         faults,
         publishing,
+        operations,
         evidence,
         verdicts,
         server,

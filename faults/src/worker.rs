@@ -65,15 +65,17 @@ pub const SCRIPTED_PANIC_AT: &str = "faults/src/worker.rs";
 impl Effects {
     /// Counts this run of the handler for `order` (in its own transaction,
     /// so failed runs count too) and acts out the order's behaviour before
-    /// the effect: a retryable error on the first runs, a permanent error,
-    /// or a panic. Returns the run's number.
+    /// the effect: a retryable error on the first runs, a permanent error
+    /// (until the operator fixes it), or a panic. Returns the run's number.
     async fn act_out(&self, level: Level, order: &Order) -> Result<u32, HandlerError> {
         let run = self.ledger.count_run(&self.pool, level, order).await?;
         match order.behaviour {
             Behaviour::FailTimes(n) if run <= n => Err(HandlerError::retryable(format!(
                 "scripted failure {run} of {n}"
             ))),
-            Behaviour::FailPermanently => {
+            Behaviour::FailPermanently
+                if !self.ledger.is_fixed(&self.pool, level, &order.key).await? =>
+            {
                 Err(HandlerError::permanent("scripted permanent failure"))
             }
             Behaviour::Panic => panic!("scripted panic in {} run {run}", order.key),

@@ -17,7 +17,9 @@ pub enum Copy {
     Republished,
     /// The same message id again: the broker's duplicate window drops it.
     Resent,
-    /// The same key with another payload: `key_conflict`, never applied.
+    /// The same key with another payload: `key_conflict`, never applied —
+    /// half of them sent while the first payload runs or waits out a
+    /// retry's backoff.
     Conflict,
 }
 
@@ -114,8 +116,11 @@ impl Workload {
                 ));
             }
             if level != Level::Off && rng.u8(0..100) < 2 {
+                // Half of them soon after the first payload: while it runs,
+                // or waits out a retry's backoff (its key released).
+                let after = if rng.bool() { 20.0 } else { 500.0 };
                 placed.push((
-                    at + 1.0 + rng.f64() * 500.0,
+                    at + 1.0 + rng.f64() * after,
                     Planned {
                         message_id: format!("{}~c", order.key),
                         order: Order {
