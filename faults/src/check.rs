@@ -8,7 +8,7 @@ use idem::claim::ClaimState;
 use crate::evidence::Evidence;
 use crate::ledger::Execution;
 use crate::operator::Operations;
-use crate::order::{Behaviour, Level};
+use crate::order::{Behaviour, Level, SHORT_RETENTION};
 use crate::schedule::Fault;
 use crate::workload::{Copy, Workload};
 
@@ -135,7 +135,7 @@ pub fn check(
 
     let kv_twice: Vec<(&Key, usize)> = Level::ALL
         .into_iter()
-        .filter(|l| l.claims_in_kv())
+        .filter(|l| l.claims_in_kv() && !l.expires())
         .flat_map(repeats)
         .collect();
     let unexplained: Vec<String> = kv_twice
@@ -167,8 +167,12 @@ pub fn check(
         ),
     });
 
+    verdicts.push(expiry_verdict(&runs, &explained));
+
     let mut conflict_failures = Vec::new();
-    for key in &conflicted {
+    // Where records expire, a payload reusing a key after the first one's
+    // record expired owns it afresh: the expiry verdict covers those keys.
+    for key in conflicted.iter().filter(|(level, _)| !level.expires()) {
         let applied: BTreeSet<u64> = runs
             .get(key)
             .into_iter()
@@ -238,10 +242,13 @@ pub fn check(
         .iter()
         .filter(|d| d.level != Level::Off)
         .filter(|d| {
-            !matches!(
-                (d.reason.as_str(), d.record),
-                ("key_conflict", Some(ClaimState::Done)) | (_, Some(ClaimState::Dead))
-            )
+            // A record that expires may be gone by the end of the run.
+            let expired = d.level.expires() && d.record.is_none();
+            !expired
+                && !matches!(
+                    (d.reason.as_str(), d.record),
+                    ("key_conflict", Some(ClaimState::Done)) | (_, Some(ClaimState::Dead))
+                )
         })
         .map(|d| {
             format!(
@@ -325,6 +332,44 @@ pub fn check(
         ),
     });
     verdicts
+}
+
+/// Where records expire ([`SHORT_RETENTION`]), a key is deduplicated for
+/// the retention after its last write: it may run again only once its
+/// record could have expired — the next run starting at least a retention
+/// after the previous one ended (its completion is written after) — or
+/// with a lease event (a claim that expired while its worker was frozen).
+fn expiry_verdict(
+    runs: &BTreeMap<Key, Vec<&Execution>>,
+    explained: &BTreeMap<Key, usize>,
+) -> Verdict {
+    /// The effect's end is noted just before its completion is written.
+    const SLACK_US: i64 = 100_000;
+    let retention_us = i64::try_from(SHORT_RETENTION.as_micros()).unwrap_or(i64::MAX);
+    let mut again = 0;
+    let mut early: Vec<String> = Vec::new();
+    let mut keys = 0;
+    for (key, executions) in runs.iter().filter(|((level, _), _)| level.expires()) {
+        keys += 1;
+        let mut sorted = executions.clone();
+        sorted.sort_by_key(|e| e.started_us);
+        let too_soon = sorted
+            .windows(2)
+            .filter(|pair| pair[1].started_us + SLACK_US < pair[0].ended_us + retention_us)
+            .count();
+        again += sorted.len().saturating_sub(1);
+        if too_soon > explained.get(key).copied().unwrap_or(0) {
+            early.push(format!("{} ×{} ({too_soon} too soon)", key.1, sorted.len()));
+        }
+    }
+    Verdict {
+        name: "kv, 3 s retention: a key runs again only after its record expired, or with a lease event",
+        passed: early.is_empty(),
+        detail: format!(
+            "{keys} keys ran, {again} runs after an expiry; too soon: {}",
+            sample(early.iter())
+        ),
+    }
 }
 
 /// What the operator's tools promise (docs/guarantees.md).

@@ -14,7 +14,7 @@ use idem::store::{DedupStore, KvStore, KvStoreConfig, PgStore};
 
 use crate::deploy::{Deployment, Exit, Fallible};
 use crate::ledger::Execution;
-use crate::order::{Level, Order};
+use crate::order::{Level, Order, SHORT_BUCKET, SHORT_RETENTION};
 
 /// One dead letter and the claim record of its key.
 #[derive(Clone, Debug)]
@@ -95,6 +95,14 @@ pub async fn dead_letters(deployment: &Deployment) -> Fallible<Vec<DeadLetter>> 
         KvStoreConfig::default().replicas(deployment.servers.replicas()),
     )
     .await?;
+    let short = KvStore::open(
+        js,
+        KvStoreConfig::default()
+            .bucket(SHORT_BUCKET)
+            .retention(SHORT_RETENTION)
+            .replicas(deployment.servers.replicas()),
+    )
+    .await?;
     let pg = PgStore::open(
         deployment.database.pool().clone(),
         deployment.database.schema(),
@@ -129,6 +137,7 @@ pub async fn dead_letters(deployment: &Deployment) -> Fallible<Vec<DeadLetter>> 
         );
         let record = match level {
             Level::Kv | Level::Twin => kv.inspect(&key).await?,
+            Level::Short => short.inspect(&key).await?,
             Level::Transactional => pg.inspect(&key).await?,
             Level::Off => None,
         };

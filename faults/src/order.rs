@@ -43,6 +43,15 @@ pub enum Behaviour {
     SwallowFailedStatement,
 }
 
+/// The retention of the `kv_short` handler's claims (`retention = "3s"`):
+/// records expire during the run — completed keys, dead keys, and
+/// the claim of a worker frozen past it.
+pub const SHORT_RETENTION: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// That bucket's name: the runtime keeps a retention other than the
+/// default in a bucket of its own, named for it.
+pub const SHORT_BUCKET: &str = "idem_claims_3s";
+
 /// How many runs a handler of the suite gets (the worker's retry policy).
 pub const ATTEMPTS: u32 = 6;
 
@@ -78,6 +87,9 @@ pub enum Level {
     /// `dedup = kv`, the function `twin::kv_effect`: the same keys as `kv`
     /// must be applied by each handler once.
     Twin,
+    /// `dedup = kv` in a claim bucket that keeps records for only
+    /// [`SHORT_RETENTION`]: deduplicated within it, run again after.
+    Short,
     /// `dedup = transactional`.
     Transactional,
     /// `dedup = off`.
@@ -86,11 +98,22 @@ pub enum Level {
 
 impl Level {
     /// All levels, in report order.
-    pub const ALL: [Level; 4] = [Level::Kv, Level::Twin, Level::Transactional, Level::Off];
+    pub const ALL: [Level; 5] = [
+        Level::Kv,
+        Level::Twin,
+        Level::Short,
+        Level::Transactional,
+        Level::Off,
+    ];
 
-    /// Whether its effects are deduplicated by claims in the KV bucket.
+    /// Whether its effects are deduplicated by claims in a KV bucket.
     pub fn claims_in_kv(self) -> bool {
-        matches!(self, Level::Kv | Level::Twin)
+        matches!(self, Level::Kv | Level::Twin | Level::Short)
+    }
+
+    /// Whether its records may expire during a run.
+    pub fn expires(self) -> bool {
+        self == Level::Short
     }
 
     /// The subject its handler consumes.
@@ -98,6 +121,7 @@ impl Level {
         match self {
             Level::Kv => "faults.kv",
             Level::Twin => "faults.twin",
+            Level::Short => "faults.short",
             Level::Transactional => "faults.tx",
             Level::Off => "faults.off",
         }
@@ -108,6 +132,7 @@ impl Level {
         match self {
             Level::Kv => "kv_effect",
             Level::Twin => "kv_twin",
+            Level::Short => "kv_short",
             Level::Transactional => "tx_effect",
             Level::Off => "off_effect",
         }
@@ -123,6 +148,7 @@ impl Level {
         match self {
             Level::Kv => "kv",
             Level::Twin => "kv (twin name)",
+            Level::Short => "kv (3 s retention)",
             Level::Transactional => "transactional",
             Level::Off => "off",
         }

@@ -119,6 +119,24 @@ mod twin {
     }
 }
 
+/// `kv_effect` again, its claims kept only
+/// [`SHORT_RETENTION`](crate::order::SHORT_RETENTION) (in a bucket of that
+/// retention, [`SHORT_BUCKET`](crate::order::SHORT_BUCKET)).
+mod short {
+    use super::*;
+
+    #[idempotent(name = "kv_short", stream = "FAULTS", start = all, subject = "faults.short", key = order.key, lease = "2s", retention = "3s", retry = retry())]
+    pub(super) async fn kv_effect(
+        Json(order): Json<Order>,
+        State(effects): State<Effects>,
+    ) -> Result<(), HandlerError> {
+        let started = effects.work(&order).await?;
+        effects.act_out(Level::Short, &order).await?;
+        effects.write_alone(Level::Short, &order, started).await?;
+        Ok(())
+    }
+}
+
 /// Works, then writes its effect in the handler's transaction.
 #[idempotent(stream = "FAULTS", start = all, subject = "faults.tx", key = order.key, dedup = transactional, lease = "2s", retry = retry())]
 async fn tx_effect(
@@ -220,6 +238,7 @@ pub async fn run(args: WorkerArgs) -> Result<(), Box<dyn std::error::Error + Sen
         .shutdown_grace(Duration::from_millis(150))
         .handler(kv_effect)
         .handler(twin::kv_effect)
+        .handler(short::kv_effect)
         .handler(tx_effect)
         .handler(off_effect)
         .run()

@@ -50,7 +50,8 @@ impl Workload {
         let mut placed: Vec<(f64, Planned)> = Vec::with_capacity(unique + unique / 5);
         for i in 0..unique {
             let level = match rng.u8(0..100) {
-                0..45 => Level::Kv,
+                0..40 => Level::Kv,
+                40..45 => Level::Short,
                 45..90 => Level::Transactional,
                 _ => Level::Off,
             };
