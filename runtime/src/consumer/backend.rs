@@ -371,19 +371,36 @@ impl Held {
         }
     }
 
-    /// Gives back a claim whose handler never started: released with the
-    /// attempt it counted taken off (a compare-and-set on its revision: if
-    /// a reader took the key over meanwhile, nothing is written). A
-    /// transaction is rolled back.
-    pub(crate) async fn give_back(self, backend: &Backend) {
+    /// Gives back a claim whose run does not count — a handler that never
+    /// started, or a run that met a lock conflict group commit may have
+    /// caused: released with the attempt it counted taken off, still its
+    /// payload's (in the bucket: a compare-and-set on its revision; in a
+    /// transaction: rolled back to the savepoint after the claim, the row
+    /// `released` committed with its lock held throughout, so that no other
+    /// payload takes the key meanwhile). `false`: a reader had taken the
+    /// key over, and nothing was written.
+    pub(crate) async fn give_back(self, backend: &Backend) -> bool {
         match (self, backend) {
             (Held::Kv(claim), Backend::Kv(store)) => {
-                log_transition(
-                    "give the unstarted claim back",
-                    store.release(&claim.given_back()).await,
-                );
+                let given = store.release(&claim.given_back()).await;
+                let lost = matches!(given, Ok(Transition::LeaseLost { .. }));
+                log_transition("give the claim back", given);
+                !lost
             }
-            (held, _) => held.abandon().await,
+            #[cfg(feature = "postgres")]
+            (Held::Tx { tx, claim }, Backend::Transactional(inbox)) => {
+                let unrun = claim.given_back();
+                if let Err(e) = inbox.end_in(&tx, &unrun, End::Released.row_state()).await {
+                    warn!(error = %e, "could not give the claim back in its transaction; writing it on its own");
+                    roll_back(&tx).await;
+                    end_alone(inbox, &unrun, End::Released).await;
+                }
+                true
+            }
+            (held, _) => {
+                held.abandon().await;
+                true
+            }
         }
     }
 
@@ -507,4 +524,74 @@ pub(crate) async fn discard(begun: Begun) {
     }
     #[cfg(not(feature = "postgres"))]
     let _ = begun;
+}
+
+#[cfg(all(test, feature = "testing"))]
+mod tests {
+    use std::time::Duration;
+
+    use super::{Backend, Held};
+    use crate::claim::ClaimOutcome;
+    use crate::fingerprint::Fingerprint;
+    use crate::key::{HandlerName, IdempotencyKey, RecordKey};
+    use crate::store::{GroupLock, TxInbox};
+    use crate::testing::TestDatabase;
+
+    const LEASE: Duration = Duration::from_secs(5);
+    const RETENTION: Duration = Duration::from_secs(3600);
+
+    async fn claim(
+        inbox: &TxInbox,
+        key: &RecordKey,
+        payload: Fingerprint,
+    ) -> (crate::Tx, ClaimOutcome) {
+        let tx = crate::Tx::new(inbox.begin(LEASE, GroupLock::Ignored).await.expect("begin"));
+        let outcome = {
+            let mut conn = tx.conn().await.expect("conn");
+            inbox
+                .claim(&mut conn, key, Some(payload), LEASE, RETENTION)
+                .await
+                .expect("claim")
+        };
+        (tx, outcome)
+    }
+
+    /// X's first run met a lock conflict beside group commit and runs
+    /// again apart from the groups — possibly after a wait. Its claim is
+    /// given back uncounted, but the key stays X's meanwhile: payload Y
+    /// reusing it is a conflict, and X's next run is still its first
+    /// attempt.
+    #[tokio::test]
+    async fn a_claim_given_back_after_a_lock_conflict_keeps_the_key_its_payloads_uncounted() {
+        let db = TestDatabase::create().await.expect("PostgreSQL");
+        let inbox = TxInbox::open(db.pool().clone(), db.schema())
+            .await
+            .expect("inbox");
+        let backend = Backend::Transactional(inbox.clone());
+        let key = RecordKey::new(
+            &HandlerName::new("h").expect("name"),
+            &IdempotencyKey::new("k").expect("key"),
+        );
+        let (x, y) = (Fingerprint::of(b"X"), Fingerprint::of(b"Y"));
+        let (tx, ClaimOutcome::Claimed(claimed)) = claim(&inbox, &key, x).await else {
+            panic!("a fresh key is free");
+        };
+        assert!(Held::Tx { tx, claim: claimed }.give_back(&backend).await);
+        let (tx, outcome) = claim(&inbox, &key, y).await;
+        if let Some(open) = tx.take().await {
+            open.rollback().await.expect("Y's claim rolled back");
+        }
+        assert!(
+            matches!(outcome, ClaimOutcome::KeyConflict { .. }),
+            "another payload took the key X gave back: {outcome:?}"
+        );
+        let (tx, outcome) = claim(&inbox, &key, x).await;
+        if let Some(open) = tx.take().await {
+            open.rollback().await.expect("X's claim rolled back");
+        }
+        match outcome {
+            ClaimOutcome::Claimed(again) => assert_eq!(again.attempt(), 1),
+            other => panic!("X could not claim its key again: {other:?}"),
+        }
+    }
 }

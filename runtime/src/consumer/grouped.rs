@@ -10,12 +10,13 @@ use tracing::{Span, field};
 
 use super::backend::Held;
 use super::group::{Answer, GroupEnd, Groups};
+use super::pipeline::Apart;
 use super::settle::Failure;
 use super::shared::{Ran, Shared, boxed, state_with};
 use super::stats::Outcome;
 use crate::handler::{Handler, prepare};
 use crate::key::RecordKey;
-use crate::store::{GroupLock, IGNORED_FAILED_STATEMENT, failed_for_another, met_lock_conflict};
+use crate::store::{IGNORED_FAILED_STATEMENT, failed_for_another, met_lock_conflict};
 use crate::{Delivery, Fence, HandlerError, Tx};
 
 impl<H: Handler> Shared<H> {
@@ -56,7 +57,7 @@ impl<H: Handler> Shared<H> {
             }
             Answer::Alone => {
                 drop(prepared);
-                return boxed(self.process_alone(message, delivery, GroupLock::Ignored)).await;
+                return boxed(self.process_alone(message, delivery, Apart::Beside)).await;
             }
         };
         if let Some(fence) = &fence {
@@ -115,11 +116,11 @@ impl<H: Handler> Shared<H> {
             // stays locked until its ending commits; the group's run was
             // never recorded, so it is the same attempt.
             Some((Failure::DeadLetter(_), _)) => {
-                boxed(self.process_alone(message, delivery, GroupLock::Ignored)).await
+                boxed(self.process_alone(message, delivery, Apart::Beside)).await
             }
             // Another handler's failure (or the group's commit) rolled this
             // one back: it runs again, alone.
-            None => boxed(self.process_alone(message, delivery, GroupLock::Ignored)).await,
+            None => boxed(self.process_alone(message, delivery, Apart::Beside)).await,
         }
     }
 }

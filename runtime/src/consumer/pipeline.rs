@@ -58,17 +58,51 @@ impl LeaseEnd {
     }
 }
 
-/// How a delivery's run alone ended.
-enum Alone {
-    /// Settled: acknowledged, retried, dead-lettered, or left for later.
-    Settled,
-    /// It met a lock conflict beside group commit, and nothing of it
-    /// committed: run again, apart from every group.
+/// How a delivery run alone stands to group commit (`dedup =
+/// transactional` with `batch > 1`; always `Beside` elsewhere), whose
+/// transactions can meet it in a deadlock no handler alone would meet.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub(super) enum Apart {
+    /// Beside whatever runs: a lock conflict may be a group's doing; it
+    /// costs no attempt and earns a run apart from every group.
+    Beside,
+    /// Apart from every group (the group lock held exclusively): a lock
+    /// conflict is the handler's own, and counts.
     #[cfg_attr(
         not(feature = "postgres"),
         expect(dead_code, reason = "transactional only")
     )]
-    AgainApartFromGroups,
+    FromGroups,
+    /// The group lock could not be had within a lease (a group ran
+    /// longer): beside whatever runs, a lock conflict counted as the
+    /// handler's — so that no message waits for it for ever.
+    #[cfg_attr(
+        not(feature = "postgres"),
+        expect(dead_code, reason = "transactional only")
+    )]
+    Counted,
+}
+
+impl Apart {
+    /// The group lock its transaction takes.
+    fn group_lock(self) -> GroupLock {
+        match self {
+            Apart::Beside | Apart::Counted => GroupLock::Ignored,
+            Apart::FromGroups => GroupLock::Exclusive,
+        }
+    }
+}
+
+/// How a delivery's run alone ended.
+enum Alone {
+    /// Settled: acknowledged, retried, dead-lettered, or left for later.
+    Settled,
+    /// Nothing of it counted: run again, standing as said.
+    #[cfg_attr(
+        not(feature = "postgres"),
+        expect(dead_code, reason = "transactional only")
+    )]
+    Again(Apart),
 }
 
 impl<H: Handler> Shared<H> {
@@ -97,8 +131,7 @@ impl<H: Handler> Shared<H> {
         if let Some(groups) = &self.groups {
             return boxed(self.process_in_group(groups, message, delivery)).await;
         }
-        self.process_alone(message, delivery, GroupLock::Ignored)
-            .await;
+        self.process_alone(message, delivery, Apart::Beside).await;
     }
 
     /// Begins what the level needs (a transaction for `transactional`,
@@ -130,24 +163,29 @@ impl<H: Handler> Shared<H> {
     }
 
     /// One delivery in a transaction of its own (standing to group commit
-    /// as `group` says), or no transaction at all.
-    pub(super) async fn process_alone(
-        &self,
-        message: &Message,
-        delivery: &Delivery,
-        group: GroupLock,
-    ) {
-        let mut group = group;
-        while let Alone::AgainApartFromGroups = self.run_alone(message, delivery, group).await {
-            group = GroupLock::Exclusive;
+    /// as `apart` says), or no transaction at all.
+    pub(super) async fn process_alone(&self, message: &Message, delivery: &Delivery, apart: Apart) {
+        let mut apart = apart;
+        while let Alone::Again(next) = self.run_alone(message, delivery, apart).await {
+            apart = next;
         }
     }
 
     /// One run of [`process_alone`](Self::process_alone).
-    async fn run_alone(&self, message: &Message, delivery: &Delivery, group: GroupLock) -> Alone {
+    async fn run_alone(&self, message: &Message, delivery: &Delivery, apart: Apart) -> Alone {
         let fence = self.takes_fence.then(Fence::unset);
-        let (begun, prepared) = match self.begin_prepared(delivery, fence.as_ref(), group).await {
+        let (begun, prepared) = match self
+            .begin_prepared(delivery, fence.as_ref(), apart.group_lock())
+            .await
+        {
             Ok(ready) => ready,
+            #[cfg(feature = "postgres")]
+            Err(Unprepared::Store(e))
+                if apart == Apart::FromGroups && crate::store::waited_too_long(&e) =>
+            {
+                warn!(error = %e, "the group lock was held longer than a lease; the message runs beside the groups, a lock conflict counted as its own");
+                return Alone::Again(Apart::Counted);
+            }
             Err(Unprepared::Store(e)) => {
                 self.store_unavailable(message, delivery, e).await;
                 return Alone::Settled;
@@ -219,15 +257,16 @@ impl<H: Handler> Shared<H> {
         #[cfg(feature = "postgres")]
         if let Ran::Failed(error) = &ran
             && self.groups.is_some()
-            && group != GroupLock::Exclusive
+            && apart == Apart::Beside
             && crate::store::met_lock_conflict(error)
         {
-            // Perhaps a group's doing: nothing of the run commits (its claim
-            // neither), and it runs again with no group beside it, where a
-            // lock conflict is its own.
-            held.abandon().await;
+            // Perhaps a group's doing: none of the run's effects commit, its
+            // claim is given back uncounted (the key stays its payload's),
+            // and it runs again with no group beside it, where a lock
+            // conflict is its own.
+            held.give_back(&self.backend).await;
             self.count(Outcome::LockConflict);
-            return Alone::AgainApartFromGroups;
+            return Alone::Again(Apart::FromGroups);
         }
         boxed(self.finish(message, delivery, held, attempt, ran)).await;
         Alone::Settled

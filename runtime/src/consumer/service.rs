@@ -322,7 +322,11 @@ impl<H: Handler> Shared<H> {
                 );
             }
             Ran::NotStarted => {
-                held.give_back(&self.backend).await;
+                if !held.give_back(&self.backend).await {
+                    let why = "the claim was answered after its lease, and taken over";
+                    self.lease_lost(why);
+                    return Reply::error(ReplyErrorKind::OutcomeUnknown, why);
+                }
                 self.count(Outcome::StoreUnavailable);
                 return Reply::error(
                     ReplyErrorKind::StoreUnavailable,

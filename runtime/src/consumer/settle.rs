@@ -261,16 +261,18 @@ impl<H: Handler> Shared<H> {
     }
 
     /// The claim was answered only after its lease had run out on this
-    /// worker's clock: the handler never started (a reader may have taken
-    /// the key over meanwhile). Nothing ran, so it is not an attempt and
-    /// not a takeover: the claim is given back — released with the attempt
-    /// it counted taken off, if it is still this worker's — and the
-    /// message NAKed with the store's backoff.
+    /// worker's clock: the handler never started. Nothing ran, so it is not
+    /// an attempt: the claim is given back — released with the attempt it
+    /// counted taken off — and the message NAKed with the store's backoff.
+    /// If a reader took the key over meanwhile, the message is the new
+    /// owner's: counted `lease_lost`, neither acknowledged nor NAKed.
     pub(super) async fn not_started(&self, message: &Message, delivery: &Delivery, held: Held) {
+        if !held.give_back(&self.backend).await {
+            return self.lease_lost("the claim was answered after its lease, and taken over");
+        }
         warn!(
             "the claim was answered only after its lease ran out: the handler was not started; the claim is given back and the message NAKed"
         );
-        held.give_back(&self.backend).await;
         self.count(Outcome::StoreUnavailable);
         nak(message, super::acks::store_backoff(deliveries(delivery))).await;
     }

@@ -28,6 +28,7 @@ pub use memory::{MemoryMap, MemoryStore};
 #[cfg(feature = "postgres")]
 pub(crate) use pg::inbox::{
     IGNORED_FAILED_STATEMENT, SealError, TxInbox, failed_for_another, met_lock_conflict,
+    waited_too_long,
 };
 #[cfg(feature = "postgres")]
 pub(crate) use pg::migrated_schema;

@@ -102,7 +102,7 @@ pub(crate) const IGNORED_FAILED_STATEMENT: &str =
 /// before its statement — under group commit, by another message's
 /// handler: not this message's failure.
 pub(crate) fn failed_for_another(error: &crate::HandlerError) -> bool {
-    database_error(error).is_some_and(|sql| has_code(sql, IN_FAILED_TRANSACTION))
+    database_error(error.error()).is_some_and(|sql| has_code(sql, IN_FAILED_TRANSACTION))
 }
 
 /// Whether a handler's error is a lock conflict — a deadlock, a
@@ -111,16 +111,24 @@ pub(crate) fn failed_for_another(error: &crate::HandlerError) -> bool {
 /// so is not counted against a grouped handler's retries until it meets one
 /// with no group beside it ([`GroupLock::Exclusive`]).
 pub(crate) fn met_lock_conflict(error: &crate::HandlerError) -> bool {
-    database_error(error).is_some_and(|sql| {
-        [DEADLOCK_DETECTED, SERIALIZATION_FAILURE, LOCK_NOT_AVAILABLE]
-            .into_iter()
-            .any(|code| has_code(sql, code))
-    })
+    // A handler that calls its error permanent has said what it is.
+    !error.is_permanent()
+        && database_error(error.error()).is_some_and(|sql| {
+            [DEADLOCK_DETECTED, SERIALIZATION_FAILURE, LOCK_NOT_AVAILABLE]
+                .into_iter()
+                .any(|code| has_code(sql, code))
+        })
 }
 
-/// The database error a handler's error carries, if any.
-fn database_error(error: &crate::HandlerError) -> Option<&sqlx::Error> {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error.error());
+/// Whether a store error is a wait for a lock that ran past the
+/// transaction's lock timeout (the group lock's, at [`TxInbox::begin`]).
+pub(crate) fn waited_too_long(error: &StoreError) -> bool {
+    database_error(error).is_some_and(|sql| has_code(sql, LOCK_NOT_AVAILABLE))
+}
+
+/// The database error an error carries, if any.
+fn database_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a sqlx::Error> {
+    let mut source = Some(error);
     while let Some(error) = source {
         if let Some(sql) = error.downcast_ref::<sqlx::Error>() {
             return Some(sql);
@@ -225,32 +233,50 @@ impl TxInbox {
     /// for a row lock (a key another transaction holds), and idle (a worker
     /// frozen inside its transaction must not hold its keys for as long as
     /// it stays frozen: the server ends a transaction idle for a lease, and
-    /// nothing of it commits). It takes the schema's group lock as `group`
-    /// says, before any row: waiting for it holds nothing another waits for.
+    /// nothing of it commits). Then it takes the schema's group lock as
+    /// `group` says, before any row — waiting for it holds nothing another
+    /// waits for, and at most a third of the lease — in a statement of its
+    /// own: one that fails (its wait ran out) rolls the transaction back,
+    /// and the connection returns to the pool clean.
     pub(crate) async fn begin(
         &self,
         lease: Duration,
         group: GroupLock,
     ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
         let lease_ms = lease.as_millis().max(1);
-        let lock = match group {
-            GroupLock::Ignored => "",
-            GroupLock::Shared => "; SELECT pg_advisory_xact_lock_shared",
-            GroupLock::Exclusive => "; SELECT pg_advisory_xact_lock",
-        };
-        let key = match group {
-            GroupLock::Ignored => String::new(),
-            GroupLock::Shared | GroupLock::Exclusive => format!(
-                "({GROUP_LOCK_CLASS} + '{}'::regclass::oid::bigint)",
-                self.table
-            ),
-        };
-        self.pool
+        let mut transaction = self
+            .pool
             .begin_with(format!(
                 "BEGIN; SET LOCAL lock_timeout = {lease_ms}; \
-                 SET LOCAL idle_in_transaction_session_timeout = {lease_ms}{lock}{key}"
+                 SET LOCAL idle_in_transaction_session_timeout = {lease_ms}"
             ))
-            .await
+            .await?;
+        let lock = match group {
+            GroupLock::Ignored => return Ok(transaction),
+            GroupLock::Shared => "pg_advisory_xact_lock_shared",
+            GroupLock::Exclusive => "pg_advisory_xact_lock",
+        };
+        // A third of the lease at most: a queued exclusive request holds
+        // back every new group behind it, and a seated delivery sends no
+        // in-progress acks while its group begins.
+        let wait_ms = (lease / 3).as_millis().max(1);
+        let statements = format!(
+            "SET LOCAL lock_timeout = {wait_ms}; \
+             SELECT {lock}({GROUP_LOCK_CLASS} + '{}'::regclass::oid::bigint); \
+             SET LOCAL lock_timeout = {lease_ms}",
+            self.table
+        );
+        // Unprepared (no arguments): the three statements in one round trip.
+        let locked = sqlx::Executor::execute(&mut *transaction, statements.as_str()).await;
+        match locked {
+            Ok(_) => Ok(transaction),
+            Err(e) => {
+                if let Err(rollback) = transaction.rollback().await {
+                    tracing::debug!(error = %rollback, "could not roll back after the group lock's wait failed");
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Claims `key` whose row exists already, by the claim state machine: a
@@ -613,6 +639,50 @@ mod tests {
             ClaimOutcome::Claimed(claim) => (tx, claim),
             other => panic!("not claimed: {other:?}"),
         }
+    }
+
+    /// A group's begin waits for the group lock past its lock timeout (a
+    /// message holds it apart from the groups): the begin fails, and the
+    /// connection goes back to the pool clean — the next transaction on it
+    /// works (it once stayed inside an aborted transaction).
+    #[tokio::test]
+    async fn a_begin_whose_group_lock_wait_failed_leaves_its_connection_usable() {
+        let db = TestDatabase::create().await.expect("PostgreSQL");
+        let apart = TxInbox::open(db.pool().clone(), db.schema())
+            .await
+            .expect("inbox");
+        let one = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect(db.url())
+            .await
+            .expect("a one-connection pool");
+        let inbox = TxInbox::open(one, db.schema()).await.expect("inbox");
+        let holder = apart
+            .begin(LEASE, GroupLock::Exclusive)
+            .await
+            .expect("the group lock, exclusively");
+        let waited = inbox
+            .begin(Duration::from_millis(200), GroupLock::Shared)
+            .await;
+        let Err(waited) = waited else {
+            panic!("the group lock was not held");
+        };
+        // How the pipeline tells this wait (to run the message beside the
+        // groups, counted) from a store that does not answer.
+        assert!(waited_too_long(&StoreError::unavailable(
+            StoreOp::Create,
+            waited
+        )));
+        holder.rollback().await.expect("released");
+        let mut next = inbox
+            .begin(LEASE, GroupLock::Ignored)
+            .await
+            .expect("a transaction on the same connection");
+        sqlx::query("SELECT 1")
+            .execute(&mut *next)
+            .await
+            .expect("the connection works");
+        next.rollback().await.expect("rolled back");
     }
 
     /// A group member X failed and its group rolled back, so that the key
