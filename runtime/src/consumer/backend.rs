@@ -528,33 +528,12 @@ pub(crate) async fn discard(begun: Begun) {
 
 #[cfg(all(test, feature = "testing"))]
 mod tests {
-    use std::time::Duration;
-
     use super::{Backend, Held};
     use crate::claim::ClaimOutcome;
     use crate::fingerprint::Fingerprint;
     use crate::key::{HandlerName, IdempotencyKey, RecordKey};
-    use crate::store::{GroupLock, TxInbox};
+    use crate::store::TxInbox;
     use crate::testing::TestDatabase;
-
-    const LEASE: Duration = Duration::from_secs(5);
-    const RETENTION: Duration = Duration::from_secs(3600);
-
-    async fn claim(
-        inbox: &TxInbox,
-        key: &RecordKey,
-        payload: Fingerprint,
-    ) -> (crate::Tx, ClaimOutcome) {
-        let tx = crate::Tx::new(inbox.begin(LEASE, GroupLock::Ignored).await.expect("begin"));
-        let outcome = {
-            let mut conn = tx.conn().await.expect("conn");
-            inbox
-                .claim(&mut conn, key, Some(payload), LEASE, RETENTION)
-                .await
-                .expect("claim")
-        };
-        (tx, outcome)
-    }
 
     /// X's first run met a lock conflict beside group commit and runs
     /// again apart from the groups — possibly after a wait. Its claim is
@@ -573,11 +552,12 @@ mod tests {
             &IdempotencyKey::new("k").expect("key"),
         );
         let (x, y) = (Fingerprint::of(b"X"), Fingerprint::of(b"Y"));
-        let (tx, ClaimOutcome::Claimed(claimed)) = claim(&inbox, &key, x).await else {
+        let (tx, ClaimOutcome::Claimed(claimed)) = inbox.claim_in_a_transaction(&key, x).await
+        else {
             panic!("a fresh key is free");
         };
         assert!(Held::Tx { tx, claim: claimed }.give_back(&backend).await);
-        let (tx, outcome) = claim(&inbox, &key, y).await;
+        let (tx, outcome) = inbox.claim_in_a_transaction(&key, y).await;
         if let Some(open) = tx.take().await {
             open.rollback().await.expect("Y's claim rolled back");
         }
@@ -585,7 +565,7 @@ mod tests {
             matches!(outcome, ClaimOutcome::KeyConflict { .. }),
             "another payload took the key X gave back: {outcome:?}"
         );
-        let (tx, outcome) = claim(&inbox, &key, x).await;
+        let (tx, outcome) = inbox.claim_in_a_transaction(&key, x).await;
         if let Some(open) = tx.take().await {
             open.rollback().await.expect("X's claim rolled back");
         }

@@ -613,6 +613,33 @@ impl TxInbox {
 }
 
 #[cfg(all(test, feature = "testing"))]
+impl TxInbox {
+    /// Claims `key` for `payload` in a transaction of its own, left open
+    /// (leases 5 s, retention 1 h): what tests start from.
+    pub(crate) async fn claim_in_a_transaction(
+        &self,
+        key: &RecordKey,
+        payload: Fingerprint,
+    ) -> (crate::Tx, ClaimOutcome) {
+        const LEASE: Duration = Duration::from_secs(5);
+        let tx = crate::Tx::new(self.begin(LEASE, GroupLock::Ignored).await.expect("begin"));
+        let outcome = {
+            let mut conn = tx.conn().await.expect("conn");
+            self.claim(
+                &mut conn,
+                key,
+                Some(payload),
+                LEASE,
+                Duration::from_secs(3600),
+            )
+            .await
+            .expect("claim")
+        };
+        (tx, outcome)
+    }
+}
+
+#[cfg(all(test, feature = "testing"))]
 mod tests {
     use super::*;
     use crate::key::{HandlerName, IdempotencyKey};
@@ -620,21 +647,13 @@ mod tests {
     use crate::testing::TestDatabase;
 
     const LEASE: Duration = Duration::from_secs(5);
-    const RETENTION: Duration = Duration::from_secs(3600);
 
     async fn claimed(
         inbox: &TxInbox,
         key: &RecordKey,
         fingerprint: Fingerprint,
     ) -> (crate::Tx, Claim) {
-        let tx = crate::Tx::new(inbox.begin(LEASE, GroupLock::Ignored).await.expect("begin"));
-        let outcome = {
-            let mut conn = tx.conn().await.expect("conn");
-            inbox
-                .claim(&mut conn, key, Some(fingerprint), LEASE, RETENTION)
-                .await
-                .expect("claim")
-        };
+        let (tx, outcome) = inbox.claim_in_a_transaction(key, fingerprint).await;
         match outcome {
             ClaimOutcome::Claimed(claim) => (tx, claim),
             other => panic!("not claimed: {other:?}"),
