@@ -196,6 +196,30 @@ pub enum ClaimOutcome {
     Dead,
 }
 
+/// How a held claim ends when its message does not complete.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Ending {
+    /// Released after a failed attempt: free for its payload's next
+    /// delivery, the attempt counted.
+    Released,
+    /// Kept for its payload while its dead letter cannot be stored (it may
+    /// have been, its PubAck lost): only that payload may take it again.
+    Kept,
+    /// Dead-lettered.
+    Dead,
+}
+
+impl Ending {
+    /// What writing it does, as logs say it.
+    pub(crate) fn what(self) -> &'static str {
+        match self {
+            Ending::Released => "release the claim",
+            Ending::Kept => "keep the claim for its payload",
+            Ending::Dead => "mark the key dead",
+        }
+    }
+}
+
 /// The answer to a transition (`complete`, `release`, `mark_dead`,
 /// `renew`).
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -22,7 +22,7 @@ use bytes::Bytes;
 use tracing::warn;
 
 use crate::Delivery;
-use crate::claim::{Claim, ClaimOutcome, Transition};
+use crate::claim::{Claim, ClaimOutcome, Ending, Transition};
 use crate::fingerprint::Fingerprint;
 use crate::key::RecordKey;
 use crate::store::{DedupStore, GroupLock, KvStore, StoreError, StoreOp};
@@ -80,37 +80,6 @@ pub(crate) enum Held {
     /// written on its own.
     #[cfg(feature = "postgres")]
     RolledBack(Claim),
-}
-
-/// How a claim ends when its message does not complete.
-#[derive(Copy, Clone)]
-enum End {
-    /// Free for the next delivery (a failed attempt).
-    Released,
-    /// Kept for its payload: its dead letter could not be stored yet.
-    Kept,
-    /// Dead-lettered.
-    Dead,
-}
-
-impl End {
-    /// The inbox row's state for it.
-    #[cfg(feature = "postgres")]
-    fn row_state(self) -> &'static str {
-        match self {
-            End::Released => "released",
-            End::Kept => "pending",
-            End::Dead => "dead",
-        }
-    }
-
-    fn what(self) -> &'static str {
-        match self {
-            End::Released => "release the claim",
-            End::Kept => "keep the claim for its payload",
-            End::Dead => "mark the key dead",
-        }
-    }
 }
 
 /// What completing a held claim came to.
@@ -278,14 +247,14 @@ impl Held {
     /// can take it at once, keeping the attempt count. `false`: the claim
     /// had been taken over — the message is no longer this worker's.
     pub(crate) async fn release(self, backend: &Backend) -> bool {
-        self.end(backend, End::Released).await
+        self.end(backend, Ending::Released).await
     }
 
     /// Marks the key dead after its dead letter was stored.
     /// `false`: the claim had been taken over — the message is the new
     /// owner's, and must not be terminated.
     pub(crate) async fn mark_dead(self, backend: &Backend) -> bool {
-        self.end(backend, End::Dead).await
+        self.end(backend, Ending::Dead).await
     }
 
     /// Keeps the key for this payload while its dead letter cannot be
@@ -295,22 +264,22 @@ impl Held {
     /// run in the place of one that failed and is about to be
     /// dead-lettered. `false`: the claim had been taken over.
     pub(crate) async fn keep(self, backend: &Backend) -> bool {
-        self.end(backend, End::Kept).await
+        self.end(backend, Ending::Kept).await
     }
 
     /// Ends the claim in `end`: a CAS in the bucket (a kept claim is left
     /// pending); for a transaction, a rollback to the savepoint after the
     /// claim and the row's new state committed in the same transaction.
     /// `false`: the claim had been taken over.
-    async fn end(self, backend: &Backend, end: End) -> bool {
+    async fn end(self, backend: &Backend, end: Ending) -> bool {
         match (self, backend) {
             (Held::Kv(claim), Backend::Kv(store)) => {
                 let ended = match end {
-                    End::Released => store.release(&claim).await,
+                    Ending::Released => store.release(&claim).await,
                     // Left pending: it runs out after a lease, and only
                     // this payload may take it over then.
-                    End::Kept => Ok(Transition::Applied),
-                    End::Dead => store.mark_dead(&claim).await,
+                    Ending::Kept => Ok(Transition::Applied),
+                    Ending::Dead => store.mark_dead(&claim).await,
                 };
                 let lost = matches!(ended, Ok(Transition::LeaseLost { .. }));
                 log_transition(end.what(), ended);
@@ -320,8 +289,7 @@ impl Held {
             (Held::Tx { tx, claim }, Backend::Transactional(inbox)) => {
                 // In the run's own transaction, its effects rolled back:
                 // the key is never free in between.
-                let state = end.row_state();
-                if let Err(e) = inbox.end_in(&tx, &claim, state).await {
+                if let Err(e) = inbox.end_in(&tx, &claim, end).await {
                     // The transaction is gone (aborted past its savepoint,
                     // its connection lost): write the ending on its own.
                     warn!(error = %e, "could not {} in the handler's transaction; writing it on its own", end.what());
@@ -350,7 +318,7 @@ impl Held {
         #[cfg(feature = "postgres")]
         if let (Held::Tx { tx, claim }, Backend::Transactional(inbox)) = (&*self, backend) {
             roll_back(tx).await;
-            end_alone(inbox, claim, End::Kept).await;
+            end_alone(inbox, claim, Ending::Kept).await;
             *self = Held::RolledBack(claim.clone());
         }
         #[cfg(not(feature = "postgres"))]
@@ -390,10 +358,10 @@ impl Held {
             #[cfg(feature = "postgres")]
             (Held::Tx { tx, claim }, Backend::Transactional(inbox)) => {
                 let unrun = claim.given_back();
-                if let Err(e) = inbox.end_in(&tx, &unrun, End::Released.row_state()).await {
+                if let Err(e) = inbox.end_in(&tx, &unrun, Ending::Released).await {
                     warn!(error = %e, "could not give the claim back in its transaction; writing it on its own");
                     roll_back(&tx).await;
-                    end_alone(inbox, &unrun, End::Released).await;
+                    end_alone(inbox, &unrun, Ending::Released).await;
                 }
                 true
             }
@@ -493,8 +461,8 @@ pub(crate) async fn commit_sealed(
 
 /// Writes a claim row's ending in a transaction of its own.
 #[cfg(feature = "postgres")]
-async fn end_alone(inbox: &crate::store::TxInbox, claim: &Claim, end: End) {
-    match inbox.end_alone(claim, end.row_state()).await {
+async fn end_alone(inbox: &crate::store::TxInbox, claim: &Claim, end: Ending) {
+    match inbox.end_alone(claim, end).await {
         Ok(true) => {}
         Ok(false) => warn!(
             "could not {}: the key is completed, dead, or another payload's since this run's transaction ended",

@@ -17,8 +17,8 @@ use bytes::Bytes;
 use sqlx::postgres::PgPool;
 use sqlx::{PgConnection, Row};
 
-use super::{fingerprint_column, key_columns, migrated_schema, revision_sequence};
-use crate::claim::{Claim, ClaimOutcome, Owner};
+use super::{RowState, fingerprint_column, key_columns, migrated_schema, revision_sequence};
+use crate::claim::{Claim, ClaimOutcome, Ending, Owner};
 use crate::clock::{Clock, SystemClock, UnixMillis};
 use crate::fingerprint::Fingerprint;
 use crate::key::RecordKey;
@@ -311,6 +311,7 @@ impl TxInbox {
             });
         };
         let state: String = row.try_get("state")?;
+        let state = RowState::decode(&state)?;
         let stored: Option<Vec<u8>> = row.try_get("fingerprint")?;
         let result: Option<Vec<u8>> = row.try_get("result")?;
         let updated_at: i64 = row.try_get("updated_at")?;
@@ -322,38 +323,35 @@ impl TxInbox {
         // A `pending` row is a payload whose dead letter is not stored yet:
         // it keeps the key (see `keep`); a `released` one had no effect, and
         // is its own payload's to retry — another payload reusing the key
-        // during the backoff is a conflict (the first to claim a key owns it).
-        let free = !conflict && (state == "released" || state == "pending");
-        if expired || free {
-            let row = sqlx::query(&format!(
-                "UPDATE {} SET state = 'done', owner = $3, lease_until = NULL, \
-                 attempt = CASE WHEN $6 THEN 1 ELSE attempt + 1 END, fingerprint = $4, \
-                 result = NULL, updated_at = $5, revision = nextval('{}') \
-                 WHERE handler = $1 AND key = $2 RETURNING revision, attempt, created_at",
-                self.table, self.sequence
-            ))
-            .bind(handler)
-            .bind(rest)
-            .bind(*self.owner.as_uuid())
-            .bind(fingerprint.map(|f| f.as_bytes().to_vec()))
-            .bind(now)
-            .bind(expired)
-            .fetch_one(&mut *conn)
-            .await?;
-            return self
-                .granted(key, fingerprint, &row, lease)
-                .map(ClaimOutcome::Claimed);
-        }
-        if conflict {
-            return Ok(ClaimOutcome::KeyConflict { stored });
-        }
-        Ok(if state == "dead" {
-            ClaimOutcome::Dead
-        } else {
-            ClaimOutcome::Duplicate {
-                result: result.map(Bytes::from),
+        // during the backoff is a conflict (the first to claim a key owns
+        // it). A row past the retention is taken by anyone, afresh.
+        match (expired, conflict, state) {
+            (true, _, _) | (false, false, RowState::Released | RowState::Pending) => {}
+            (false, true, _) => return Ok(ClaimOutcome::KeyConflict { stored }),
+            (false, false, RowState::Done) => {
+                return Ok(ClaimOutcome::Duplicate {
+                    result: result.map(Bytes::from),
+                });
             }
-        })
+            (false, false, RowState::Dead) => return Ok(ClaimOutcome::Dead),
+        }
+        let row = sqlx::query(&format!(
+            "UPDATE {} SET state = 'done', owner = $3, lease_until = NULL, \
+             attempt = CASE WHEN $6 THEN 1 ELSE attempt + 1 END, fingerprint = $4, \
+             result = NULL, updated_at = $5, revision = nextval('{}') \
+             WHERE handler = $1 AND key = $2 RETURNING revision, attempt, created_at",
+            self.table, self.sequence
+        ))
+        .bind(handler)
+        .bind(rest)
+        .bind(*self.owner.as_uuid())
+        .bind(fingerprint.map(|f| f.as_bytes().to_vec()))
+        .bind(now)
+        .bind(expired)
+        .fetch_one(&mut *conn)
+        .await?;
+        self.granted(key, fingerprint, &row, lease)
+            .map(ClaimOutcome::Claimed)
     }
 
     /// Claims a group's keys in the transaction on `conn`: the new ones in
@@ -444,14 +442,14 @@ impl TxInbox {
     }
 
     /// Ends a failed run in its own transaction: its effects rolled back to
-    /// the savepoint, the claim row set to `state` (`released`, `pending`
+    /// the savepoint, the claim row set to `ending` (`released`, `pending`
     /// kept for its payload, or `dead`), committed. The row stayed locked
     /// all along: no other payload could claim the key in between.
     pub(crate) async fn end_in(
         &self,
         tx: &crate::Tx,
         claim: &Claim,
-        state: &str,
+        ending: Ending,
     ) -> Result<(), sqlx::Error> {
         let (handler, rest) = key_columns(claim.key.as_str());
         {
@@ -469,7 +467,7 @@ impl TxInbox {
             ))
             .bind(handler)
             .bind(rest)
-            .bind(state)
+            .bind(RowState::from(ending).as_str())
             .bind(*self.owner.as_uuid())
             .bind(i32::try_from(claim.attempt).unwrap_or(i32::MAX))
             .bind(claim.fingerprint.map(|f| f.as_bytes().to_vec()))
@@ -555,7 +553,11 @@ impl TxInbox {
     /// duplicate). A completed or dead row is left as it is, and so is
     /// another payload's: with the transaction gone, the key was free, and
     /// the first payload to claim it since owns it. `false`: left as it was.
-    pub(crate) async fn end_alone(&self, claim: &Claim, state: &str) -> Result<bool, sqlx::Error> {
+    pub(crate) async fn end_alone(
+        &self,
+        claim: &Claim,
+        ending: Ending,
+    ) -> Result<bool, sqlx::Error> {
         let (handler, rest) = key_columns(claim.key.as_str());
         sqlx::query(&format!(
             "INSERT INTO {t} AS inbox (handler, key, state, owner, attempt, fingerprint, created_at, updated_at) \
@@ -572,7 +574,7 @@ impl TxInbox {
         .bind(*self.owner.as_uuid())
         .bind(i32::try_from(claim.attempt).unwrap_or(i32::MAX))
         .bind(claim.fingerprint.map(|f| f.as_bytes().to_vec()))
-        .bind(state)
+        .bind(RowState::from(ending).as_str())
         .bind(millis_now())
         .execute(&self.pool)
         .await
@@ -727,11 +729,11 @@ mod tests {
             .expect("X's group rolled back");
         let (y_tx, y_claim) = claimed(&inbox, &key, y).await;
         inbox
-            .end_in(&y_tx, &y_claim, "pending")
+            .end_in(&y_tx, &y_claim, Ending::Kept)
             .await
             .expect("Y kept");
         let written = inbox
-            .end_alone(&x_claim, "released")
+            .end_alone(&x_claim, Ending::Released)
             .await
             .expect("X's ending");
         assert!(!written, "X's ending found the row another payload's");

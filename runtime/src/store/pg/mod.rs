@@ -7,6 +7,9 @@
 //! never be mistaken for the row a stale claim read (no ABA).
 
 pub(crate) mod inbox;
+mod row_state;
+
+pub(crate) use row_state::RowState;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -293,13 +296,13 @@ impl PgStore {
     }
 }
 
-fn state_name(state: &ClaimState) -> (&'static str, Option<i64>) {
-    match state {
-        ClaimState::Pending { lease_until } => ("pending", i64::try_from(lease_until.0).ok()),
-        ClaimState::Released => ("released", None),
-        ClaimState::Done => ("done", None),
-        ClaimState::Dead => ("dead", None),
-    }
+/// The row's `state` and `lease_until` columns for `state`.
+fn state_columns(state: &ClaimState) -> (&'static str, Option<i64>) {
+    let lease_until = match state {
+        ClaimState::Pending { lease_until } => i64::try_from(lease_until.0).ok(),
+        ClaimState::Released | ClaimState::Done | ClaimState::Dead => None,
+    };
+    (RowState::from(state).as_str(), lease_until)
 }
 
 /// A query returning a revision.
@@ -315,7 +318,7 @@ fn bind_record<'q>(
     record: &ClaimRecord,
 ) -> RevisionQuery<'q> {
     let (handler, rest) = key_columns(key);
-    let (state, lease_until) = state_name(&record.state);
+    let (state, lease_until) = state_columns(&record.state);
     query
         .bind(handler)
         .bind(rest)
@@ -336,20 +339,13 @@ fn millis(t: UnixMillis) -> i64 {
 fn record_of(row: &PgRow) -> Result<(ClaimRecord, u64), sqlx::Error> {
     let state: String = row.try_get("state")?;
     let lease_until: Option<i64> = row.try_get("lease_until")?;
-    let state = match state.as_str() {
-        "pending" => ClaimState::Pending {
+    let state = match RowState::decode(&state)? {
+        RowState::Pending => ClaimState::Pending {
             lease_until: UnixMillis(u64::try_from(lease_until.unwrap_or(0)).unwrap_or(0)),
         },
-        "released" => ClaimState::Released,
-        "done" => ClaimState::Done,
-        "dead" => ClaimState::Dead,
-        // Fail closed: a state this version does not know is not guessed
-        // (it was read as `dead`, and a redelivery acknowledged unrun).
-        unknown => {
-            return Err(sqlx::Error::Decode(
-                format!("idem_inbox.state {unknown:?} is not a claim state this idem knows").into(),
-            ));
-        }
+        RowState::Released => ClaimState::Released,
+        RowState::Done => ClaimState::Done,
+        RowState::Dead => ClaimState::Dead,
     };
     let fingerprint = fingerprint_column(row.try_get("fingerprint")?);
     let result: Option<Vec<u8>> = row.try_get("result")?;
