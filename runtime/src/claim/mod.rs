@@ -196,6 +196,61 @@ pub enum ClaimOutcome {
     Dead,
 }
 
+/// A claim's answer that runs the handler.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Grant {
+    /// The key was free.
+    Claimed(Claim),
+    /// Taken over from `from`, whose lease had run out (count `reclaimed`).
+    Reclaimed {
+        /// The claim now held.
+        claim: Claim,
+        /// The owner whose lease expired.
+        from: Owner,
+    },
+}
+
+/// A claim's answer that does not run the handler: [`ClaimOutcome`] less
+/// its grants, so that no refusal can carry a claim.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// Completed before with the same payload.
+    Duplicate {
+        /// The stored result, if the handler stores one.
+        result: Option<Bytes>,
+    },
+    /// Dead-lettered before with the same payload.
+    Dead,
+    /// First claimed with another payload.
+    KeyConflict {
+        /// The fingerprint the key was claimed with.
+        stored: Option<Fingerprint>,
+    },
+    /// Another worker holds a valid lease.
+    InFlight {
+        /// The lease holder, when known.
+        owner: Option<Owner>,
+        /// About the rest of its lease.
+        retry_after: Duration,
+    },
+}
+
+impl ClaimOutcome {
+    /// The answer as a grant to run, or the refusal.
+    pub(crate) fn split(self) -> Result<Grant, Refusal> {
+        match self {
+            ClaimOutcome::Claimed(claim) => Ok(Grant::Claimed(claim)),
+            ClaimOutcome::Reclaimed { claim, from } => Ok(Grant::Reclaimed { claim, from }),
+            ClaimOutcome::Duplicate { result } => Err(Refusal::Duplicate { result }),
+            ClaimOutcome::Dead => Err(Refusal::Dead),
+            ClaimOutcome::KeyConflict { stored } => Err(Refusal::KeyConflict { stored }),
+            ClaimOutcome::InFlight { owner, retry_after } => {
+                Err(Refusal::InFlight { owner, retry_after })
+            }
+        }
+    }
+}
+
 /// How a held claim ends when its message does not complete.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Ending {

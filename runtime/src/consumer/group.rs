@@ -31,7 +31,7 @@ use tracing::{debug, warn};
 use super::backend::{Committed, commit_sealed, roll_back};
 
 use crate::Tx;
-use crate::claim::{Claim, ClaimOutcome};
+use crate::claim::{Claim, Grant, Refusal};
 use crate::fingerprint::Fingerprint;
 use crate::handler::HandlerConfig;
 use crate::key::RecordKey;
@@ -79,15 +79,28 @@ pub(crate) enum Answer {
     Alone,
     /// Its claim was refused: a duplicate, a dead or conflicting key, or a
     /// key held elsewhere. Nothing of the group's is the delivery's.
-    Refused(ClaimOutcome),
+    Refused(Refusal),
     /// Claimed in the group's transaction: run the handler, then vote.
     Claimed(Claim, Ballot),
 }
 
 /// A granted delivery's say in its group's commit.
 pub(crate) struct Ballot {
-    vote: oneshot::Sender<Option<Option<Bytes>>>,
+    vote: oneshot::Sender<Vote>,
     end: oneshot::Receiver<GroupEnd>,
+}
+
+/// What a granted delivery's run says about its group's commit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Vote {
+    /// Its handler returned `Ok`: commit, storing `result` with its claim.
+    Commit {
+        /// The handler's stored result (`store_result`), if any.
+        result: Option<Bytes>,
+    },
+    /// Its handler failed, panicked, was cut off or fenced: roll the group
+    /// back. (A delivery gone before it voted counts as this.)
+    RollBack,
 }
 
 /// How a group ended, for each of its granted deliveries.
@@ -105,10 +118,9 @@ pub(crate) enum GroupEnd {
 }
 
 impl Ballot {
-    /// Votes: `Some(result)` to commit with the handler's stored result,
-    /// `None` to roll the group back. Returns how the group ended.
-    pub(crate) async fn vote(self, commit: Option<Option<Bytes>>) -> GroupEnd {
-        let _ = self.vote.send(commit);
+    /// Votes, and returns how the group ended.
+    pub(crate) async fn vote(self, vote: Vote) -> GroupEnd {
+        let _ = self.vote.send(vote);
         self.end.await.unwrap_or(GroupEnd::RolledBack)
     }
 }
@@ -259,15 +271,15 @@ async fn drive(
     };
     let mut voters = Vec::new();
     for ((key, _), (answer, outcome)) in keys.into_iter().zip(answers.into_iter().zip(outcomes)) {
-        match outcome {
-            ClaimOutcome::Claimed(claim) | ClaimOutcome::Reclaimed { claim, .. } => {
+        match outcome.split() {
+            Ok(Grant::Claimed(claim) | Grant::Reclaimed { claim, .. }) => {
                 let (vote, voted) = oneshot::channel();
                 let (ended, end) = oneshot::channel();
                 // A delivery gone before its answer votes no by its absence.
                 let _ = answer.send(Answer::Claimed(claim, Ballot { vote, end }));
                 voters.push((key, voted, ended));
             }
-            refused => {
+            Err(refused) => {
                 let _ = answer.send(Answer::Refused(refused));
             }
         }
@@ -276,8 +288,9 @@ async fn drive(
     let mut all_commit = true;
     for (key, voted, _) in &mut voters {
         match voted.await {
-            Ok(Some(result)) => results.push((key.clone(), result)),
-            _ => all_commit = false,
+            Ok(Vote::Commit { result }) => results.push((key.clone(), result)),
+            // Gone before voting: its run ended without a word.
+            Ok(Vote::RollBack) | Err(oneshot::error::RecvError { .. }) => all_commit = false,
         }
     }
     let end = if all_commit && !results.is_empty() {

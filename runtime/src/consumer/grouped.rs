@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use tracing::{Span, field};
 
 use super::backend::Held;
-use super::group::{Answer, GroupEnd, Groups};
+use super::group::{Answer, GroupEnd, Groups, Vote};
 use super::pipeline::Apart;
 use super::settle::Failure;
 use super::shared::{Ran, Shared, boxed, state_with};
@@ -80,8 +80,10 @@ impl<H: Handler> Shared<H> {
         // is this delivery's to end.
         drop(held);
         let vote = match &ran {
-            Ran::Returned(output) => Some(self.stored_result(output)),
-            Ran::Failed(_) | Ran::CutOff | Ran::NotStarted | Ran::LeaseLost(_) => None,
+            Ran::Returned(output) => Vote::Commit {
+                result: self.stored_result(output),
+            },
+            Ran::Failed(_) | Ran::CutOff | Ran::NotStarted | Ran::LeaseLost(_) => Vote::RollBack,
         };
         let own_failure = match (ballot.vote(vote).await, ran) {
             (GroupEnd::Committed, _) => return self.succeeded(message, true).await,

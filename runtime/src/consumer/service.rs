@@ -28,7 +28,7 @@ use super::backend::{Completion, Held, discard};
 use super::shared::{Granted, Ran, Shared, Unprepared, boxed};
 use super::stats::{Latency, Outcome};
 use super::worker::Worker;
-use crate::claim::{Claim, ClaimOutcome};
+use crate::claim::{Claim, Refusal};
 use crate::handler::Handler;
 use crate::key::RecordKey;
 use crate::reply::{KIND_HEADER, ReplyErrorKind};
@@ -220,9 +220,7 @@ impl<H: Handler> Shared<H> {
                 .await;
             let claim = match claimed.map(|outcome| self.granted(outcome)) {
                 Ok(Granted::Run(claim)) => claim,
-                Ok(Granted::Refused(ClaimOutcome::InFlight { .. }))
-                    if Instant::now() < wait_until =>
-                {
+                Ok(Granted::Refused(Refusal::InFlight { .. })) if Instant::now() < wait_until => {
                     discard(begun).await;
                     tokio::select! {
                         () = sleep(IN_FLIGHT_POLL) => continue,
@@ -254,9 +252,9 @@ impl<H: Handler> Shared<H> {
     }
 
     /// The reply to a claim that may not run.
-    fn refused_request(&self, outcome: ClaimOutcome) -> Reply {
-        match outcome {
-            ClaimOutcome::Duplicate { result } => {
+    fn refused_request(&self, refusal: Refusal) -> Reply {
+        match refusal {
+            Refusal::Duplicate { result } => {
                 self.count(Outcome::Duplicate);
                 match result {
                     Some(result) => Reply::Result(result),
@@ -266,7 +264,7 @@ impl<H: Handler> Shared<H> {
                     ),
                 }
             }
-            ClaimOutcome::KeyConflict { stored } => {
+            Refusal::KeyConflict { stored } => {
                 self.counters.count(Outcome::KeyConflict);
                 Reply::error(
                     ReplyErrorKind::KeyConflict,
@@ -276,14 +274,14 @@ impl<H: Handler> Shared<H> {
                     ),
                 )
             }
-            ClaimOutcome::Dead => {
+            Refusal::Dead => {
                 self.count(Outcome::Duplicate);
                 Reply::error(
                     ReplyErrorKind::Dead,
                     "the key's request failed for good earlier",
                 )
             }
-            ClaimOutcome::InFlight { retry_after, .. } => {
+            Refusal::InFlight { retry_after, .. } => {
                 self.count(Outcome::InFlightElsewhere);
                 Reply::error(
                     ReplyErrorKind::InFlight,
@@ -292,10 +290,6 @@ impl<H: Handler> Shared<H> {
                     ),
                 )
             }
-            ClaimOutcome::Claimed(_) | ClaimOutcome::Reclaimed { .. } => Reply::error(
-                ReplyErrorKind::OutcomeUnknown,
-                "a granted claim was taken for a refusal",
-            ),
         }
     }
 

@@ -22,7 +22,7 @@ use super::shared::{HandlerPanicked, Ran, Shared};
 #[cfg(feature = "metrics")]
 use super::stats::Latency;
 use super::stats::Outcome;
-use crate::claim::{ClaimOutcome, Transition};
+use crate::claim::{Refusal, Transition};
 use crate::fingerprint::Fingerprint;
 use crate::handler::{DeadLetterReason, Handler, HandlerConfig, OnMissingKey, PrepareError};
 use crate::retry::RetryDecision;
@@ -61,28 +61,24 @@ impl<H: Handler> Shared<H> {
         &self,
         message: &Message,
         delivery: &Delivery,
-        outcome: ClaimOutcome,
+        refusal: Refusal,
         args: H::Args,
     ) {
-        match outcome {
-            ClaimOutcome::Duplicate { result } if self.config.on_duplicate => {
+        match refusal {
+            Refusal::Duplicate { result } if self.config.on_duplicate => {
                 self.count(Outcome::Duplicate);
                 self.answer_duplicate(message, delivery, args, result).await;
             }
-            ClaimOutcome::Duplicate { .. } | ClaimOutcome::Dead => {
+            Refusal::Duplicate { .. } | Refusal::Dead => {
                 self.count(Outcome::Duplicate);
                 ack_recorded(message).await;
             }
-            ClaimOutcome::KeyConflict { stored } => {
+            Refusal::KeyConflict { stored } => {
                 self.key_conflict(message, delivery, stored).await;
             }
-            ClaimOutcome::InFlight { retry_after, .. } => {
+            Refusal::InFlight { retry_after, .. } => {
                 self.count(Outcome::InFlightElsewhere);
                 nak(message, in_flight_delay(deliveries(delivery), retry_after)).await;
-            }
-            ClaimOutcome::Claimed(_) | ClaimOutcome::Reclaimed { .. } => {
-                error!("a granted claim was taken for a refusal; NAKed");
-                nak(message, MIN_NAK_DELAY).await;
             }
         }
     }

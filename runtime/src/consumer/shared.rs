@@ -46,7 +46,7 @@ pub(super) enum Granted {
     /// Run the handler holding this claim.
     Run(crate::claim::Claim),
     /// Do not run: the answer says why.
-    Refused(crate::claim::ClaimOutcome),
+    Refused(crate::claim::Refusal),
 }
 
 /// How a handler's run ended.
@@ -70,15 +70,15 @@ impl<H> Shared<H> {
     /// (`reclaimed`: the old owner may have had its effect; docs/
     /// guarantees.md: every takeover is counted) — or the refusal.
     pub(super) fn granted(&self, outcome: crate::claim::ClaimOutcome) -> Granted {
-        use crate::claim::ClaimOutcome;
-        match outcome {
-            ClaimOutcome::Claimed(claim) => Granted::Run(claim),
-            ClaimOutcome::Reclaimed { claim, from } => {
+        use crate::claim::Grant;
+        match outcome.split() {
+            Ok(Grant::Claimed(claim)) => Granted::Run(claim),
+            Ok(Grant::Reclaimed { claim, from }) => {
                 tracing::warn!(event = "reclaimed", previous_owner = %from, "took over an expired claim: its owner may have had its effect");
                 self.counters.count(super::stats::Outcome::Reclaimed);
                 Granted::Run(claim)
             }
-            refused => Granted::Refused(refused),
+            Err(refused) => Granted::Refused(refused),
         }
     }
 
