@@ -1,8 +1,10 @@
 //! The three dedup levels behind one interface: where a delivery's claim
 //! is made, and what completing, releasing or dead-lettering it means.
 //!
-//! The pipeline (`pipeline.rs`) is written once against [`Backend`] and
-//! [`Held`]; each level differs only here:
+//! The pipeline (`pipeline.rs`) is written once against [`Backend`],
+//! [`Claimer`] and [`Held`]; each level differs only here, and a claim is
+//! held by the store that granted it — no pair of a claim and another
+//! level's store can be formed:
 //!
 //! | step       | `Off`   | `Kv`                       | `Transactional`                           |
 //! |------------|---------|----------------------------|-------------------------------------------|
@@ -25,16 +27,9 @@ use crate::Delivery;
 use crate::claim::{Claim, ClaimOutcome, Ending, Transition};
 use crate::fingerprint::Fingerprint;
 use crate::key::RecordKey;
-use crate::store::{DedupStore, GroupLock, KvStore, StoreError, StoreOp};
-
-/// The transaction begun for a delivery before its claim (`dedup =
-/// transactional`); always `None` elsewhere.
 #[cfg(feature = "postgres")]
-pub(crate) type Begun = Option<crate::Tx>;
-/// The transaction begun for a delivery before its claim; without the
-/// `postgres` feature there never is one.
-#[cfg(not(feature = "postgres"))]
-pub(crate) type Begun = Option<std::convert::Infallible>;
+use crate::store::StoreOp;
+use crate::store::{DedupStore, GroupLock, KvStore, StoreError};
 
 /// Where a handler's claims live.
 pub(crate) enum Backend {
@@ -61,12 +56,45 @@ impl Backend {
     }
 }
 
-/// What a delivery holds while its handler runs.
-pub(crate) enum Held {
+/// What a delivery begins with, before its arguments are made: nothing to
+/// claim (`dedup = off`), or the claimer of its level — for
+/// `transactional`, with the transaction begun for it.
+pub(crate) enum Begun<'b> {
+    /// `dedup = off`: the handler runs without a claim.
+    Unclaimed,
+    /// The claim is to be made here.
+    Claims(Claimer<'b>),
+}
+
+/// Where a delivery's claim is made: the level's store, and for
+/// `transactional` the delivery's own transaction. Each claim it grants is
+/// held in the same place ([`Claimer::hold`]), so that no claim is ever
+/// carried to another level's store.
+pub(crate) enum Claimer<'b> {
+    /// The claim bucket.
+    Kv(&'b KvStore),
+    /// The inbox table, in the transaction begun for the delivery.
+    #[cfg(feature = "postgres")]
+    Tx {
+        /// The transaction, shared with the handler's `Tx` argument.
+        tx: crate::Tx,
+        /// The inbox.
+        inbox: &'b crate::store::TxInbox,
+    },
+}
+
+/// What a delivery holds while its handler runs. A held claim carries the
+/// store it was granted by: every transition goes back there.
+pub(crate) enum Held<'b> {
     /// Nothing to hold (`dedup = off`, or a delivery that never got a claim).
     Nothing,
     /// A claim in the bucket.
-    Kv(Claim),
+    Kv {
+        /// The claim.
+        claim: Claim,
+        /// The bucket that granted it.
+        store: &'b KvStore,
+    },
     /// The claim row in the open transaction.
     #[cfg(feature = "postgres")]
     Tx {
@@ -74,12 +102,20 @@ pub(crate) enum Held {
         tx: crate::Tx,
         /// The claim row.
         claim: Claim,
+        /// The inbox the row is in.
+        inbox: &'b crate::store::TxInbox,
     },
     /// A claim row whose transaction ended without it: a group commit
-    /// rolled back after this delivery's handler failed. Its ending is
-    /// written on its own.
+    /// rolled back after this delivery's handler failed, or the
+    /// transaction was given up while a dead letter was stored. Its ending
+    /// is written on its own.
     #[cfg(feature = "postgres")]
-    RolledBack(Claim),
+    RolledBack {
+        /// The claim row.
+        claim: Claim,
+        /// The inbox the row is in.
+        inbox: &'b crate::store::TxInbox,
+    },
 }
 
 /// What completing a held claim came to.
@@ -97,7 +133,8 @@ pub(crate) enum Completion {
     )]
     Aborted(crate::BoxError),
     /// Not recorded, outcome known to be safe to redeliver (store down past
-    /// the shutdown deadline, commit failed): NAK.
+    /// the shutdown deadline, commit failed, the run's transaction rolled
+    /// back): NAK.
     #[cfg_attr(
         not(feature = "postgres"),
         expect(dead_code, reason = "transactional only")
@@ -106,11 +143,6 @@ pub(crate) enum Completion {
 }
 
 impl Backend {
-    /// Whether this level records claims at all.
-    pub(crate) fn claims(&self) -> bool {
-        !matches!(self, Backend::Off)
-    }
-
     /// Begins what the handler's arguments need before the claim: the
     /// transaction of `dedup = transactional`, its waits bounded by `lease`,
     /// standing to group commit as `group` says.
@@ -118,44 +150,60 @@ impl Backend {
         &self,
         lease: std::time::Duration,
         group: GroupLock,
-    ) -> Result<Begun, StoreError> {
+    ) -> Result<Begun<'_>, StoreError> {
         let _ = (lease, group);
         match self {
+            Backend::Off => Ok(Begun::Unclaimed),
+            Backend::Kv(store) => Ok(Begun::Claims(Claimer::Kv(store))),
             #[cfg(feature = "postgres")]
             Backend::Transactional(inbox) => inbox
                 .begin(lease, group)
                 .await
-                .map(|open| Some(crate::Tx::new(open)))
+                .map(|open| {
+                    Begun::Claims(Claimer::Tx {
+                        tx: crate::Tx::new(open),
+                        inbox,
+                    })
+                })
                 .map_err(|e| StoreError::unavailable(StoreOp::Create, e)),
-            _ => Ok(None),
+        }
+    }
+}
+
+impl Begun<'_> {
+    /// The transaction begun, if any (handed to `Tx` arguments).
+    #[cfg(feature = "postgres")]
+    pub(crate) fn tx(&self) -> Option<&crate::Tx> {
+        match self {
+            #[cfg(feature = "postgres")]
+            Begun::Claims(Claimer::Tx { tx, .. }) => Some(tx),
+            Begun::Unclaimed | Begun::Claims(Claimer::Kv(_)) => None,
         }
     }
 
-    /// Claims `key` (never asked of `dedup = off`, which holds nothing).
+    /// Rolls back a transaction begun for a delivery that never ran its
+    /// handler.
+    pub(crate) async fn discard(self) {
+        if let Begun::Claims(claimer) = self {
+            claimer.discard().await;
+        }
+    }
+}
+
+impl<'b> Claimer<'b> {
+    /// Claims `key`.
     pub(crate) async fn claim(
         &self,
         key: &RecordKey,
         fingerprint: Option<Fingerprint>,
         config: &crate::handler::HandlerConfig,
-        begun: &Begun,
     ) -> Result<ClaimOutcome, StoreError> {
-        let _ = begun;
         match self {
-            Backend::Off => Err(StoreError::unavailable(
-                StoreOp::Create,
-                "dedup = off keeps no claims",
-            )),
             // Boxed: a delivery's task lives as long as its handler runs,
             // and would otherwise carry the store's state all that time.
-            Backend::Kv(store) => Box::pin(store.claim(key, fingerprint, config.lease)).await,
+            Claimer::Kv(store) => Box::pin(store.claim(key, fingerprint, config.lease)).await,
             #[cfg(feature = "postgres")]
-            Backend::Transactional(inbox) => {
-                let Some(tx) = begun else {
-                    return Err(StoreError::unavailable(
-                        StoreOp::Create,
-                        "no transaction was begun for a transactional claim",
-                    ));
-                };
+            Claimer::Tx { tx, inbox } => {
                 let mut conn = tx
                     .conn()
                     .await
@@ -165,27 +213,34 @@ impl Backend {
             }
         }
     }
-}
 
-impl Held {
-    /// What a delivery holds once `claim` was granted, in the transaction
-    /// it began (if any).
-    pub(crate) fn granted(claim: Claim, begun: Begun) -> Held {
-        match begun {
+    /// Holds `claim`, which this claimer granted.
+    pub(crate) fn hold(self, claim: Claim) -> Held<'b> {
+        match self {
+            Claimer::Kv(store) => Held::Kv { claim, store },
             #[cfg(feature = "postgres")]
-            Some(tx) => Held::Tx { tx, claim },
-            None => Held::Kv(claim),
+            Claimer::Tx { tx, inbox } => Held::Tx { tx, claim, inbox },
         }
     }
 
+    /// Rolls back the transaction begun for a delivery whose claim was
+    /// refused or failed.
+    pub(crate) async fn discard(self) {
+        match self {
+            Claimer::Kv(_) => {}
+            #[cfg(feature = "postgres")]
+            Claimer::Tx { tx, .. } => roll_back(&tx).await,
+        }
+    }
+}
+
+impl Held<'_> {
     /// The attempt this run is: the handler's runs counted in the claim
     /// record; JetStream's delivery count where there is none.
     pub(crate) fn attempt(&self, delivery: &Delivery) -> u32 {
-        match self {
-            Held::Nothing => u32::try_from(delivery.delivered()).unwrap_or(u32::MAX),
-            Held::Kv(claim) => claim.attempt,
-            #[cfg(feature = "postgres")]
-            Held::Tx { claim, .. } | Held::RolledBack(claim) => claim.attempt,
+        match self.claim() {
+            None => u32::try_from(delivery.delivered()).unwrap_or(u32::MAX),
+            Some(claim) => claim.attempt,
         }
     }
 
@@ -193,9 +248,21 @@ impl Held {
     pub(crate) fn claim(&self) -> Option<&Claim> {
         match self {
             Held::Nothing => None,
-            Held::Kv(claim) => Some(claim),
+            Held::Kv { claim, .. } => Some(claim),
             #[cfg(feature = "postgres")]
-            Held::Tx { claim, .. } | Held::RolledBack(claim) => Some(claim),
+            Held::Tx { claim, .. } | Held::RolledBack { claim, .. } => Some(claim),
+        }
+    }
+
+    /// Whether the claim is fenced by its lease: a bucket's claim is
+    /// another worker's to take over once it runs out; a transaction's
+    /// row stays locked while the transaction lives.
+    pub(crate) fn fenced(&self) -> bool {
+        match self {
+            Held::Kv { .. } => true,
+            Held::Nothing => false,
+            #[cfg(feature = "postgres")]
+            Held::Tx { .. } | Held::RolledBack { .. } => false,
         }
     }
 
@@ -204,11 +271,13 @@ impl Held {
     /// lease (so that a frozen worker cannot block its keys): a statement
     /// on it tells the server this worker lives — unless the handler holds
     /// the connection right now, in which case it is the handler's to use.
-    pub(crate) async fn renew(&mut self, backend: &Backend) -> Result<Transition, StoreError> {
-        match (self, backend) {
-            (Held::Kv(claim), Backend::Kv(store)) => Box::pin(store.renew(claim)).await,
+    /// Nothing held, or a row whose transaction ended, has no lease to
+    /// extend.
+    pub(crate) async fn renew(&mut self) -> Result<Transition, StoreError> {
+        match self {
+            Held::Kv { claim, store } => Box::pin(store.renew(claim)).await,
             #[cfg(feature = "postgres")]
-            (Held::Tx { tx, .. }, _) => {
+            Held::Tx { tx, .. } => {
                 if let Some(mut conn) = tx.try_conn() {
                     sqlx::query("SELECT 1")
                         .execute(&mut *conn)
@@ -217,44 +286,44 @@ impl Held {
                 }
                 Ok(Transition::Applied)
             }
-            _ => Ok(Transition::Applied),
+            Held::Nothing => Ok(Transition::Applied),
+            #[cfg(feature = "postgres")]
+            Held::RolledBack { .. } => Ok(Transition::Applied),
         }
     }
 
     /// Records completion with the handler's result, once. (Retries of a
     /// KV completion are the pipeline's: they keep the message in progress.)
-    pub(crate) async fn complete(
-        &self,
-        backend: &Backend,
-        result: Option<Bytes>,
-    ) -> Result<Completion, StoreError> {
-        match (self, backend) {
-            (Held::Kv(claim), Backend::Kv(store)) => {
-                match Box::pin(store.complete(claim, result)).await? {
-                    Transition::Applied => Ok(Completion::Recorded),
-                    lost => Ok(Completion::LeaseLost(lost)),
-                }
-            }
+    /// Nothing held has nothing to record; a row whose transaction rolled
+    /// back cannot record its run, which never committed.
+    pub(crate) async fn complete(&self, result: Option<Bytes>) -> Result<Completion, StoreError> {
+        match self {
+            Held::Kv { claim, store } => match Box::pin(store.complete(claim, result)).await? {
+                Transition::Applied => Ok(Completion::Recorded),
+                lost => Ok(Completion::LeaseLost(lost)),
+            },
             #[cfg(feature = "postgres")]
-            (Held::Tx { tx, claim }, Backend::Transactional(inbox)) => {
-                Ok(Box::pin(commit(inbox, tx, claim, result)).await)
-            }
-            _ => Ok(Completion::Recorded),
+            Held::Tx { tx, claim, inbox } => Ok(Box::pin(commit(inbox, tx, claim, result)).await),
+            Held::Nothing => Ok(Completion::Recorded),
+            #[cfg(feature = "postgres")]
+            Held::RolledBack { .. } => Ok(Completion::NotRecorded(
+                "the run's transaction rolled back: nothing of it committed".into(),
+            )),
         }
     }
 
     /// Gives the claim back after a failed attempt so that the next delivery
     /// can take it at once, keeping the attempt count. `false`: the claim
     /// had been taken over — the message is no longer this worker's.
-    pub(crate) async fn release(self, backend: &Backend) -> bool {
-        self.end(backend, Ending::Released).await
+    pub(crate) async fn release(self) -> bool {
+        self.end(Ending::Released).await
     }
 
     /// Marks the key dead after its dead letter was stored.
     /// `false`: the claim had been taken over — the message is the new
     /// owner's, and must not be terminated.
-    pub(crate) async fn mark_dead(self, backend: &Backend) -> bool {
-        self.end(backend, Ending::Dead).await
+    pub(crate) async fn mark_dead(self) -> bool {
+        self.end(Ending::Dead).await
     }
 
     /// Keeps the key for this payload while its dead letter cannot be
@@ -263,17 +332,17 @@ impl Held {
     /// meanwhile is a key conflict — releasing it would let that payload
     /// run in the place of one that failed and is about to be
     /// dead-lettered. `false`: the claim had been taken over.
-    pub(crate) async fn keep(self, backend: &Backend) -> bool {
-        self.end(backend, Ending::Kept).await
+    pub(crate) async fn keep(self) -> bool {
+        self.end(Ending::Kept).await
     }
 
     /// Ends the claim in `end`: a CAS in the bucket (a kept claim is left
     /// pending); for a transaction, a rollback to the savepoint after the
     /// claim and the row's new state committed in the same transaction.
-    /// `false`: the claim had been taken over.
-    async fn end(self, backend: &Backend, end: Ending) -> bool {
-        match (self, backend) {
-            (Held::Kv(claim), Backend::Kv(store)) => {
+    /// `false`: the claim had been taken over. Nothing held ends at once.
+    async fn end(self, end: Ending) -> bool {
+        match self {
+            Held::Kv { claim, store } => {
                 let ended = match end {
                     Ending::Released => store.release(&claim).await,
                     // Left pending: it runs out after a lease, and only
@@ -286,7 +355,7 @@ impl Held {
                 !lost
             }
             #[cfg(feature = "postgres")]
-            (Held::Tx { tx, claim }, Backend::Transactional(inbox)) => {
+            Held::Tx { tx, claim, inbox } => {
                 // In the run's own transaction, its effects rolled back:
                 // the key is never free in between.
                 if let Err(e) = inbox.end_in(&tx, &claim, end).await {
@@ -299,11 +368,11 @@ impl Held {
                 true
             }
             #[cfg(feature = "postgres")]
-            (Held::RolledBack(claim), Backend::Transactional(inbox)) => {
+            Held::RolledBack { claim, inbox } => {
                 end_alone(inbox, &claim, end).await;
                 true
             }
-            _ => true,
+            Held::Nothing => true,
         }
     }
 
@@ -314,28 +383,31 @@ impl Held {
     /// so that no other payload claims the key meanwhile. Its ending is
     /// then written on its own too ([`Held::RolledBack`]). A KV claim needs
     /// nothing: it stays pending until its lease runs out.
-    pub(crate) async fn secure(&mut self, backend: &Backend) {
+    pub(crate) async fn secure(&mut self) {
         #[cfg(feature = "postgres")]
-        if let (Held::Tx { tx, claim }, Backend::Transactional(inbox)) = (&*self, backend) {
+        if let Held::Tx { tx, claim, inbox } = &*self {
             roll_back(tx).await;
             end_alone(inbox, claim, Ending::Kept).await;
-            *self = Held::RolledBack(claim.clone());
+            *self = Held::RolledBack {
+                claim: claim.clone(),
+                inbox,
+            };
         }
-        #[cfg(not(feature = "postgres"))]
-        let _ = backend;
     }
 
     /// Whether the claim is still this worker's, confirmed by the store
     /// (a renewal) before an irreversible step such as a dead letter.
-    /// `Err`: the store could not say.
-    /// (A transaction is this worker's until it ends.)
-    pub(crate) async fn confirm(&mut self, backend: &Backend) -> Result<bool, StoreError> {
-        match (self, backend) {
-            (Held::Kv(claim), Backend::Kv(store)) => match Box::pin(store.renew(claim)).await? {
+    /// `Err`: the store could not say. A transaction is this worker's
+    /// until it ends; a row written on its own ends only for its payload.
+    pub(crate) async fn confirm(&mut self) -> Result<bool, StoreError> {
+        match self {
+            Held::Kv { claim, store } => match Box::pin(store.renew(claim)).await? {
                 Transition::Applied => Ok(true),
                 Transition::LeaseLost { .. } => Ok(false),
             },
-            _ => Ok(true),
+            Held::Nothing => Ok(true),
+            #[cfg(feature = "postgres")]
+            Held::Tx { .. } | Held::RolledBack { .. } => Ok(true),
         }
     }
 
@@ -347,16 +419,16 @@ impl Held {
     /// `released` committed with its lock held throughout, so that no other
     /// payload takes the key meanwhile). `false`: a reader had taken the
     /// key over, and nothing was written.
-    pub(crate) async fn give_back(self, backend: &Backend) -> bool {
-        match (self, backend) {
-            (Held::Kv(claim), Backend::Kv(store)) => {
+    pub(crate) async fn give_back(self) -> bool {
+        match self {
+            Held::Kv { claim, store } => {
                 let given = store.release(&claim.given_back()).await;
                 let lost = matches!(given, Ok(Transition::LeaseLost { .. }));
                 log_transition("give the claim back", given);
                 !lost
             }
             #[cfg(feature = "postgres")]
-            (Held::Tx { tx, claim }, Backend::Transactional(inbox)) => {
+            Held::Tx { tx, claim, inbox } => {
                 let unrun = claim.given_back();
                 if let Err(e) = inbox.end_in(&tx, &unrun, Ending::Released).await {
                     warn!(error = %e, "could not give the claim back in its transaction; writing it on its own");
@@ -365,10 +437,12 @@ impl Held {
                 }
                 true
             }
-            (held, _) => {
-                held.abandon().await;
+            #[cfg(feature = "postgres")]
+            Held::RolledBack { claim, inbox } => {
+                end_alone(inbox, &claim.given_back(), Ending::Released).await;
                 true
             }
+            Held::Nothing => true,
         }
     }
 
@@ -484,19 +558,9 @@ pub(crate) async fn roll_back(tx: &crate::Tx) {
     }
 }
 
-/// Rolls back a transaction begun for a delivery that never ran its handler.
-pub(crate) async fn discard(begun: Begun) {
-    #[cfg(feature = "postgres")]
-    if let Some(tx) = begun {
-        roll_back(&tx).await;
-    }
-    #[cfg(not(feature = "postgres"))]
-    let _ = begun;
-}
-
-#[cfg(all(test, feature = "testing"))]
+#[cfg(all(test, feature = "testing", feature = "postgres"))]
 mod tests {
-    use super::{Backend, Held};
+    use super::Held;
     use crate::claim::ClaimOutcome;
     use crate::fingerprint::Fingerprint;
     use crate::key::{HandlerName, IdempotencyKey, RecordKey};
@@ -514,7 +578,6 @@ mod tests {
         let inbox = TxInbox::open(db.pool().clone(), db.schema())
             .await
             .expect("inbox");
-        let backend = Backend::Transactional(inbox.clone());
         let key = RecordKey::new(
             &HandlerName::new("h").expect("name"),
             &IdempotencyKey::new("k").expect("key"),
@@ -524,7 +587,15 @@ mod tests {
         else {
             panic!("a fresh key is free");
         };
-        assert!(Held::Tx { tx, claim: claimed }.give_back(&backend).await);
+        assert!(
+            Held::Tx {
+                tx,
+                claim: claimed,
+                inbox: &inbox
+            }
+            .give_back()
+            .await
+        );
         let (tx, outcome) = inbox.claim_in_a_transaction(&key, y).await;
         if let Some(open) = tx.take().await {
             open.rollback().await.expect("Y's claim rolled back");

@@ -149,6 +149,11 @@ impl Groups {
         })
     }
 
+    /// The inbox the groups' claim rows are in.
+    pub(crate) fn inbox(&self) -> &TxInbox {
+        &self.inbox
+    }
+
     /// Seats a delivery whose handler arguments hold `tx` in the open group
     /// (opening one if there is none), binding `tx` to the group's
     /// transaction. `None`: the group has this key already — the delivery

@@ -12,7 +12,7 @@ use super::backend::Held;
 use super::group::{Answer, GroupEnd, Groups, Vote};
 use super::pipeline::Apart;
 use super::settle::Failure;
-use super::shared::{Ran, Shared, boxed, state_with};
+use super::shared::{Ran, Shared, boxed, state_in};
 use super::stats::Outcome;
 use crate::handler::{Handler, prepare};
 use crate::key::RecordKey;
@@ -31,10 +31,9 @@ impl<H: Handler> Shared<H> {
     ) {
         let tx = Tx::unbound();
         let fence = self.takes_fence.then(Fence::unset);
-        let begun = Some(tx.clone());
-        let state = state_with(&self.state, &begun, fence.as_ref());
+        let state = state_in(&self.state, &tx, fence.as_ref());
         let prepared = prepare(&self.handler, delivery, &state);
-        drop((state, begun));
+        drop(state);
         let prepared = match prepared {
             Ok(prepared) => prepared,
             Err(rejected) => {
@@ -66,6 +65,7 @@ impl<H: Handler> Shared<H> {
         let mut held = Held::Tx {
             tx,
             claim: claim.clone(),
+            inbox: groups.inbox(),
         };
         let (attempt, ran) = self
             .run_attempt(
@@ -108,7 +108,10 @@ impl<H: Handler> Shared<H> {
             // with a transaction of its own (the ending written alone; a
             // released key is free to the next claim either way).
             Some((Failure::Retry(_), error)) => {
-                let held = Held::RolledBack(claim);
+                let held = Held::RolledBack {
+                    claim,
+                    inbox: groups.inbox(),
+                };
                 boxed(self.failed(message, delivery, error, attempt, held)).await;
             }
             // Its last failure: the key must stay its payload's from the

@@ -15,7 +15,7 @@ use tracing::{Instrument, Span, error, field, info_span, warn};
 
 use super::acks::{deliveries, in_flight_delay, nak};
 use super::active::ActiveKey;
-use super::backend::{Backend, Begun, Completion, Held, discard};
+use super::backend::{Begun, Claimer, Completion, Held};
 use super::shared::{Granted, HandlerPanicked, Ran, Shared, Unprepared, boxed, state_with};
 use super::stats::{Latency, Outcome};
 use crate::claim::Transition;
@@ -144,7 +144,7 @@ impl<H: Handler> Shared<H> {
         delivery: &Delivery,
         fence: Option<&Fence>,
         group: GroupLock,
-    ) -> Result<(Begun, Prepared<H::Args>), Unprepared> {
+    ) -> Result<(Begun<'_>, Prepared<H::Args>), Unprepared> {
         let begun = self
             .backend
             .begin(self.config.lease, group)
@@ -156,7 +156,7 @@ impl<H: Handler> Shared<H> {
         match prepared {
             Ok(prepared) => Ok((begun, prepared)),
             Err(rejected) => {
-                discard(begun).await;
+                begun.discard().await;
                 Err(Unprepared::Rejected(rejected))
             }
         }
@@ -196,25 +196,28 @@ impl<H: Handler> Shared<H> {
             }
         };
         Span::current().record("key", field::debug(&prepared.key));
-        if !self.backend.claims() {
-            let mut held = Held::Nothing;
-            let (attempt, ran) = self
-                .run_attempt(
-                    Some(message),
-                    delivery,
-                    &mut held,
-                    Instant::now(),
-                    prepared.args,
-                )
-                .await;
-            boxed(self.finish(message, delivery, held, attempt, ran)).await;
-            return Alone::Settled;
-        }
+        let claimer = match begun {
+            Begun::Claims(claimer) => claimer,
+            Begun::Unclaimed => {
+                let mut held = Held::Nothing;
+                let (attempt, ran) = self
+                    .run_attempt(
+                        Some(message),
+                        delivery,
+                        &mut held,
+                        Instant::now(),
+                        prepared.args,
+                    )
+                    .await;
+                boxed(self.finish(message, delivery, held, attempt, ran)).await;
+                return Alone::Settled;
+            }
+        };
         let key = RecordKey::new(&self.name, &prepared.key);
         // dedup = kv: one delivery per key at a time in this process (a
         // duplicate waits for its original; the store answers it then).
         let mut _working = None;
-        if let Backend::Kv(_) = self.backend {
+        if matches!(claimer, Claimer::Kv(_)) {
             let Some(working) = self.work_on(&key).await else {
                 self.count(Outcome::InFlightElsewhere);
                 let delay = in_flight_delay(deliveries(delivery), self.config.lease);
@@ -224,11 +227,7 @@ impl<H: Handler> Shared<H> {
             _working = Some(working);
         }
         let asked = Instant::now();
-        let claimed = boxed(
-            self.backend
-                .claim(&key, prepared.fingerprint, &self.config, &begun),
-        )
-        .await;
+        let claimed = boxed(claimer.claim(&key, prepared.fingerprint, &self.config)).await;
         if claimed.is_ok() {
             self.status.store_answered();
             self.counters.observe(Latency::Claim, asked.elapsed());
@@ -236,13 +235,13 @@ impl<H: Handler> Shared<H> {
         let claim = match claimed.map(|outcome| self.granted(outcome)) {
             Ok(Granted::Run(claim)) => claim,
             Ok(Granted::Refused(refused)) => {
-                discard(begun).await;
+                claimer.discard().await;
                 let args = prepared.args;
                 Box::pin(self.refused(message, delivery, refused, args)).await;
                 return Alone::Settled;
             }
             Err(e) => {
-                discard(begun).await;
+                claimer.discard().await;
                 self.store_unavailable(message, delivery, e).await;
                 return Alone::Settled;
             }
@@ -250,7 +249,7 @@ impl<H: Handler> Shared<H> {
         if let Some(fence) = &fence {
             fence.set(claim.revision);
         }
-        let mut held = Held::granted(claim, begun);
+        let mut held = claimer.hold(claim);
         let (attempt, ran) = self
             .run_attempt(Some(message), delivery, &mut held, asked, prepared.args)
             .await;
@@ -264,7 +263,7 @@ impl<H: Handler> Shared<H> {
             // claim is given back uncounted (the key stays its payload's),
             // and it runs again with no group beside it, where a lock
             // conflict is its own.
-            held.give_back(&self.backend).await;
+            held.give_back().await;
             self.count(Outcome::LockConflict);
             return Alone::Again(Apart::FromGroups);
         }
@@ -278,7 +277,7 @@ impl<H: Handler> Shared<H> {
         &self,
         progress: Option<&Message>,
         delivery: &Delivery,
-        held: &mut Held,
+        held: &mut Held<'_>,
         asked: Instant,
         args: H::Args,
     ) -> (u32, Ran<H::Output>) {
@@ -330,7 +329,7 @@ impl<H: Handler> Shared<H> {
     pub(super) async fn run<T>(
         &self,
         progress: Option<&Message>,
-        held: &mut Held,
+        held: &mut Held<'_>,
         asked: Instant,
         call: impl Future<Output = Result<T, HandlerError>>,
     ) -> Ran<T> {
@@ -338,7 +337,7 @@ impl<H: Handler> Shared<H> {
         let period = (lease / 3).max(Duration::from_millis(100));
         let mut keepalive = interval_at(Instant::now() + period, period);
         keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let fenced = matches!(held, Held::Kv(_));
+        let fenced = held.fenced();
         let lease_ends = LeaseEnd::new(asked + lease);
         let mut call = std::pin::pin!(AssertUnwindSafe(call).catch_unwind());
         let mut started = false;
@@ -378,7 +377,7 @@ impl<H: Handler> Shared<H> {
                     // whatever the store's own timeout: the next one
                     // follows, and the lease is judged on this clock.
                     let sent = Instant::now();
-                    match timeout_at(sent + period, held.renew(&self.backend)).await {
+                    match timeout_at(sent + period, held.renew()).await {
                         Ok(Ok(Transition::Applied)) => lease_ends.extend_to(sent + lease),
                         Ok(Ok(Transition::LeaseLost { .. })) => {
                             return Ran::LeaseLost("a renewal found the claim taken over");
@@ -397,7 +396,7 @@ impl<H: Handler> Shared<H> {
         &self,
         message: &Message,
         delivery: &Delivery,
-        held: Held,
+        held: Held<'_>,
         attempt: u32,
         ran: Ran<H::Output>,
     ) {
@@ -467,13 +466,13 @@ impl<H: Handler> Shared<H> {
     pub(super) async fn record_completion(
         &self,
         progress: Option<&Message>,
-        held: &Held,
+        held: &Held<'_>,
         result: Option<bytes::Bytes>,
     ) -> Option<Completion> {
         let mut pauses = crate::retry::Schedule::completion();
         let began = Instant::now();
         loop {
-            match held.complete(&self.backend, result.clone()).await {
+            match held.complete(result.clone()).await {
                 Ok(completion) => {
                     self.counters.observe(Latency::Completion, began.elapsed());
                     return Some(completion);

@@ -24,7 +24,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, Span, field, info_span, warn};
 
 use super::RuntimeError;
-use super::backend::{Completion, Held, discard};
+use super::backend::{Begun, Completion, Held};
 use super::shared::{Granted, Ran, Shared, Unprepared, boxed};
 use super::stats::{Latency, Outcome};
 use super::worker::Worker;
@@ -205,23 +205,25 @@ impl<H: Handler> Shared<H> {
                 }
             };
             Span::current().record("key", field::debug(&prepared.key));
-            if !self.backend.claims() {
-                let mut held = Held::Nothing;
-                let (_, ran) = self
-                    .run_attempt(None, delivery, &mut held, Instant::now(), prepared.args)
-                    .await;
-                return self.replied(held, ran).await;
-            }
+            let claimer = match begun {
+                Begun::Claims(claimer) => claimer,
+                Begun::Unclaimed => {
+                    let mut held = Held::Nothing;
+                    let (_, ran) = self
+                        .run_attempt(None, delivery, &mut held, Instant::now(), prepared.args)
+                        .await;
+                    return self.replied(held, ran).await;
+                }
+            };
             let key = RecordKey::new(&self.name, &prepared.key);
             let asked = Instant::now();
-            let claimed = self
-                .backend
-                .claim(&key, prepared.fingerprint, &self.config, &begun)
+            let claimed = claimer
+                .claim(&key, prepared.fingerprint, &self.config)
                 .await;
             let claim = match claimed.map(|outcome| self.granted(outcome)) {
                 Ok(Granted::Run(claim)) => claim,
                 Ok(Granted::Refused(Refusal::InFlight { .. })) if Instant::now() < wait_until => {
-                    discard(begun).await;
+                    claimer.discard().await;
                     tokio::select! {
                         () = sleep(IN_FLIGHT_POLL) => continue,
                         () = self.hard_stop.cancelled() => {
@@ -230,11 +232,11 @@ impl<H: Handler> Shared<H> {
                     }
                 }
                 Ok(Granted::Refused(refused)) => {
-                    discard(begun).await;
+                    claimer.discard().await;
                     return self.refused_request(refused);
                 }
                 Err(e) => {
-                    discard(begun).await;
+                    claimer.discard().await;
                     return self.unavailable(e);
                 }
             };
@@ -243,7 +245,7 @@ impl<H: Handler> Shared<H> {
             if let Some(fence) = &fence {
                 fence.set(claim.revision);
             }
-            let mut held = Held::granted(claim, begun);
+            let mut held = claimer.hold(claim);
             let (_, ran) = self
                 .run_attempt(None, delivery, &mut held, asked, prepared.args)
                 .await;
@@ -303,7 +305,7 @@ impl<H: Handler> Shared<H> {
 
     /// What a run comes to: its result recorded and replied, or an error
     /// reply with the key released for the next request.
-    async fn replied(&self, held: Held, ran: Ran<H::Output>) -> Reply {
+    async fn replied(&self, held: Held<'_>, ran: Ran<H::Output>) -> Reply {
         let output = match ran {
             Ran::Returned(output) => output,
             Ran::Failed(error) => return self.request_failed(held, &error).await,
@@ -316,7 +318,7 @@ impl<H: Handler> Shared<H> {
                 );
             }
             Ran::NotStarted => {
-                if !held.give_back(&self.backend).await {
+                if !held.give_back().await {
                     let why = "the claim was answered after its lease, and taken over";
                     self.lease_lost(why);
                     return Reply::error(ReplyErrorKind::OutcomeUnknown, why);
@@ -363,7 +365,7 @@ impl<H: Handler> Shared<H> {
             }
             Some(Completion::Aborted(e)) => {
                 self.count(Outcome::Retried);
-                let _ = held.release(&self.backend).await;
+                let _ = held.release().await;
                 Reply::error(
                     ReplyErrorKind::Failed,
                     format!("the transaction did not commit: {e}"),
@@ -392,9 +394,9 @@ impl<H: Handler> Shared<H> {
 
     /// A failed run: the key released (a request asking again runs it
     /// again) and the failure replied with its kind.
-    async fn request_failed(&self, held: Held, error: &crate::HandlerError) -> Reply {
+    async fn request_failed(&self, held: Held<'_>, error: &crate::HandlerError) -> Reply {
         warn!(%error, "handler failed; replied as an error");
-        if !held.release(&self.backend).await {
+        if !held.release().await {
             self.lease_lost("the claim was taken over before the failure was recorded");
         }
         if error.is_permanent() {

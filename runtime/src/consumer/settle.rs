@@ -16,7 +16,7 @@ use tracing::{error, warn};
 use super::acks::{
     MIN_NAK_DELAY, ack, ack_recorded, deliveries, in_flight_delay, nak, store_backoff,
 };
-use super::backend::{Backend, Held};
+use super::backend::Held;
 use super::dead_letter::{self, Reason};
 use super::shared::{HandlerPanicked, Ran, Shared};
 #[cfg(feature = "metrics")]
@@ -164,12 +164,12 @@ impl<H: Handler> Shared<H> {
         delivery: &Delivery,
         error: HandlerError,
         attempt: u32,
-        held: Held,
+        held: Held<'_>,
     ) {
         match self.after_failure(&error, attempt) {
             Failure::Retry(delay) => {
                 warn!(%error, attempt, ?delay, "handler failed; retrying");
-                if !held.release(&self.backend).await {
+                if !held.release().await {
                     return self
                         .lease_lost("the claim was taken over before the failure was recorded");
                 }
@@ -262,8 +262,8 @@ impl<H: Handler> Shared<H> {
     /// counted taken off — and the message NAKed with the store's backoff.
     /// If a reader took the key over meanwhile, the message is the new
     /// owner's: counted `lease_lost`, neither acknowledged nor NAKed.
-    pub(super) async fn not_started(&self, message: &Message, delivery: &Delivery, held: Held) {
-        if !held.give_back(&self.backend).await {
+    pub(super) async fn not_started(&self, message: &Message, delivery: &Delivery, held: Held<'_>) {
+        if !held.give_back().await {
             return self.lease_lost("the claim was answered after its lease, and taken over");
         }
         warn!(
@@ -276,10 +276,12 @@ impl<H: Handler> Shared<H> {
     /// The shutdown deadline cut the handler off. Its claim is left as the
     /// backend says (a KV claim stays pending: the effect may be under
     /// way), and the message comes back once that claim may be taken over.
-    pub(super) async fn interrupted(&self, message: &Message, held: Held) {
-        let delay = match held {
-            Held::Kv(_) => self.config.lease,
-            _ => MIN_NAK_DELAY,
+    pub(super) async fn interrupted(&self, message: &Message, held: Held<'_>) {
+        // A fenced (bucket) claim stays pending until its lease runs out.
+        let delay = if held.fenced() {
+            self.config.lease
+        } else {
+            MIN_NAK_DELAY
         };
         warn!(
             ?delay,
@@ -301,12 +303,12 @@ impl<H: Handler> Shared<H> {
         delivery: &Delivery,
         code: DeadLetterReason,
         error: &(dyn std::fmt::Display + Sync),
-        mut held: Held,
+        mut held: Held<'_>,
         attempts: u32,
     ) {
         // A dead letter cannot be taken back: first make sure the message
         // is still this worker's to give up.
-        match held.confirm(&self.backend).await {
+        match held.confirm().await {
             Ok(true) => {}
             Ok(false) => return self.lease_lost("the claim was taken over before the dead letter"),
             Err(e) => return self.store_unavailable(message, delivery, e).await,
@@ -330,7 +332,6 @@ impl<H: Handler> Shared<H> {
         let published = keep_held(
             message,
             &mut held,
-            &self.backend,
             self.config.lease,
             dead_letter::publish(&self.js, &self.config, delivery, reason, attempts, record),
         )
@@ -340,18 +341,19 @@ impl<H: Handler> Shared<H> {
             // The key stays this payload's: a KV claim stays pending (the
             // message comes back once its lease ran out), a transactional
             // row is kept for the payload.
-            let back_after = match held {
-                Held::Kv(_) => self.config.lease,
-                _ => store_backoff(deliveries(delivery)),
+            let back_after = if held.fenced() {
+                self.config.lease
+            } else {
+                store_backoff(deliveries(delivery))
             };
-            if !held.keep(&self.backend).await {
+            if !held.keep().await {
                 return self.lease_lost("the claim was taken over while the dead letter failed");
             }
             self.count(Outcome::DeadLetterFailed);
             return nak(message, back_after).await;
         }
         warn!(reason = %code, %error, subject = %self.config.dead_letter, "dead-lettered");
-        if !held.mark_dead(&self.backend).await {
+        if !held.mark_dead().await {
             // Taken over while the letter was stored: the message is the new
             // owner's now — no Term (its letter stays, and a replay finds
             // the key held, done or released).
@@ -369,8 +371,7 @@ impl<H: Handler> Shared<H> {
 /// statement that keeps it from its idle timeout), until `work` ends.
 async fn keep_held<T>(
     message: &Message,
-    held: &mut Held,
-    backend: &Backend,
+    held: &mut Held<'_>,
     lease: Duration,
     work: impl std::future::Future<Output = T>,
 ) -> T {
@@ -383,14 +384,14 @@ async fn keep_held<T>(
                 if let Err(e) = message.ack_with(AckKind::Progress).await {
                     tracing::debug!(error = %e, "could not send an in-progress ack");
                 }
-                match held.renew(backend).await {
+                match held.renew().await {
                     Ok(Transition::Applied) => {}
                     Ok(Transition::LeaseLost { .. }) => {
                         warn!("the claim was taken over while its dead letter was being stored");
                     }
                     Err(e) => {
                         warn!(error = %e, "could not renew the claim while its dead letter was being stored; keeping the key for its payload on its own");
-                        held.secure(backend).await;
+                        held.secure().await;
                     }
                 }
             }

@@ -186,22 +186,31 @@ pub(super) fn boxed<'a, T>(
 /// them (a clone only then).
 pub(super) fn state_with<'a>(
     state: &'a StateMap,
-    begun: &Begun,
+    begun: &Begun<'_>,
     fence: Option<&Fence>,
 ) -> Cow<'a, StateMap> {
-    if begun.is_none() && fence.is_none() {
-        return Cow::Borrowed(state);
+    #[cfg(feature = "postgres")]
+    if let Some(tx) = begun.tx() {
+        return Cow::Owned(state_in(state, tx, fence));
     }
+    let _ = begun;
+    match fence {
+        None => Cow::Borrowed(state),
+        Some(fence) => {
+            let mut state = state.clone();
+            state.insert(fence.clone());
+            Cow::Owned(state)
+        }
+    }
+}
+
+/// The state a delivery's extractors see in transaction `tx`.
+#[cfg(feature = "postgres")]
+pub(super) fn state_in(state: &StateMap, tx: &crate::Tx, fence: Option<&Fence>) -> StateMap {
     let mut state = state.clone();
+    state.insert(tx.clone());
     if let Some(fence) = fence {
         state.insert(fence.clone());
     }
-    match begun {
-        #[cfg(feature = "postgres")]
-        Some(tx) => state.insert(tx.clone()),
-        #[cfg(not(feature = "postgres"))]
-        Some(never) => match *never {},
-        None => {}
-    }
-    Cow::Owned(state)
+    state
 }
