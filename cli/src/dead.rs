@@ -45,7 +45,7 @@ use idem::fingerprint::Fingerprint;
 use idem::handler::DeadLetterReason;
 use idem::key::RecordKey;
 use idem::publisher::{Outgoing, Publisher};
-use idem::store::{DedupStore, KvStore, PgStore};
+use idem::store::{DedupStore, KvStore, PgStore, StoreLocation};
 use serde::Serialize;
 
 use crate::connect::Connection;
@@ -475,31 +475,10 @@ impl Outcome {
     }
 }
 
-/// Where a letter's record is, as its `Idem-Store` header names it.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-enum Location {
-    /// A claim bucket.
-    Kv(String),
-    /// A PostgreSQL inbox's schema.
-    Postgres(String),
-}
-
-impl Location {
-    fn parse(text: &str) -> Option<Self> {
-        match text.split_once(':')? {
-            ("kv", bucket) if !bucket.is_empty() => Some(Location::Kv(bucket.to_owned())),
-            ("postgres", schema) if !schema.is_empty() => {
-                Some(Location::Postgres(schema.to_owned()))
-            }
-            _ => None,
-        }
-    }
-}
-
 /// A letter's claim, as idem wrote it into the letter.
 struct Claimed {
     key: RecordKey,
-    location: Location,
+    location: StoreLocation,
     letter: LetterClaim,
 }
 
@@ -651,8 +630,12 @@ impl<'a> Replayer<'a> {
 
     async fn inspect(&mut self, claimed: &Claimed) -> Result<Option<Snapshot>, CliError> {
         Ok(match &claimed.location {
-            Location::Kv(bucket) => self.bucket(bucket).await?.inspect(&claimed.key).await?,
-            Location::Postgres(schema) => self.inbox(schema).await?.inspect(&claimed.key).await?,
+            StoreLocation::Kv { bucket } => {
+                self.bucket(bucket).await?.inspect(&claimed.key).await?
+            }
+            StoreLocation::Postgres { schema } => {
+                self.inbox(schema).await?.inspect(&claimed.key).await?
+            }
         })
     }
 
@@ -663,13 +646,13 @@ impl<'a> Replayer<'a> {
         fingerprint: Option<Fingerprint>,
     ) -> Result<Written, CliError> {
         Ok(match &claimed.location {
-            Location::Kv(bucket) => {
+            StoreLocation::Kv { bucket } => {
                 self.bucket(bucket)
                     .await?
                     .reopen(&claimed.key, found, fingerprint)
                     .await?
             }
-            Location::Postgres(schema) => {
+            StoreLocation::Postgres { schema } => {
                 self.inbox(schema)
                     .await?
                     .reopen(&claimed.key, found, fingerprint)
@@ -710,12 +693,9 @@ fn claimed(letter: &Letter) -> Result<Option<Claimed>, CliError> {
     };
     let key = RecordKey::parse(key)
         .map_err(|e| CliError::Invalid(format!("dead letter {}: {e}", letter.sequence)))?;
-    let location = Location::parse(store).ok_or_else(|| {
-        CliError::Invalid(format!(
-            "dead letter {}: unknown store {store:?} (kv:<bucket> or postgres:<schema>)",
-            letter.sequence
-        ))
-    })?;
+    let location: StoreLocation = store
+        .parse()
+        .map_err(|e| CliError::Invalid(format!("dead letter {}: {e}", letter.sequence)))?;
     // A fingerprint that does not read is no fingerprint: a done record is
     // then `unknown` and the letter kept.
     let fingerprint = letter.fingerprint.as_deref().and_then(|f| f.parse().ok());
@@ -740,21 +720,6 @@ fn replay_id(stream: &str, sequence: u64, stored: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn stores_are_read_by_kind() {
-        assert_eq!(
-            Location::parse("kv:idem_claims"),
-            Some(Location::Kv("idem_claims".into()))
-        );
-        assert_eq!(
-            Location::parse("postgres:idem"),
-            Some(Location::Postgres("idem".into()))
-        );
-        for bad in ["kv:", "redis:x", "idem_claims", ""] {
-            assert_eq!(Location::parse(bad), None, "{bad}");
-        }
-    }
 
     #[test]
     fn replay_ids_differ_for_a_recreated_stream_s_letter_of_the_same_sequence() {

@@ -29,7 +29,7 @@ use crate::fingerprint::Fingerprint;
 use crate::key::RecordKey;
 #[cfg(feature = "postgres")]
 use crate::store::StoreOp;
-use crate::store::{DedupStore, GroupLock, KvStore, StoreError};
+use crate::store::{DedupStore, GroupLock, KvStore, StoreError, StoreLocation};
 
 /// Where a handler's claims live.
 pub(crate) enum Backend {
@@ -46,12 +46,16 @@ pub(crate) enum Backend {
 impl Backend {
     /// Where the claims are, as dead letters name it (`Idem-Store`):
     /// `kv:<bucket>` or `postgres:<schema>`; none without claims.
-    pub(crate) fn location(&self) -> Option<String> {
+    pub(crate) fn location(&self) -> Option<StoreLocation> {
         match self {
             Backend::Off => None,
-            Backend::Kv(store) => Some(format!("kv:{}", store.map().name())),
+            Backend::Kv(store) => Some(StoreLocation::Kv {
+                bucket: store.map().name().to_owned(),
+            }),
             #[cfg(feature = "postgres")]
-            Backend::Transactional(inbox) => Some(format!("postgres:{}", inbox.schema)),
+            Backend::Transactional(inbox) => Some(StoreLocation::Postgres {
+                schema: inbox.schema.clone(),
+            }),
         }
     }
 }

@@ -81,8 +81,8 @@ pub mod headers {
 pub(crate) struct Record<'a> {
     /// The record key.
     pub(crate) key: &'a crate::key::RecordKey,
-    /// [`headers::STORE`]'s value.
-    pub(crate) store: String,
+    /// Where the record is ([`headers::STORE`]).
+    pub(crate) store: crate::store::StoreLocation,
     /// The fingerprint of the payload that held it.
     pub(crate) fingerprint: Option<crate::fingerprint::Fingerprint>,
     /// The claim's revision when the letter was sent: one letter id per
@@ -116,7 +116,7 @@ pub(crate) async fn publish(
     }
     if let Some(record) = &record {
         out.insert(headers::KEY, record.key.as_str());
-        out.insert(headers::STORE, record.store.as_str());
+        out.insert(headers::STORE, record.store.to_string().as_str());
         if let Some(fingerprint) = record.fingerprint {
             out.insert(headers::FINGERPRINT, fingerprint.to_string().as_str());
         }

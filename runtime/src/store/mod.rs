@@ -12,6 +12,7 @@
 mod cas;
 mod error;
 mod kv;
+mod location;
 mod memory;
 #[cfg(feature = "postgres")]
 mod pg;
@@ -24,6 +25,7 @@ use bytes::Bytes;
 pub use cas::{CasStore, Create, RevisionedMap, Write};
 pub use error::{StoreError, StoreOp};
 pub use kv::{KvBucket, KvStore, KvStoreConfig, MIN_RETENTION};
+pub use location::{StoreLocation, UnknownStore};
 pub use memory::{MemoryMap, MemoryStore};
 #[cfg(feature = "postgres")]
 pub(crate) use pg::inbox::{
