@@ -70,6 +70,7 @@ pub mod claim;
 pub mod clock;
 pub mod consumer;
 mod delivery;
+pub mod delivery_core;
 pub mod duration;
 mod error;
 pub mod extract;

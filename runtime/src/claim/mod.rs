@@ -198,7 +198,7 @@ pub enum ClaimOutcome {
 
 /// A claim's answer that runs the handler.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum Grant {
+pub enum Grant {
     /// The key was free.
     Claimed(Claim),
     /// Taken over from `from`, whose lease had run out (count `reclaimed`).
@@ -213,7 +213,7 @@ pub(crate) enum Grant {
 /// A claim's answer that does not run the handler: [`ClaimOutcome`] less
 /// its grants, so that no refusal can carry a claim.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum Refusal {
+pub enum Refusal {
     /// Completed before with the same payload.
     Duplicate {
         /// The stored result, if the handler stores one.
@@ -237,7 +237,7 @@ pub(crate) enum Refusal {
 
 impl ClaimOutcome {
     /// The answer as a grant to run, or the refusal.
-    pub(crate) fn split(self) -> Result<Grant, Refusal> {
+    pub fn split(self) -> Result<Grant, Refusal> {
         match self {
             ClaimOutcome::Claimed(claim) => Ok(Grant::Claimed(claim)),
             ClaimOutcome::Reclaimed { claim, from } => Ok(Grant::Reclaimed { claim, from }),
@@ -252,8 +252,8 @@ impl ClaimOutcome {
 }
 
 /// How a held claim ends when its message does not complete.
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
-pub(crate) enum Ending {
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Ending {
     /// Released after a failed attempt: free for its payload's next
     /// delivery, the attempt counted.
     Released,
@@ -266,7 +266,7 @@ pub(crate) enum Ending {
 
 impl Ending {
     /// What writing it does, as logs say it.
-    pub(crate) fn what(self) -> &'static str {
+    pub fn what(self) -> &'static str {
         match self {
             Ending::Released => "release the claim",
             Ending::Kept => "keep the claim for its payload",

@@ -9,32 +9,14 @@ use async_nats::jetstream::{AckKind, Message};
 use tracing::warn;
 
 use crate::Delivery;
+pub(super) use crate::delivery_core::{MIN_NAK_DELAY, in_flight_delay, store_backoff};
 use crate::retry::Schedule;
-
-/// Backoff while the dedup store is unreachable, by delivery count.
-pub(super) fn store_backoff(attempt: u32) -> Duration {
-    Schedule::store_unreachable().at(attempt).max(MIN_NAK_DELAY)
-}
 
 /// How many times JetStream has delivered the message: paces NAKs that are
 /// not the handler's failures (they never use up its attempts).
 pub(super) fn deliveries(delivery: &Delivery) -> u32 {
     u32::try_from(delivery.delivered()).unwrap_or(u32::MAX)
 }
-
-/// How long a delivery whose key is held elsewhere waits: doubling from
-/// 50 ms with each delivery, never past the holder's lease. Most holders
-/// finish in milliseconds, so the duplicate is answered soon; a slow holder
-/// costs a handful of cheap claim attempts, not a storm.
-pub(super) fn in_flight_delay(delivered: u32, remaining_lease: Duration) -> Duration {
-    Schedule::key_held()
-        .at(delivered)
-        .min(remaining_lease)
-        .max(MIN_NAK_DELAY)
-}
-
-/// The shortest NAK delay: a redelivery storm helps nobody.
-pub(super) const MIN_NAK_DELAY: Duration = Duration::from_millis(20);
 
 /// A confirmed acknowledgement, retried briefly. Once completion is
 /// recorded a lost ack only costs a redelivery, answered as a duplicate.

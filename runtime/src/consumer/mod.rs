@@ -60,12 +60,6 @@ use crate::store::KvStoreConfig;
 use faults::Faults;
 use worker::Worker;
 
-// What idem::testing::Driver decides with, as the runtime does.
-#[cfg(feature = "testing")]
-pub(crate) use settle::{Failure, after_failure};
-#[cfg(feature = "testing")]
-pub(crate) use shared::HandlerPanicked;
-
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// Runs registered handlers until shutdown.

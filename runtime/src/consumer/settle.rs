@@ -18,41 +18,16 @@ use super::acks::{
 };
 use super::backend::Held;
 use super::dead_letter::{self, Reason};
-use super::shared::{HandlerPanicked, Ran, Shared};
+use super::shared::{Ran, Shared};
 #[cfg(feature = "metrics")]
 use super::stats::Latency;
 use super::stats::Outcome;
 use crate::claim::{Refusal, Transition};
+use crate::delivery_core::{Failure, after_failure};
 use crate::fingerprint::Fingerprint;
-use crate::handler::{DeadLetterReason, Handler, HandlerConfig, OnMissingKey, PrepareError};
-use crate::retry::RetryDecision;
+use crate::handler::{DeadLetterReason, Handler, OnMissingKey, PrepareError};
 use crate::store::StoreError;
 use crate::{Delivery, HandlerError};
-
-/// What a failed attempt leads to.
-pub(crate) enum Failure {
-    /// NAK with this delay.
-    Retry(Duration),
-    /// Dead-letter with this reason.
-    DeadLetter(DeadLetterReason),
-}
-
-/// What a failed attempt leads to: a retry per the handler's policy (never
-/// sooner than the error's `retry_after` hint), or a dead letter
-/// (permanent errors; the last attempt, as `panic` if it panicked).
-pub(crate) fn after_failure(config: &HandlerConfig, error: &HandlerError, attempt: u32) -> Failure {
-    if error.is_permanent() {
-        return Failure::DeadLetter(DeadLetterReason::HandlerError);
-    }
-    let decision = config.retry.after_failure(attempt);
-    match decision.at_least(error.retry_hint()) {
-        RetryDecision::RetryAfter(delay) => Failure::Retry(delay),
-        RetryDecision::GiveUp if error.error().is::<HandlerPanicked>() => {
-            Failure::DeadLetter(DeadLetterReason::Panic)
-        }
-        RetryDecision::GiveUp => Failure::DeadLetter(DeadLetterReason::RetriesExhausted),
-    }
-}
 
 impl<H: Handler> Shared<H> {
     /// Answers a claim that may not run: a duplicate, a conflict, a key
@@ -185,7 +160,7 @@ impl<H: Handler> Shared<H> {
 
     /// What this handler's failed attempt leads to ([`after_failure`]).
     pub(super) fn after_failure(&self, error: &HandlerError, attempt: u32) -> Failure {
-        after_failure(&self.config, error, attempt)
+        after_failure(&self.config.retry, error, attempt)
     }
 
     /// Dead-letters a payload that reuses a key first claimed by another.

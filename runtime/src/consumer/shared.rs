@@ -156,22 +156,6 @@ pub(super) enum Unprepared {
     Rejected(crate::handler::PrepareError),
 }
 
-/// A handler's panic, as the failure it is counted as.
-#[derive(Debug, thiserror::Error)]
-#[error("the handler panicked: {0}")]
-pub(crate) struct HandlerPanicked(pub(crate) String);
-
-impl HandlerPanicked {
-    pub(crate) fn from_payload(payload: &(dyn std::any::Any + Send)) -> Self {
-        let text = payload
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "a panic without a message".to_owned());
-        Self(text)
-    }
-}
-
 /// A boxed, `Send` future: keeps a rare or large step's state out of every
 /// delivery's task, and tells the compiler the step is `Send` where it
 /// cannot see it through the handler's generic future.

@@ -8,6 +8,7 @@
 //! acks, retries — is the runtime's.
 
 mod config;
+mod panicked;
 mod reason;
 
 use std::future::Future;
@@ -15,6 +16,7 @@ use std::future::Future;
 use bytes::Bytes;
 
 pub use config::{ConfigError, Dedup, FingerprintSource, HandlerConfig, OnMissingKey, StartAt};
+pub(crate) use panicked::HandlerPanicked;
 pub use reason::DeadLetterReason;
 
 use crate::extract::{FromDelivery, Rejection, StateMap};

@@ -18,8 +18,9 @@ use bytes::Bytes;
 use futures::FutureExt;
 
 use crate::claim::ClaimOutcome;
-use crate::consumer::{Failure, HandlerPanicked, after_failure};
+use crate::delivery_core::{Failure, after_failure};
 use crate::extract::StateMap;
+use crate::handler::HandlerPanicked;
 use crate::handler::{
     DeadLetterReason, Dedup, Handler, HandlerConfig, OnMissingKey, PrepareError, prepare,
 };
@@ -246,7 +247,7 @@ impl<H: Handler> Driver<H> {
 
 /// The runtime's decision on a failed attempt, as an outcome.
 fn decided<T>(config: &HandlerConfig, error: HandlerError, attempt: u32) -> Handled<T> {
-    match after_failure(config, &error, attempt) {
+    match after_failure(&config.retry, &error, attempt) {
         Failure::Retry(after) => Handled::Retry { after, error },
         Failure::DeadLetter(reason) => Handled::DeadLettered {
             reason,
