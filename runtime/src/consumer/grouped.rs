@@ -6,14 +6,15 @@
 
 use async_nats::jetstream::Message;
 use tokio::time::Instant;
-use tracing::{Span, field};
+use tracing::{Span, field, warn};
 
 use super::backend::Held;
 use super::group::{Answer, GroupEnd, Groups, Vote};
 use super::pipeline::Apart;
+use super::pipeline::Origin;
 use super::shared::{Ran, Shared, boxed, state_in};
 use super::stats::Outcome;
-use crate::delivery_core::Failure;
+use crate::delivery_core::{Arrival, Failure, Stopped, after_failure};
 use crate::handler::{Handler, prepare};
 use crate::key::RecordKey;
 use crate::store::{IGNORED_FAILED_STATEMENT, failed_for_another, met_lock_conflict};
@@ -29,6 +30,8 @@ impl<H: Handler> Shared<H> {
         message: &Message,
         delivery: &Delivery,
     ) {
+        let origin = Origin::now();
+        let arrival = Arrival::new(delivery.delivered());
         let tx = Tx::unbound();
         let fence = self.takes_fence.then(Fence::unset);
         let state = state_in(&self.state, &tx, fence.as_ref());
@@ -37,7 +40,7 @@ impl<H: Handler> Shared<H> {
         let prepared = match prepared {
             Ok(prepared) => prepared,
             Err(rejected) => {
-                return boxed(self.rejected(message, delivery, rejected)).await;
+                return boxed(self.rejected(message, delivery, &rejected)).await;
             }
         };
         Span::current().record("key", field::debug(&prepared.key));
@@ -51,8 +54,12 @@ impl<H: Handler> Shared<H> {
         }
         let (claim, ballot) = match answer {
             Answer::Claimed(claim, ballot) => (claim, ballot),
-            Answer::Refused(outcome) => {
-                return boxed(self.refused(message, delivery, outcome, prepared.args)).await;
+            Answer::Refused(refusal) => {
+                let claiming = arrival.claiming(origin.time(), false);
+                let step = boxed(self.refused(message, &claiming, refusal, prepared.args)).await;
+                self.drive(message, delivery, step, Held::Nothing, origin, None)
+                    .await;
+                return;
             }
             Answer::Alone => {
                 drop(prepared);
@@ -83,13 +90,21 @@ impl<H: Handler> Shared<H> {
             Ran::Returned(output) => Vote::Commit {
                 result: self.stored_result(output),
             },
-            Ran::Failed(_) | Ran::CutOff | Ran::NotStarted | Ran::LeaseLost(_) => Vote::RollBack,
+            Ran::Failed(_) | Ran::Stopped(_) => Vote::RollBack,
         };
+        let settled = |step| self.drive(message, delivery, step, Held::Nothing, origin, None);
         let own_failure = match (ballot.vote(vote).await, ran) {
-            (GroupEnd::Committed, _) => return self.succeeded(message, true).await,
-            (_, Ran::CutOff) => return self.interrupted(message, Held::Nothing).await,
+            (GroupEnd::Committed, _) => {
+                settled(arrival.committed()).await;
+                return;
+            }
+            (_, Ran::Stopped(Stopped::CutOff)) => {
+                settled(arrival.cut_off(&self.rules)).await;
+                return;
+            }
             _ if self.hard_stop.is_cancelled() => {
-                return self.interrupted(message, Held::Nothing).await;
+                settled(arrival.cut_off(&self.rules)).await;
+                return;
             }
             (GroupEnd::Aborted, _) => Some(HandlerError::retryable(IGNORED_FAILED_STATEMENT)),
             // A deadlock, serialization failure or lock timeout met in a
@@ -103,7 +118,7 @@ impl<H: Handler> Shared<H> {
             }
             (GroupEnd::RolledBack, _) => None,
         };
-        match own_failure.map(|error| (self.after_failure(&error, attempt), error)) {
+        match own_failure.map(|error| (after_failure(&self.config.retry, &error, attempt), error)) {
             // Its own failure, with attempts left: counted and released as
             // with a transaction of its own (the ending written alone; a
             // released key is free to the next claim either way).
@@ -112,7 +127,9 @@ impl<H: Handler> Shared<H> {
                     claim,
                     inbox: groups.inbox(),
                 };
-                boxed(self.failed(message, delivery, error, attempt, held)).await;
+                warn!(%error, attempt, "handler failed in its group");
+                let step = arrival.failed_in_group(&self.rules, &error, attempt);
+                boxed(self.drive(message, delivery, step, held, origin, None)).await;
             }
             // Its last failure: the key must stay its payload's from the
             // failure to the dead mark, which a rolled-back group cannot

@@ -5,57 +5,50 @@
 //! policy's, and what each level does at each step is `backend.rs`'s.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use async_nats::jetstream::{AckKind, Message};
 use futures::FutureExt;
-use tokio::time::{Instant, MissedTickBehavior, interval_at, sleep, timeout_at};
+use tokio::time::{Instant, sleep, sleep_until, timeout};
 use tracing::{Instrument, Span, error, field, info_span, warn};
 
-use super::acks::{deliveries, in_flight_delay, nak};
 use super::active::ActiveKey;
 use super::backend::{Begun, Claimer, Completion, Held};
-use super::shared::{Granted, Ran, Shared, Unprepared, boxed, state_with};
+use super::shared::{Ran, Shared, Unprepared, boxed, state_with};
 use super::stats::{Latency, Outcome};
-use crate::claim::Transition;
-use crate::handler::HandlerPanicked;
-use crate::handler::{Handler, Prepared, prepare};
+use crate::claim::{ClaimOutcome, Grant, Refusal};
+use crate::delivery_core::{
+    Arrival, Refused, Renewed, RunEnd, Running, Settle, Started, Step, Stopped, Time, Upkeep,
+};
+use crate::handler::{Handler, HandlerPanicked, PrepareError, Prepared, prepare};
 use crate::key::RecordKey;
 use crate::store::GroupLock;
 use crate::{Delivery, Fence, HandlerError};
 
-/// When the lease this worker holds ends, on its monotonic clock, as the
-/// renewals move it. Shared by the handler's guard and the renewals.
-struct LeaseEnd {
-    origin: Instant,
-    /// Milliseconds after `origin`.
-    at: std::sync::atomic::AtomicU64,
-}
+/// The executor's clock for one delivery: the core's [`Time`] is the time
+/// since `origin` on tokio's monotonic clock.
+#[derive(Copy, Clone, Debug)]
+pub(super) struct Origin(Instant);
 
-impl LeaseEnd {
-    fn new(at: Instant) -> Self {
-        let origin = Instant::now();
-        let end = Self {
-            origin,
-            at: std::sync::atomic::AtomicU64::new(0),
-        };
-        end.extend_to(at);
-        end
+impl Origin {
+    /// A clock whose zero is now.
+    pub(super) fn now() -> Self {
+        Self(Instant::now())
     }
 
-    fn extend_to(&self, at: Instant) {
-        let millis = u64::try_from(at.saturating_duration_since(self.origin).as_millis())
-            .unwrap_or(u64::MAX);
-        self.at.store(millis, std::sync::atomic::Ordering::Relaxed);
+    /// A clock whose zero is `at`.
+    pub(super) fn at(at: Instant) -> Self {
+        Self(at)
     }
 
-    fn at(&self) -> Instant {
-        self.origin + Duration::from_millis(self.at.load(std::sync::atomic::Ordering::Relaxed))
+    /// The core's time now.
+    pub(super) fn time(self) -> Time {
+        Time(self.0.elapsed())
     }
 
-    fn passed(&self) -> bool {
-        Instant::now() >= self.at()
+    /// The instant the core's `time` is.
+    pub(super) fn instant(self, time: Time) -> Instant {
+        self.0 + time.0
     }
 }
 
@@ -69,10 +62,6 @@ pub(super) enum Apart {
     Beside,
     /// Apart from every group (the group lock held exclusively): a lock
     /// conflict is the handler's own, and counts.
-    #[cfg_attr(
-        not(feature = "postgres"),
-        expect(dead_code, reason = "transactional only")
-    )]
     FromGroups,
     /// The group lock could not be had within a lease (a group ran
     /// longer): beside whatever runs, a lock conflict counted as the
@@ -99,10 +88,6 @@ enum Alone {
     /// Settled: acknowledged, retried, dead-lettered, or left for later.
     Settled,
     /// Nothing of it counted: run again, standing as said.
-    #[cfg_attr(
-        not(feature = "postgres"),
-        expect(dead_code, reason = "transactional only")
-    )]
     Again(Apart),
 }
 
@@ -172,8 +157,13 @@ impl<H: Handler> Shared<H> {
         }
     }
 
-    /// One run of [`process_alone`](Self::process_alone).
+    /// One run of [`process_alone`](Self::process_alone): the executor of
+    /// the delivery core (`delivery_core`) for a delivery alone — it
+    /// carries out each step the core asks for and hands it the answer.
     async fn run_alone(&self, message: &Message, delivery: &Delivery, apart: Apart) -> Alone {
+        let origin = Origin::now();
+        let rules = &self.rules;
+        let arrival = Arrival::new(delivery.delivered());
         let fence = self.takes_fence.then(Fence::unset);
         let (begun, prepared) = match self
             .begin_prepared(delivery, fence.as_ref(), apart.group_lock())
@@ -188,11 +178,12 @@ impl<H: Handler> Shared<H> {
                 return Alone::Again(Apart::Counted);
             }
             Err(Unprepared::Store(e)) => {
-                self.store_unavailable(message, delivery, e).await;
+                let step = arrival.store_failed();
+                boxed(self.drive(message, delivery, step, Held::Nothing, origin, Some(e))).await;
                 return Alone::Settled;
             }
             Err(Unprepared::Rejected(rejected)) => {
-                Box::pin(self.rejected(message, delivery, rejected)).await;
+                boxed(self.rejected(message, delivery, &rejected)).await;
                 return Alone::Settled;
             }
         };
@@ -200,17 +191,12 @@ impl<H: Handler> Shared<H> {
         let claimer = match begun {
             Begun::Claims(claimer) => claimer,
             Begun::Unclaimed => {
+                let running = arrival.unclaimed(rules, origin.time());
                 let mut held = Held::Nothing;
-                let (attempt, ran) = self
-                    .run_attempt(
-                        Some(message),
-                        delivery,
-                        &mut held,
-                        Instant::now(),
-                        prepared.args,
-                    )
+                let step = self
+                    .run_handler(message, running, &mut held, origin, prepared.args)
                     .await;
-                boxed(self.finish(message, delivery, held, attempt, ran)).await;
+                boxed(self.drive(message, delivery, step, held, origin, None)).await;
                 return Alone::Settled;
             }
         };
@@ -220,60 +206,166 @@ impl<H: Handler> Shared<H> {
         let mut _working = None;
         if matches!(claimer, Claimer::Kv(_)) {
             let Some(working) = self.work_on(&key).await else {
-                self.count(Outcome::InFlightElsewhere);
-                let delay = in_flight_delay(deliveries(delivery), self.config.lease);
-                nak(message, delay).await;
+                let step = arrival.busy_here(rules);
+                boxed(self.drive(message, delivery, step, Held::Nothing, origin, None)).await;
                 return Alone::Settled;
             };
             _working = Some(working);
         }
-        let asked = Instant::now();
+        #[cfg(feature = "postgres")]
+        let beside_groups = self.groups.is_some() && apart == Apart::Beside;
+        #[cfg(not(feature = "postgres"))]
+        let beside_groups = false;
+        let claiming = arrival.claiming(origin.time(), beside_groups);
         let claimed = boxed(claimer.claim(&key, prepared.fingerprint, &self.config)).await;
         if claimed.is_ok() {
             self.status.store_answered();
-            self.counters.observe(Latency::Claim, asked.elapsed());
+            self.counters.observe(Latency::Claim, origin.0.elapsed());
         }
-        let claim = match claimed.map(|outcome| self.granted(outcome)) {
-            Ok(Granted::Run(claim)) => claim,
-            Ok(Granted::Refused(refused)) => {
+        let grant = match claimed.map(ClaimOutcome::split) {
+            Ok(Ok(grant)) => grant,
+            Ok(Err(refusal)) => {
                 claimer.discard().await;
-                let args = prepared.args;
-                Box::pin(self.refused(message, delivery, refused, args)).await;
+                let step = boxed(self.refused(message, &claiming, refusal, prepared.args)).await;
+                boxed(self.drive(message, delivery, step, Held::Nothing, origin, None)).await;
                 return Alone::Settled;
             }
             Err(e) => {
                 claimer.discard().await;
-                self.store_unavailable(message, delivery, e).await;
+                let step = claiming.store_failed();
+                boxed(self.drive(message, delivery, step, Held::Nothing, origin, Some(e))).await;
                 return Alone::Settled;
             }
+        };
+        let Started { running, notes } = claiming.granted(rules, &grant, origin.time());
+        self.note(notes.iter(), None);
+        let claim = match grant {
+            Grant::Claimed(claim) | Grant::Reclaimed { claim, .. } => claim,
         };
         if let Some(fence) = &fence {
             fence.set(claim.revision);
         }
         let mut held = claimer.hold(claim);
-        let (attempt, ran) = self
-            .run_attempt(Some(message), delivery, &mut held, asked, prepared.args)
+        let step = self
+            .run_handler(message, running, &mut held, origin, prepared.args)
             .await;
-        #[cfg(feature = "postgres")]
-        if let Ran::Failed(error) = &ran
-            && self.groups.is_some()
-            && apart == Apart::Beside
-            && crate::store::met_lock_conflict(error)
-        {
-            // Perhaps a group's doing: none of the run's effects commit, its
-            // claim is given back uncounted (the key stays its payload's),
-            // and it runs again with no group beside it, where a lock
-            // conflict is its own.
-            held.give_back().await;
-            self.count(Outcome::LockConflict);
-            return Alone::Again(Apart::FromGroups);
+        match boxed(self.drive(message, delivery, step, held, origin, None)).await {
+            // Perhaps a group's doing: none of the run's effects committed,
+            // its claim was given back uncounted (the key stays its
+            // payload's), and it runs again with no group beside it, where a
+            // lock conflict is its own.
+            Settle::Again => Alone::Again(Apart::FromGroups),
+            _ => Alone::Settled,
         }
-        boxed(self.finish(message, delivery, held, attempt, ran)).await;
-        Alone::Settled
     }
 
-    /// Runs the handler on `args` while holding `held`: which attempt the
-    /// run is (counted before it starts), and how it ended.
+    /// A delivery that never reached its handler: no key, or arguments
+    /// that could not be made.
+    pub(super) async fn rejected(
+        &self,
+        message: &Message,
+        delivery: &Delivery,
+        rejected: &PrepareError,
+    ) {
+        let missing_key = matches!(rejected, PrepareError::Key(_));
+        if missing_key {
+            warn!(error = %rejected, "no idempotency key");
+        }
+        let step = Arrival::new(delivery.delivered()).rejected(
+            &self.rules,
+            missing_key,
+            rejected.reason(),
+            rejected,
+        );
+        self.drive(message, delivery, step, Held::Nothing, Origin::now(), None)
+            .await;
+    }
+
+    /// A refused claim, as the core answers it — with a duplicate first
+    /// handed to the handler's `on_duplicate` (with the stored result).
+    pub(super) async fn refused(
+        &self,
+        message: &Message,
+        claiming: &crate::delivery_core::Claiming,
+        refusal: Refusal,
+        args: H::Args,
+    ) -> Step {
+        match claiming.refused(&self.rules, &refusal) {
+            Refused::Answered(step) => step,
+            Refused::Hook { hooking, notes } => {
+                self.note(notes.iter(), None);
+                let stored = match refusal {
+                    Refusal::Duplicate { result } => result,
+                    Refusal::Dead | Refusal::KeyConflict { .. } | Refusal::InFlight { .. } => None,
+                };
+                let hook = self.handler.on_duplicate(args, stored);
+                let origin = Origin::now();
+                let mut upkeep = Upkeep::new(self.config.lease, Time::ZERO, Time::ZERO, false);
+                let mut held = Held::Nothing;
+                let ran = self
+                    .run(Some(message), &mut upkeep, &mut held, origin, hook)
+                    .await;
+                let error;
+                let end = match ran {
+                    Ran::Returned(()) => RunEnd::Returned { result: None },
+                    Ran::Failed(failure) => {
+                        error = failure;
+                        warn!(%error, "the on_duplicate hook failed");
+                        RunEnd::Failed {
+                            error: &error,
+                            lock_conflict: false,
+                        }
+                    }
+                    Ran::Stopped(stopped) => RunEnd::Stopped(stopped),
+                };
+                hooking.ended(&self.rules, end)
+            }
+        }
+    }
+
+    /// Runs the handler on `args` while holding `held`, as `running`
+    /// says; the step its end leads to.
+    async fn run_handler(
+        &self,
+        message: &Message,
+        mut running: Running,
+        held: &mut Held<'_>,
+        origin: Origin,
+        args: H::Args,
+    ) -> Step {
+        let began = Instant::now();
+        let ran = self
+            .run(
+                Some(message),
+                running.upkeep_mut(),
+                held,
+                origin,
+                self.handler.call(args),
+            )
+            .await;
+        self.counters.observe(Latency::Handler, began.elapsed());
+        let error;
+        let end = match ran {
+            Ran::Returned(output) => RunEnd::Returned {
+                result: self.stored_result(&output),
+            },
+            Ran::Failed(failure) => {
+                error = failure;
+                warn!(%error, attempt = running.attempt(), "handler failed");
+                RunEnd::Failed {
+                    error: &error,
+                    lock_conflict: lock_conflict(&error),
+                }
+            }
+            Ran::Stopped(stopped) => RunEnd::Stopped(stopped),
+        };
+        running.ended(&self.rules, end)
+    }
+
+    /// Runs the handler on `args` while holding `held` (the attempt counted
+    /// before it starts, its lease counting from `asked`), for the paths
+    /// not driven by the core yet (group commit, services): which attempt
+    /// the run is, and how it ended.
     pub(super) async fn run_attempt(
         &self,
         progress: Option<&Message>,
@@ -283,9 +375,11 @@ impl<H: Handler> Shared<H> {
         args: H::Args,
     ) -> (u32, Ran<H::Output>) {
         let attempt = held.attempt(delivery);
+        let origin = Origin::at(asked);
+        let mut upkeep = Upkeep::new(self.config.lease, Time::ZERO, origin.time(), held.fenced());
         let began = Instant::now();
         let ran = self
-            .run(progress, held, asked, self.handler.call(args))
+            .run(progress, &mut upkeep, held, origin, self.handler.call(args))
             .await;
         self.counters.observe(Latency::Handler, began.elapsed());
         (attempt, ran)
@@ -305,7 +399,7 @@ impl<H: Handler> Shared<H> {
                 Err(finished) => finished,
             };
             tokio::select! {
-                ended = timeout_at(deadline, finished.changed()) => {
+                ended = tokio::time::timeout_at(deadline, finished.changed()) => {
                     if ended.is_err() {
                         return None;
                     }
@@ -315,46 +409,42 @@ impl<H: Handler> Shared<H> {
         }
     }
 
-    /// Runs the handler while renewing the claim and telling the server the
-    /// message is in progress. A panic is caught and counted, and ends the
-    /// run as a failure.
+    /// Runs the handler while keeping its claim up as `upkeep` says —
+    /// renewals and in-progress acks (for `progress`) every third of the
+    /// lease — and, for a fenced claim, stopping it at the deadline. A
+    /// panic is caught and counted, and ends the run as a failure.
     ///
-    /// A KV claim fences the handler: the run ends ([`Ran::LeaseLost`])
-    /// when a renewal finds the claim taken over, or when this worker's own
-    /// monotonic clock says the lease ran out without a confirmed renewal
-    /// (it was frozen, or the store was out of reach). The deadline is
-    /// checked before every poll of the handler, so a process waking from a
-    /// freeze stops its handler before the handler takes another step.
-    /// `asked` is when the claim was requested: the lease counts from then.
-    /// `progress`: the JetStream message to send in-progress acks for.
+    /// The core's upkeep is asked before every poll of the handler whether
+    /// it may take a step (a KV claim's lease may have run out on this
+    /// worker's clock without a confirmed renewal: it was frozen, or the
+    /// store was out of reach), so a process waking from a freeze stops its
+    /// handler before the handler takes another step. Time is `origin`'s.
     pub(super) async fn run<T>(
         &self,
         progress: Option<&Message>,
+        upkeep: &mut Upkeep,
         held: &mut Held<'_>,
-        asked: Instant,
+        origin: Origin,
         call: impl Future<Output = Result<T, HandlerError>>,
     ) -> Ran<T> {
-        let lease = self.config.lease;
-        let period = (lease / 3).max(Duration::from_millis(100));
-        let mut keepalive = interval_at(Instant::now() + period, period);
-        keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let fenced = held.fenced();
-        let lease_ends = LeaseEnd::new(asked + lease);
+        // Shared by the guard (before each poll) and the timers below.
+        let shared = Mutex::new(upkeep.clone());
+        let lock = || shared.lock().unwrap_or_else(PoisonError::into_inner);
         let mut call = std::pin::pin!(AssertUnwindSafe(call).catch_unwind());
         let mut started = false;
         let mut guarded = std::pin::pin!(futures::future::poll_fn(|cx| {
-            if fenced && lease_ends.passed() {
+            if !lock().allows(origin.time()) {
                 return std::task::Poll::Ready(Err(started));
             }
             started = true;
             call.as_mut().poll(cx).map(Ok)
         }));
-        loop {
+        let ran = loop {
+            let timer = origin.instant(lock().timer());
             tokio::select! {
                 biased;
-                result = &mut guarded => return match result {
-                    Err(false) => Ran::NotStarted,
-                    Err(true) => Ran::LeaseLost("the lease ran out on this worker's clock without a confirmed renewal"),
+                result = &mut guarded => break match result {
+                    Err(started) => Ran::Stopped(Stopped::Fenced { started }),
                     Ok(Ok(Ok(output))) => Ran::Returned(output),
                     Ok(Ok(Err(e))) => Ran::Failed(e),
                     Ok(Err(payload)) => {
@@ -364,11 +454,14 @@ impl<H: Handler> Shared<H> {
                         Ran::Failed(HandlerError::retryable(panicked))
                     }
                 },
-                () = self.hard_stop.cancelled() => return Ran::CutOff,
-                // Wakes the task when the lease ends, so that the check above
-                // runs even while the handler waits on nothing that would.
-                () = tokio::time::sleep_until(lease_ends.at()), if fenced => {}
-                _ = keepalive.tick() => {
+                () = self.hard_stop.cancelled() => break Ran::Stopped(Stopped::CutOff),
+                // The next renewal, or the deadline if it comes first (it
+                // wakes the task so that the guard above runs even while
+                // the handler waits on nothing that would).
+                () = sleep_until(timer) => {
+                    let Some(renewal) = lock().on_timer(origin.time()) else {
+                        continue;
+                    };
                     if let Some(message) = progress
                         && let Err(e) = Box::pin(message.ack_with(AckKind::Progress)).await
                     {
@@ -377,74 +470,25 @@ impl<H: Handler> Shared<H> {
                     // A renewal may take no longer than a renewal period,
                     // whatever the store's own timeout: the next one
                     // follows, and the lease is judged on this clock.
-                    let sent = Instant::now();
-                    match timeout_at(sent + period, held.renew()).await {
-                        Ok(Ok(Transition::Applied)) => lease_ends.extend_to(sent + lease),
-                        Ok(Ok(Transition::LeaseLost { .. })) => {
-                            return Ran::LeaseLost("a renewal found the claim taken over");
+                    let renewed = match timeout(renewal.within, held.renew()).await {
+                        Ok(Ok(transition)) => Renewed::Answered(transition),
+                        Ok(Err(e)) => {
+                            warn!(error = %e, "could not renew the lease; the handler stops if the lease runs out first");
+                            Renewed::Failed
                         }
-                        Ok(Err(e)) => warn!(error = %e, "could not renew the lease; the handler stops if the lease runs out first"),
-                        Err(_) => warn!(?period, "a renewal took longer than a third of the lease; the handler stops if the lease runs out first"),
+                        Err(_) => {
+                            warn!(within = ?renewal.within, "a renewal took longer than a third of the lease; the handler stops if the lease runs out first");
+                            Renewed::Failed
+                        }
+                    };
+                    if !lock().on_renewed(renewal, &renewed) {
+                        break Ran::Stopped(Stopped::TakenOver);
                     }
                 }
             }
-        }
-    }
-
-    /// What a run comes to: completion recorded and acknowledged, a retry,
-    /// a dead letter, or (cut off) a claim left for the next owner.
-    async fn finish(
-        &self,
-        message: &Message,
-        delivery: &Delivery,
-        held: Held<'_>,
-        attempt: u32,
-        ran: Ran<H::Output>,
-    ) {
-        let output = match ran {
-            Ran::Returned(output) => output,
-            Ran::CutOff => return self.interrupted(message, held).await,
-            Ran::NotStarted => return self.not_started(message, delivery, held).await,
-            Ran::LeaseLost(why) => return self.lease_lost(why),
-            // The failure paths are boxed: rare, and large (dead letters).
-            Ran::Failed(error) => {
-                return Box::pin(self.failed(message, delivery, error, attempt, held)).await;
-            }
         };
-        if held.claim().is_none() {
-            return self.succeeded(message, false).await;
-        }
-        let stored = self.stored_result(&output);
-        match self.record_completion(Some(message), &held, stored).await {
-            Some(Completion::Recorded) => {
-                self.succeeded(message, true).await;
-            }
-            Some(Completion::LeaseLost(lost)) => {
-                warn!(
-                    event = "lease_lost",
-                    ?lost,
-                    "lease lost before completion: another worker took over, the effect may run twice"
-                );
-                self.counters.count(Outcome::LeaseLost);
-                self.succeeded(message, true).await;
-            }
-            Some(Completion::Aborted(e)) => {
-                let error = HandlerError::retryable(e);
-                Box::pin(self.failed(message, delivery, error, attempt, held)).await;
-            }
-            Some(Completion::NotRecorded(e)) => {
-                warn!(error = %e, "completion was not recorded; the message will be redelivered");
-                self.count(Outcome::StoreUnavailable);
-                nak(message, super::acks::store_backoff(attempt)).await;
-            }
-            // Shutdown: the claim stays pending; the next delivery after the
-            // lease reclaims it (counted as reclaimed there).
-            None => {
-                self.count(Outcome::StoreUnavailable);
-                held.abandon().await;
-                nak(message, self.config.lease).await;
-            }
-        }
+        *upkeep = lock().clone();
+        ran
     }
 
     /// The result to store with the claim (`store_result`), if it can be
@@ -461,17 +505,16 @@ impl<H: Handler> Shared<H> {
 
     /// Records completion, retrying while the store cannot be reached:
     /// meanwhile nobody else can take the claim over, and the claim's
-    /// revision fences a retry that lands late. In-progress acks between
-    /// attempts keep the server from redelivering the message (`progress`).
-    /// Gives up only at the shutdown deadline (`None`).
+    /// revision fences a retry that lands late. Gives up only at the
+    /// shutdown deadline (`None`). (A service's completion; a delivery's is
+    /// the core's `Completing`.)
     pub(super) async fn record_completion(
         &self,
-        progress: Option<&Message>,
         held: &Held<'_>,
         result: Option<bytes::Bytes>,
     ) -> Option<Completion> {
-        let mut pauses = crate::retry::Schedule::completion();
         let began = Instant::now();
+        let mut failed = 0;
         loop {
             match held.complete(result.clone()).await {
                 Ok(completion) => {
@@ -479,20 +522,30 @@ impl<H: Handler> Shared<H> {
                     return Some(completion);
                 }
                 Err(e) => {
-                    let pause = pauses.next();
+                    failed += 1;
+                    let pause = crate::delivery_core::completion_pause(failed);
                     warn!(error = %e, ?pause, "could not record completion; retrying");
-                    if let Some(message) = progress {
-                        let _ = message.ack_with(AckKind::Progress).await;
-                    }
                     tokio::select! {
                         () = sleep(pause) => {}
                         () = self.hard_stop.cancelled() => {
-                            error!("shutdown before completion was recorded: the message will be redelivered and reclaimed");
+                            error!("shutdown before completion was recorded");
                             return None;
                         }
                     }
                 }
             }
         }
+    }
+}
+
+/// Whether a failure is a lock conflict (deadlock, serialization failure,
+/// lock timeout) — which group commit may have caused.
+fn lock_conflict(error: &HandlerError) -> bool {
+    #[cfg(feature = "postgres")]
+    return crate::store::met_lock_conflict(error);
+    #[cfg(not(feature = "postgres"))]
+    {
+        let _ = error;
+        false
     }
 }

@@ -92,6 +92,7 @@ impl<H: Handler> Registration for Registered<H> {
                 handler,
                 name,
                 counters: ctx.stats.counters(&config.name),
+                rules: crate::delivery_core::Rules::of(&config),
                 config,
                 backend,
                 js: ctx.js,

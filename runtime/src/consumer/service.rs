@@ -29,6 +29,7 @@ use super::shared::{Granted, Ran, Shared, Unprepared, boxed};
 use super::stats::{Latency, Outcome};
 use super::worker::Worker;
 use crate::claim::{Claim, Refusal};
+use crate::delivery_core::Stopped;
 use crate::handler::Handler;
 use crate::key::RecordKey;
 use crate::reply::{KIND_HEADER, ReplyErrorKind};
@@ -309,7 +310,7 @@ impl<H: Handler> Shared<H> {
         let output = match ran {
             Ran::Returned(output) => output,
             Ran::Failed(error) => return self.request_failed(held, &error).await,
-            Ran::CutOff => {
+            Ran::Stopped(Stopped::CutOff) => {
                 held.abandon().await;
                 self.count(Outcome::Interrupted);
                 return Reply::error(
@@ -317,7 +318,7 @@ impl<H: Handler> Shared<H> {
                     "the endpoint shut down while the handler ran",
                 );
             }
-            Ran::NotStarted => {
+            Ran::Stopped(Stopped::Fenced { started: false }) => {
                 if !held.give_back().await {
                     let why = "the claim was answered after its lease, and taken over";
                     self.lease_lost(why);
@@ -329,7 +330,8 @@ impl<H: Handler> Shared<H> {
                     "the claim was answered only after its lease ran out: the handler did not run",
                 );
             }
-            Ran::LeaseLost(why) => {
+            Ran::Stopped(stopped @ (Stopped::Fenced { started: true } | Stopped::TakenOver)) => {
+                let why = stopped.why();
                 self.lease_lost(why);
                 return Reply::error(ReplyErrorKind::OutcomeUnknown, why);
             }
@@ -339,10 +341,7 @@ impl<H: Handler> Shared<H> {
             self.count(Outcome::Processed);
             return Reply::Result(body);
         };
-        match self
-            .record_completion(None, &held, Some(body.clone()))
-            .await
-        {
+        match self.record_completion(&held, Some(body.clone())).await {
             Some(Completion::Recorded) => {
                 self.count(Outcome::Processed);
                 Reply::Result(body)

@@ -22,6 +22,8 @@ pub(crate) struct Shared<H> {
     pub(crate) handler: H,
     pub(crate) name: HandlerName,
     pub(crate) config: HandlerConfig,
+    /// What the delivery core decides with (from `config`).
+    pub(crate) rules: crate::delivery_core::Rules,
     pub(crate) backend: Backend,
     pub(crate) js: jetstream::Context,
     pub(crate) state: StateMap,
@@ -55,14 +57,8 @@ pub(super) enum Ran<T> {
     Returned(T),
     /// It returned `Err`, or panicked.
     Failed(HandlerError),
-    /// The shutdown deadline cut it off.
-    CutOff,
-    /// Never started: the claim was answered only after its lease had run
-    /// out on this worker's clock (a slow or stalled store), so the fence
-    /// stopped the handler before its first step.
-    NotStarted,
-    /// The claim is no longer this worker's (why): the handler was stopped.
-    LeaseLost(&'static str),
+    /// It was stopped before it ended: fenced, taken over, cut off.
+    Stopped(crate::delivery_core::Stopped),
 }
 
 impl<H> Shared<H> {

@@ -54,9 +54,9 @@ pub use upkeep::{Renewal, Renewed, Time, Upkeep, renewal_period};
 
 use crate::HandlerError;
 use crate::claim::{Ending, Grant, Owner, Refusal};
-use crate::fingerprint::Fingerprint;
 use crate::handler::{DeadLetterReason, Dedup, HandlerConfig, OnMissingKey};
 use crate::retry::Retry;
+use bytes::Bytes;
 
 /// What the core needs of a handler's configuration.
 #[derive(Clone, Debug)]
@@ -186,21 +186,6 @@ pub enum Settle {
     Again,
 }
 
-/// Why a dead letter is written: the text for its `Idem-Error` is the
-/// executor's, from the cause it holds.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
-pub enum Cause {
-    /// The delivery never reached its handler (no key, no arguments).
-    Rejected,
-    /// Another payload claimed the key first.
-    KeyConflict {
-        /// The fingerprint the key was claimed with.
-        stored: Option<Fingerprint>,
-    },
-    /// The handler's last failure (or an on_duplicate hook's).
-    Failed,
-}
-
 /// One step: what to do next, and what to count on the way.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Step {
@@ -211,13 +196,11 @@ pub struct Step {
 }
 
 /// What to do next. Each variant but [`Settle`](Next::Settle) carries the
-/// state that takes the answer.
+/// state that takes the answer. (Running the handler, or an `on_duplicate`
+/// hook, is where a delivery starts — [`Started`], [`Refused::Hook`] — not
+/// a step: only the executor holding the arguments can take it.)
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Next {
-    /// Run the handler holding the claim, keeping it up meanwhile.
-    Run(Running),
-    /// Hand the duplicate (and its stored result) to `on_duplicate`.
-    Hook(Hooking),
     /// Record completion with the handler's result.
     Complete(Completing),
     /// Wait `pause` (in-progress ack meanwhile), then record completion
@@ -269,7 +252,14 @@ impl Arrival {
 
     /// Its arguments or key could not be made: acknowledged and dropped
     /// (no key, `on_missing_key = reject`), or dead-lettered with `reason`.
-    pub fn rejected(self, rules: &Rules, missing_key: bool, reason: DeadLetterReason) -> Step {
+    /// `why` is the rejection, for the letter's `Idem-Error`.
+    pub fn rejected(
+        self,
+        rules: &Rules,
+        missing_key: bool,
+        reason: DeadLetterReason,
+        why: &dyn std::fmt::Display,
+    ) -> Step {
         if missing_key && rules.on_missing_key == OnMissingKey::Reject {
             return Step::settle(Settle::Ack, &[Note::Count(Outcome::Rejected)]);
         }
@@ -277,13 +267,29 @@ impl Arrival {
             (reason == DeadLetterReason::Decode).then_some(Note::Count(Outcome::DecodeFailed));
         let publishing = Publishing::new(
             rules,
-            None,
             reason,
             self.delivered,
-            Cause::Rejected,
+            why.to_string(),
             Hold::Nothing,
+            self.delivered,
         );
         Step::to(Next::Publish(publishing), counted.as_slice())
+    }
+
+    /// The cut-off run of a group's member: nothing of it committed.
+    pub fn cut_off(self, rules: &Rules) -> Step {
+        interrupted(rules, Hold::Nothing)
+    }
+
+    /// A group's member whose group committed: its completion is recorded.
+    pub fn committed(self) -> Step {
+        Step::settle(Settle::AckRecorded, &[Note::Count(Outcome::Processed)])
+    }
+
+    /// A group's member failed on its own at `attempt`, its group rolled
+    /// back: its claim row's ending is written on its own.
+    pub fn failed_in_group(self, rules: &Rules, error: &HandlerError, attempt: u32) -> Step {
+        failed(rules, error, attempt, Hold::Locked, self.delivered)
     }
 
     /// The store could not begin what the claim needs (fail closed: the
@@ -341,8 +347,8 @@ impl Claiming {
         .store_failed()
     }
 
-    /// The store granted the claim at attempt `attempt`, answered at `now`.
-    pub fn granted(self, rules: &Rules, grant: &Grant, now: Time) -> Step {
+    /// The store granted the claim, answered at `now`: run the handler.
+    pub fn granted(self, rules: &Rules, grant: &Grant, now: Time) -> Started {
         let (claim, noted) = match grant {
             Grant::Claimed(claim) => (claim, None),
             Grant::Reclaimed { claim, from } => (claim, Some(Note::Reclaimed { from: *from })),
@@ -355,29 +361,37 @@ impl Claiming {
             beside_groups: self.beside_groups,
             upkeep: Upkeep::new(rules.lease, self.asked, now, hold == Hold::Fenced),
         };
-        Step::to(Next::Run(running), noted.as_slice())
+        Started {
+            running,
+            notes: Notes::of(noted.as_slice()),
+        }
     }
 
     /// The store refused the claim.
-    pub fn refused(self, rules: &Rules, refusal: &Refusal) -> Step {
-        match refusal {
-            Refusal::Duplicate { .. } if rules.on_duplicate => Step::to(
-                Next::Hook(Hooking {
-                    delivered: self.delivered,
-                }),
-                &[Note::Count(Outcome::Duplicate)],
-            ),
+    pub fn refused(self, rules: &Rules, refusal: &Refusal) -> Refused {
+        let step = match refusal {
+            Refusal::Duplicate { .. } if rules.on_duplicate => {
+                return Refused::Hook {
+                    hooking: Hooking {
+                        delivered: self.delivered,
+                    },
+                    notes: Notes::of(&[Note::Count(Outcome::Duplicate)]),
+                };
+            }
             Refusal::Duplicate { .. } | Refusal::Dead => {
                 Step::settle(Settle::AckRecorded, &[Note::Count(Outcome::Duplicate)])
             }
             Refusal::KeyConflict { stored } => Step::to(
                 Next::Publish(Publishing::new(
                     rules,
-                    None,
                     DeadLetterReason::KeyConflict,
                     self.delivered,
-                    Cause::KeyConflict { stored: *stored },
+                    format!(
+                        "key already claimed with another payload (stored fingerprint {})",
+                        stored.map_or_else(|| "none".to_owned(), |f| f.to_string())
+                    ),
                     Hold::Nothing,
+                    self.delivered,
                 )),
                 &[Note::Count(Outcome::KeyConflict)],
             ),
@@ -385,15 +399,42 @@ impl Claiming {
                 Settle::Nak(in_flight_delay(self.delivered, *retry_after)),
                 &[Note::Count(Outcome::InFlightElsewhere)],
             ),
-        }
+        };
+        Refused::Answered(step)
     }
 }
 
+/// A granted claim: run the handler.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Started {
+    /// The run.
+    pub running: Running,
+    /// What to count first (a takeover).
+    pub notes: Notes,
+}
+
+/// What a refused claim comes to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Refused {
+    /// A duplicate of a handler with `on_duplicate`: run the hook.
+    Hook {
+        /// The hook's run.
+        hooking: Hooking,
+        /// What to count first.
+        notes: Notes,
+    },
+    /// Answered without running anything.
+    Answered(Step),
+}
+
 /// How a run of the handler ended.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub enum RunEnd<'a> {
-    /// It returned `Ok`.
-    Returned,
+    /// It returned `Ok`; `result` is what to store with its completion.
+    Returned {
+        /// The stored result (`store_result`), if any.
+        result: Option<Bytes>,
+    },
     /// It returned `Err`, or panicked (as a retryable
     /// [`HandlerPanicked`](crate::handler) error). `lock_conflict`: the
     /// error is a deadlock, serialization failure or lock timeout.
@@ -403,16 +444,40 @@ pub enum RunEnd<'a> {
         /// Whether it is a lock conflict.
         lock_conflict: bool,
     },
-    /// The upkeep refused its next step: the lease ran out on this worker's
-    /// clock without a confirmed renewal. `started`: it had taken a step.
+    /// It was stopped before it ended.
+    Stopped(Stopped),
+}
+
+/// Why a run was stopped before it ended.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Stopped {
+    /// The upkeep refused its next step: the lease ran out on this
+    /// worker's clock without a confirmed renewal. `started`: it had taken
+    /// a step (else the claim was answered only after its lease).
     Fenced {
         /// Whether the handler had been polled before.
         started: bool,
     },
-    /// A renewal found the claim taken over: the handler was stopped.
+    /// A renewal found the claim taken over.
     TakenOver,
     /// The shutdown deadline cut it off.
     CutOff,
+}
+
+impl Stopped {
+    /// What it means for the claim, as logs and replies say it.
+    pub fn why(self) -> &'static str {
+        match self {
+            Stopped::Fenced { started: true } => {
+                "the lease ran out on this worker's clock without a confirmed renewal"
+            }
+            Stopped::Fenced { started: false } => {
+                "the claim was answered after its lease: the handler was not started"
+            }
+            Stopped::TakenOver => "a renewal found the claim taken over",
+            Stopped::CutOff => "the shutdown deadline passed while the handler ran",
+        }
+    }
 }
 
 /// The handler runs.
@@ -450,16 +515,19 @@ impl Running {
     /// The run ended.
     pub fn ended(self, rules: &Rules, end: RunEnd<'_>) -> Step {
         match end {
-            RunEnd::Returned if self.hold.claimed() => Step::to(
+            RunEnd::Returned { result } if self.hold.claimed() => Step::to(
                 Next::Complete(Completing {
                     attempt: self.attempt,
                     hold: self.hold,
                     failed: 0,
                     delivered: self.delivered,
+                    result,
                 }),
                 &[],
             ),
-            RunEnd::Returned => Step::settle(Settle::Ack, &[Note::Count(Outcome::Processed)]),
+            RunEnd::Returned { .. } => {
+                Step::settle(Settle::Ack, &[Note::Count(Outcome::Processed)])
+            }
             RunEnd::Failed {
                 lock_conflict: true,
                 ..
@@ -473,18 +541,17 @@ impl Running {
             RunEnd::Failed { error, .. } => {
                 failed(rules, error, self.attempt, self.hold, self.delivered)
             }
-            RunEnd::Fenced { started: false } => Step::to(
+            RunEnd::Stopped(Stopped::Fenced { started: false }) => Step::to(
                 Next::GiveBack(GivingBack {
                     delivered: self.delivered,
                     then: AfterGiveBack::NotStarted,
                 }),
                 &[],
             ),
-            RunEnd::Fenced { started: true } => {
-                Step::left("the lease ran out on this worker's clock without a confirmed renewal")
+            RunEnd::Stopped(stopped @ (Stopped::Fenced { started: true } | Stopped::TakenOver)) => {
+                Step::left(stopped.why())
             }
-            RunEnd::TakenOver => Step::left("a renewal found the claim taken over"),
-            RunEnd::CutOff => interrupted(rules, self.hold),
+            RunEnd::Stopped(Stopped::CutOff) => interrupted(rules, self.hold),
         }
     }
 }
@@ -517,14 +584,19 @@ fn failed(rules: &Rules, error: &HandlerError, attempt: u32, hold: Hold, deliver
                 reason,
                 attempts: attempt,
                 delivered,
+                error: error.to_string(),
             }),
             &[],
         ),
         Failure::DeadLetter(reason) => Step::to(
-            Next::Publish(
-                Publishing::new(rules, None, reason, attempt, Cause::Failed, hold)
-                    .delivered(delivered),
-            ),
+            Next::Publish(Publishing::new(
+                rules,
+                reason,
+                attempt,
+                error.to_string(),
+                hold,
+                delivered,
+            )),
             &[],
         ),
     }
@@ -548,20 +620,21 @@ impl Hooking {
             upkeep: Upkeep::new(rules.lease, Time::ZERO, Time::ZERO, false),
         };
         match end {
-            RunEnd::Returned => Step::settle(Settle::AckRecorded, &[]),
+            RunEnd::Returned { .. } => Step::settle(Settle::AckRecorded, &[]),
             other => running.ended(rules, other),
         }
     }
 }
 
 /// Completion was asked for.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Completing {
     attempt: u32,
     hold: Hold,
     /// How many times the store failed to record it so far.
     failed: u32,
     delivered: u32,
+    result: Option<Bytes>,
 }
 
 /// What recording a completion came to.
@@ -589,6 +662,11 @@ pub enum Recorded<'a> {
 }
 
 impl Completing {
+    /// The result to store with the completion.
+    pub fn result(&self) -> Option<&Bytes> {
+        self.result.as_ref()
+    }
+
     /// The store answered.
     pub fn answered(self, rules: &Rules, recorded: Recorded<'_>) -> Step {
         match recorded {
@@ -718,11 +796,12 @@ impl GivingBack {
 
 /// Before a dead letter (which cannot be taken back): is the fenced claim
 /// still this worker's?
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Confirming {
     reason: DeadLetterReason,
     attempts: u32,
     delivered: u32,
+    error: String,
 }
 
 impl Confirming {
@@ -730,20 +809,18 @@ impl Confirming {
     /// over, `None` it could not say.
     pub fn answered(self, rules: &Rules, ours: Option<bool>, now: Time) -> Step {
         match ours {
-            Some(true) => Step::to(
-                Next::Publish(
-                    Publishing::new(
-                        rules,
-                        Some(now),
-                        self.reason,
-                        self.attempts,
-                        Cause::Failed,
-                        Hold::Fenced,
-                    )
-                    .delivered(self.delivered),
-                ),
-                &[],
-            ),
+            Some(true) => {
+                let mut publishing = Publishing::new(
+                    rules,
+                    self.reason,
+                    self.attempts,
+                    self.error,
+                    Hold::Fenced,
+                    self.delivered,
+                );
+                publishing.start(rules.lease, now);
+                Step::to(Next::Publish(publishing), &[])
+            }
             Some(false) => Step::left("the claim was taken over before the dead letter"),
             None => Arrival {
                 delivered: self.delivered,
@@ -760,7 +837,7 @@ impl Confirming {
 pub struct Publishing {
     reason: DeadLetterReason,
     attempts: u32,
-    cause: Cause,
+    error: String,
     hold: Hold,
     delivered: u32,
     upkeep: Upkeep,
@@ -769,27 +846,23 @@ pub struct Publishing {
 impl Publishing {
     fn new(
         rules: &Rules,
-        now: Option<Time>,
         reason: DeadLetterReason,
         attempts: u32,
-        cause: Cause,
+        error: String,
         hold: Hold,
+        delivered: u32,
     ) -> Self {
-        let now = now.unwrap_or(Time::ZERO);
         Self {
             reason,
             attempts,
-            cause,
+            error,
             hold,
-            delivered: attempts,
+            delivered,
             // Kept up, not fenced: the letter is stored whatever the
-            // lease, and the dead mark that follows is a CAS.
-            upkeep: Upkeep::new(rules.lease, now, now, false),
+            // lease, and the dead mark that follows is a CAS. The executor
+            // starts the timers on its clock ([`start`](Self::start)).
+            upkeep: Upkeep::new(rules.lease, Time::ZERO, Time::ZERO, false),
         }
-    }
-
-    fn delivered(self, delivered: u32) -> Self {
-        Self { delivered, ..self }
     }
 
     /// The letter's `Idem-Reason`.
@@ -802,9 +875,9 @@ impl Publishing {
         self.attempts
     }
 
-    /// Why it is written: the executor's text for `Idem-Error`.
-    pub fn cause(&self) -> Cause {
-        self.cause
+    /// Why it is written (`Idem-Error`).
+    pub fn error(&self) -> &str {
+        &self.error
     }
 
     /// What it holds while the letter is stored.
@@ -813,7 +886,7 @@ impl Publishing {
     }
 
     /// Its timers: a renewal and an in-progress ack every third of the
-    /// lease (starting from `now` when the executor first asks).
+    /// lease, from when [`start`](Self::start) was told.
     pub fn upkeep_mut(&mut self) -> &mut Upkeep {
         &mut self.upkeep
     }

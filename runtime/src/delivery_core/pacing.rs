@@ -77,3 +77,23 @@ pub fn after_failure(policy: &Retry, error: &HandlerError, attempt: u32) -> Fail
         RetryDecision::GiveUp => Failure::DeadLetter(DeadLetterReason::RetriesExhausted),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_flight_delays_double_from_50ms_and_stop_at_the_lease() {
+        let lease = Duration::from_secs(30);
+        let delays: Vec<u128> = (1..=6)
+            .map(|a| in_flight_delay(a, lease).as_millis())
+            .collect();
+        assert_eq!(delays, [50, 100, 200, 400, 800, 1600]);
+        assert_eq!(in_flight_delay(40, lease), lease);
+        assert_eq!(
+            in_flight_delay(3, Duration::from_millis(120)),
+            Duration::from_millis(120)
+        );
+        assert_eq!(in_flight_delay(1, Duration::ZERO), MIN_NAK_DELAY);
+    }
+}

@@ -41,14 +41,10 @@ fn claim(attempt: u32) -> Claim {
 
 /// Claims at 0 ms, granted at `now`, at `attempt`.
 fn running(rules: &Rules, attempt: u32, now: Time) -> Running {
-    let step =
-        Arrival::new(1)
-            .claiming(at(0), false)
-            .granted(rules, &Grant::Claimed(claim(attempt)), now);
-    match step.next {
-        Next::Run(running) => running,
-        other => panic!("not run: {other:?}"),
-    }
+    Arrival::new(1)
+        .claiming(at(0), false)
+        .granted(rules, &Grant::Claimed(claim(attempt)), now)
+        .running
 }
 
 fn notes(step: &Step) -> Vec<Note> {
@@ -58,7 +54,7 @@ fn notes(step: &Step) -> Vec<Note> {
 #[test]
 fn a_returned_run_is_recorded_then_acknowledged() {
     let rules = rules(Dedup::Kv);
-    let step = running(&rules, 1, at(10)).ended(&rules, RunEnd::Returned);
+    let step = running(&rules, 1, at(10)).ended(&rules, RunEnd::Returned { result: None });
     let Next::Complete(completing) = step.next else {
         panic!("not completed: {step:?}");
     };
@@ -72,7 +68,7 @@ fn an_unclaimed_run_is_acknowledged_with_confirmation() {
     let rules = rules(Dedup::Off);
     let step = Arrival::new(1)
         .unclaimed(&rules, at(0))
-        .ended(&rules, RunEnd::Returned);
+        .ended(&rules, RunEnd::Returned { result: None });
     assert_eq!(step.next, Next::Settle(Settle::Ack));
 }
 
@@ -80,7 +76,7 @@ fn an_unclaimed_run_is_acknowledged_with_confirmation() {
 fn a_completion_the_store_cannot_record_is_retried_with_growing_pauses() {
     let rules = rules(Dedup::Kv);
     let Next::Complete(completing) = running(&rules, 1, at(0))
-        .ended(&rules, RunEnd::Returned)
+        .ended(&rules, RunEnd::Returned { result: None })
         .next
     else {
         panic!("not completed");
@@ -134,6 +130,7 @@ fn the_last_failure_of_a_fenced_claim_is_confirmed_stored_marked_dead_then_terme
         panic!("not published");
     };
     assert_eq!(publishing.reason(), DeadLetterReason::RetriesExhausted);
+    assert_eq!(publishing.error(), "retryable: timeout");
     assert_eq!(publishing.attempts(), 2);
     let Next::Close(closing) = publishing.stored(&rules, true).next else {
         panic!("not marked dead");
@@ -217,27 +214,32 @@ fn a_fenced_handler_is_left_to_the_new_owner_or_given_back_if_it_never_started()
             .on_renewed(renewal, &Renewed::Answered(Transition::Applied))
     );
     assert!(run.upkeep().allows(at(4_000)));
-    let step = run.clone().ended(&rules, RunEnd::Fenced { started: true });
+    let step = run
+        .clone()
+        .ended(&rules, RunEnd::Stopped(Stopped::Fenced { started: true }));
     assert_eq!(step.next, Next::Settle(Settle::Leave));
-    let Next::GiveBack(giving) = run.ended(&rules, RunEnd::Fenced { started: false }).next else {
+    let Next::GiveBack(giving) = run
+        .ended(&rules, RunEnd::Stopped(Stopped::Fenced { started: false }))
+        .next
+    else {
         panic!("not given back");
     };
     // The store's backoff (jittered): not an attempt.
     let step = giving.given(true);
-    assert!(matches!(step.next, Next::Settle(Settle::Nak(_))), "{step:?}");
+    assert!(
+        matches!(step.next, Next::Settle(Settle::Nak(_))),
+        "{step:?}"
+    );
     assert_eq!(notes(&step), [Note::Count(Outcome::StoreUnavailable)]);
 }
 
 #[test]
 fn a_lock_conflict_beside_groups_runs_again_apart_uncounted() {
     let rules = rules(Dedup::Transactional);
-    let Next::Run(run) = Arrival::new(1)
+    let run = Arrival::new(1)
         .claiming(at(0), true)
         .granted(&rules, &Grant::Claimed(claim(1)), at(0))
-        .next
-    else {
-        panic!("not run");
-    };
+        .running;
     let error = HandlerError::retryable("deadlock detected");
     let Next::GiveBack(giving) = run
         .ended(
@@ -260,27 +262,30 @@ fn a_lock_conflict_beside_groups_runs_again_apart_uncounted() {
 fn refusals_are_answered_without_running() {
     let rules = rules(Dedup::Kv);
     let claiming = Arrival::new(3).claiming(at(0), false);
-    let duplicate = claiming.refused(&rules, &Refusal::Duplicate { result: None });
+    let answered = |refusal: &Refusal| match claiming.refused(&rules, refusal) {
+        Refused::Answered(step) => step,
+        hook @ Refused::Hook { .. } => panic!("no hook: {hook:?}"),
+    };
+    let duplicate = answered(&Refusal::Duplicate { result: None });
     assert_eq!(duplicate.next, Next::Settle(Settle::AckRecorded));
-    let in_flight = claiming.refused(
-        &rules,
-        &Refusal::InFlight {
-            owner: None,
-            retry_after: Duration::from_secs(2),
-        },
-    );
+    let in_flight = answered(&Refusal::InFlight {
+        owner: None,
+        retry_after: Duration::from_secs(2),
+    });
     assert_eq!(
         in_flight.next,
         Next::Settle(Settle::Nak(in_flight_delay(3, Duration::from_secs(2))))
     );
-    let Next::Publish(conflict) = claiming
-        .refused(&rules, &Refusal::KeyConflict { stored: None })
-        .next
-    else {
+    let Next::Publish(conflict) = answered(&Refusal::KeyConflict { stored: None }).next else {
         panic!("not dead-lettered");
     };
     assert_eq!(conflict.reason(), DeadLetterReason::KeyConflict);
     assert_eq!(conflict.hold(), Hold::Nothing);
+    assert!(
+        conflict.error().contains("another payload"),
+        "{}",
+        conflict.error()
+    );
     let step = conflict.stored(&rules, true);
     assert_eq!(step.next, Next::Settle(Settle::Term));
 }
@@ -288,10 +293,10 @@ fn refusals_are_answered_without_running() {
 #[test]
 fn a_delivery_without_a_key_is_dropped_only_when_the_handler_says_reject() {
     let mut rules = rules(Dedup::Kv);
-    let step = Arrival::new(1).rejected(&rules, true, DeadLetterReason::MissingKey);
+    let step = Arrival::new(1).rejected(&rules, true, DeadLetterReason::MissingKey, &"no key");
     assert!(matches!(step.next, Next::Publish(_)));
     rules.on_missing_key = OnMissingKey::Reject;
-    let step = Arrival::new(1).rejected(&rules, true, DeadLetterReason::MissingKey);
+    let step = Arrival::new(1).rejected(&rules, true, DeadLetterReason::MissingKey, &"no key");
     assert_eq!(step.next, Next::Settle(Settle::Ack));
     assert_eq!(notes(&step), [Note::Count(Outcome::Rejected)]);
 }
