@@ -1,11 +1,13 @@
 //! `idem::testing::Driver`: a user's handler tested without any server —
 //! duplicates, retries, panics, permanent failures, decode failures, key
-//! conflicts and `on_duplicate`, as the runtime decides them.
+//! conflicts and `on_duplicate`, leases and the fence on simulated time,
+//! as the runtime decides them (the same delivery core).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
+use idem::clock::ManualClock;
 use idem::handler::DeadLetterReason;
 use idem::testing::{Driver, Handled};
 use idem::{Delivery, HandlerError, Json, Retry, State, idempotent};
@@ -150,4 +152,88 @@ async fn panics_permanent_errors_and_garbage_are_dead_lettered_with_their_reason
         driver.deliver(order(r#"{"id":4,"declined":true}"#)).await,
         Handled::Duplicate { .. }
     ));
+}
+
+/// How far a freezing handler got, and whether it freezes.
+#[derive(Clone, Default)]
+struct Steps {
+    freeze: Arc<AtomicBool>,
+    before: Arc<AtomicU32>,
+    after: Arc<AtomicU32>,
+}
+
+#[derive(Deserialize)]
+struct Job {
+    id: u64,
+}
+
+/// A handler whose worker "freezes" past its lease while told to: it moves
+/// the driver's clock 4 s (the lease is 3 s) and then yields — its next
+/// step comes after the lease ran out.
+#[idempotent(stream = "JOBS", key = job.id, lease = "3s")]
+async fn freezing(
+    Json(job): Json<Job>,
+    State(clock): State<ManualClock>,
+    State(steps): State<Steps>,
+) -> Result<u64, HandlerError> {
+    steps.before.fetch_add(1, Ordering::SeqCst);
+    if steps.freeze.load(Ordering::SeqCst) {
+        clock.advance(Duration::from_secs(4));
+        tokio::task::yield_now().await;
+    }
+    steps.after.fetch_add(1, Ordering::SeqCst);
+    Ok(job.id)
+}
+
+/// A handler that takes five 2 s steps under a 3 s lease.
+#[idempotent(stream = "JOBS", key = job.id, lease = "3s")]
+async fn stepping(
+    Json(job): Json<Job>,
+    State(clock): State<ManualClock>,
+) -> Result<u64, HandlerError> {
+    for _ in 0..5 {
+        clock.advance(Duration::from_secs(2));
+        tokio::task::yield_now().await;
+    }
+    Ok(job.id)
+}
+
+#[tokio::test]
+async fn a_handler_frozen_past_its_lease_is_fenced_and_its_key_taken_over_after_the_lease() {
+    let steps = Steps::default();
+    steps.freeze.store(true, Ordering::SeqCst);
+    let driver = Driver::new(freezing);
+    let clock = driver.clock();
+    let mut driver = driver.state(clock.clone()).state(steps.clone());
+    // The handler's step after the freeze never runs: the lease ran out on
+    // the worker's clock without a confirmed renewal.
+    let fenced = driver.deliver(order(r#"{"id":1}"#)).await;
+    assert!(matches!(fenced, Handled::LeaseLost), "{fenced:?}");
+    assert_eq!(steps.before.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        steps.after.load(Ordering::SeqCst),
+        0,
+        "a step after the fence"
+    );
+    // Its claim is still pending: a redelivery must see it unchanged for a
+    // whole lease of its own time before it takes it over.
+    steps.freeze.store(false, Ordering::SeqCst);
+    let held = driver.deliver(order(r#"{"id":1}"#).with_delivered(2)).await;
+    assert!(matches!(held, Handled::InFlight { .. }), "{held:?}");
+    assert_eq!(steps.before.load(Ordering::SeqCst), 1, "run while held");
+    clock.advance(Duration::from_secs(3));
+    let taken = driver.deliver(order(r#"{"id":1}"#).with_delivered(3)).await;
+    assert!(matches!(taken, Handled::Processed(1)), "{taken:?}");
+    assert_eq!(steps.after.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_handler_whose_lease_is_renewed_between_its_steps_is_not_fenced() {
+    // A renewal is due every second; each 2 s step is followed by one
+    // before the handler's next poll, so the lease never runs out.
+    let driver = Driver::new(stepping);
+    let clock = driver.clock();
+    let mut driver = driver.state(clock);
+    let done = driver.deliver(order(r#"{"id":7}"#)).await;
+    assert!(matches!(done, Handled::Processed(7)), "{done:?}");
 }
