@@ -7,17 +7,29 @@
 use std::time::Duration;
 
 use idem::claim::operator::{Forget, LetterClaim, Replay, reopened};
-use idem::claim::{ClaimRecord, ClaimState, Decision, Owner};
+use idem::claim::{Claim, ClaimOutcome, ClaimRecord, ClaimState, Decision, Ending, Owner};
+use idem::delivery_core::{self as core, Next, RunEnd, Settle as CoreSettle, Step, Stopped, Time};
 use stateright::{Model, Property};
 
 use crate::rules::Rules;
 use crate::state::{
-    Budget, Ghost, Held, Job, Letter, Message, Operator, Payload, Plan, Reason, Settle, State,
-    Status, StoreView, Worker, WorkerId,
+    Budget, Ghost, Held, Job, Letter, LetterStep, Message, Operator, Payload, Plan, Reason, Settle,
+    State, Status, StoreView, Worker, WorkerId,
 };
 
 /// The lease every claim takes.
 pub const LEASE: Duration = Duration::from_secs(5);
+
+/// The one key every message is published under, as a record key.
+fn model_key() -> idem::key::RecordKey {
+    static KEY: std::sync::LazyLock<idem::key::RecordKey> = std::sync::LazyLock::new(|| {
+        idem::key::RecordKey::new(
+            &idem::key::HandlerName::new("model").expect("a valid handler name"),
+            &idem::key::IdempotencyKey::new("k").expect("a valid key"),
+        )
+    });
+    KEY.clone()
+}
 
 /// The operator's tool's identity in the records it creates.
 const OPERATOR: Owner = Owner::from_uuid(uuid::Uuid::from_u128(0x0be7_a702));
@@ -119,10 +131,13 @@ pub enum Action {
         outcome: HandlerOutcome,
     },
     /// A worker whose own lease ran out stops its handler before its next
-    /// step and leaves the message alone.
+    /// step, as the core says: a handler that had started leaves the
+    /// message alone; one that never started gives its claim back.
     StopFenced {
         /// The worker.
         worker: WorkerId,
+        /// Whether the handler had taken a step before the freeze.
+        started: bool,
     },
     /// Record completion (CAS `done`), then acknowledge.
     Complete {
@@ -298,12 +313,26 @@ pub struct IdemModel {
     pub config: Config,
     /// The decisions.
     pub rules: Rules,
+    /// What the delivery core decides a worker's steps with: a `kv`
+    /// handler with the model's lease and attempts.
+    pub core: core::Rules,
 }
 
 impl IdemModel {
     /// A model of `config` under `rules`.
     pub fn new(config: Config, rules: Rules) -> Self {
-        Self { config, rules }
+        let core = core::Rules {
+            lease: LEASE,
+            retry: idem::Retry::fixed(Duration::from_secs(1)).attempts(config.max_attempts),
+            level: idem::handler::Dedup::Kv,
+            on_duplicate: false,
+            on_missing_key: idem::handler::OnMissingKey::DeadLetter,
+        };
+        Self {
+            config,
+            rules,
+            core,
+        }
     }
 
     fn workers(&self) -> impl Iterator<Item = WorkerId> + use<> {
@@ -338,66 +367,103 @@ impl IdemModel {
                 lose_reply,
             } => self.take(&mut next, worker, message, lose_reply)?,
             Action::Run { worker, outcome } => self.run(&mut next, worker, outcome)?,
-            Action::StopFenced { worker } => {
-                next.workers[worker.index()].job = Job::Idle;
+            Action::StopFenced { worker, started } => {
+                let Job::Running {
+                    message,
+                    held,
+                    core,
+                } = next.workers[worker.index()].job.clone()
+                else {
+                    return None;
+                };
+                let step = core.ended(&self.core, RunEnd::Stopped(Stopped::Fenced { started }));
+                let step = match step.next {
+                    // Never started: the claim given back uncounted (a CAS).
+                    Next::GiveBack(giving) => {
+                        let payload = next.messages[message].payload;
+                        let given = Held {
+                            attempt: held.attempt.saturating_sub(1),
+                            ..held
+                        };
+                        let write = self.transition(
+                            &mut next,
+                            worker,
+                            given,
+                            payload,
+                            ClaimState::Released,
+                        );
+                        giving.given(write.applied())
+                    }
+                    _ => step,
+                };
+                self.follow(&mut next, worker, message, Some(held), step, false)?;
                 Outcome::Stopped
             }
             Action::Complete { worker, loss } => {
-                let Job::Completing { message, held } = next.workers[worker.index()].job else {
+                let Job::Completing {
+                    message,
+                    held,
+                    core,
+                } = next.workers[worker.index()].job.clone()
+                else {
                     return None;
                 };
                 let payload = next.messages[message].payload;
                 let write = self.transition(&mut next, worker, held, payload, ClaimState::Done);
-                let settled = match (write, loss) {
-                    (Write::Applied(revision), Loss::Answer) => {
+                let recorded = match (write, loss) {
+                    (Write::Applied(_), Loss::Answer) => {
                         next.budget.lost_replies -= 1;
-                        let write = Write::AnswerLost(revision);
-                        return Some((
-                            next,
-                            Outcome::Transition {
-                                write,
-                                settled: None,
-                            },
-                        ));
+                        core::Recorded::StoreFailed
                     }
                     (_, Loss::Answer) => return None,
-                    (write, loss) if write.applied() => {
+                    (write, _) if write.applied() => {
                         next.workers[worker.index()].remembers[payload.index()] = true;
-                        Some((
-                            Settle::Ack,
-                            self.settle(&mut next, message, loss == Loss::Ack),
-                        ))
+                        core::Recorded::Yes
                     }
                     (_, Loss::Ack) => return None,
-                    _ => None,
+                    _ => core::Recorded::LeaseLost,
                 };
-                next.workers[worker.index()].job = Job::Idle;
+                let step = core.answered(&self.core, recorded);
+                let settled = self.follow(
+                    &mut next,
+                    worker,
+                    message,
+                    Some(held),
+                    step,
+                    loss == Loss::Ack,
+                )?;
+                let write = match (write, loss) {
+                    (Write::Applied(revision), Loss::Answer) => Write::AnswerLost(revision),
+                    (write, _) => write,
+                };
                 Outcome::Transition { write, settled }
             }
             Action::PublishLetter { worker, lose_ack } => {
                 self.publish_letter(&mut next, worker, lose_ack)?
             }
             Action::MarkDead { worker, lose_term } => {
-                let Job::MarkingDead { message, held } = next.workers[worker.index()].job else {
+                let Job::MarkingDead {
+                    message,
+                    held,
+                    core,
+                } = next.workers[worker.index()].job.clone()
+                else {
                     return None;
                 };
                 let payload = next.messages[message].payload;
                 let write = self.transition(&mut next, worker, held, payload, ClaimState::Dead);
-                // No Term for someone else's claim: only a written dead mark
-                // lets the original go.
-                let settled = if write.applied() {
-                    Some((Settle::Term, self.settle(&mut next, message, lose_term)))
-                } else if self.rules.term_after_lost_dead_mark {
+                let mut step = core.ended(&self.core, write.applied());
+                if !write.applied() && self.rules.term_after_lost_dead_mark {
                     // The old bug: the original of a claim another worker
                     // holds is terminated — a step of a fenced worker.
                     next.ghost.fenced_violation = true;
-                    Some((Settle::Term, self.settle(&mut next, message, lose_term)))
-                } else if lose_term {
-                    return None;
-                } else {
-                    None
-                };
-                next.workers[worker.index()].job = Job::Idle;
+                    step = Step {
+                        next: Next::Settle(CoreSettle::Term),
+                        notes: Default::default(),
+                    };
+                }
+                let settled =
+                    self.follow(&mut next, worker, message, Some(held), step, lose_term)?;
                 Outcome::Transition { write, settled }
             }
             Action::Crash(worker) => {
@@ -527,25 +593,16 @@ impl IdemModel {
         let from = match (self.rules.decide)(&found.record, observed, Some(&fingerprint)) {
             Decision::Claim => None,
             Decision::Reclaim { from } => Some(self.worker_of(from)?),
-            decision @ (Decision::Duplicate | Decision::Dead) => {
-                if !store.backs_duplicate_of(payload) {
-                    next.ghost.unbacked_duplicate = true;
-                }
-                let ack_lost = self.settle(next, message, lose_reply);
-                return Some(Outcome::Duplicate {
-                    dead: decision == Decision::Dead,
-                    store,
-                    ack_lost,
-                });
-            }
-            Decision::Conflict { .. } if lose_reply => return None,
-            Decision::Conflict { .. } => {
-                next.workers[worker.index()].job = Job::DeadLettering {
-                    message,
-                    held: None,
-                    reason: Reason::KeyConflict,
+            decision @ (Decision::Duplicate | Decision::Dead | Decision::Conflict { .. }) => {
+                let outcome = match decision {
+                    Decision::Duplicate => ClaimOutcome::Duplicate { result: None },
+                    Decision::Dead => ClaimOutcome::Dead,
+                    Decision::Conflict { stored } => ClaimOutcome::KeyConflict { stored },
+                    Decision::Claim | Decision::Reclaim { .. } | Decision::InFlight { .. } => {
+                        return None;
+                    }
                 };
-                return Some(Outcome::Conflict { store });
+                return self.refused(next, worker, message, lose_reply, outcome, store);
             }
             // NAK: nothing changes.
             Decision::InFlight { .. } => return None,
@@ -600,6 +657,31 @@ impl IdemModel {
         if lose_reply {
             next.budget.lost_replies -= 1;
         } else {
+            // The claim as the store grants it; the core reads its attempt.
+            let record = ClaimRecord {
+                state: ClaimState::Pending {
+                    lease_until: created_at + LEASE,
+                },
+                owner: worker.owner(),
+                attempt,
+                fingerprint: None,
+                result: None,
+                created_at,
+                updated_at: created_at,
+            };
+            let claim = Claim::granted(&model_key(), &record, revision, LEASE);
+            let grant = match from {
+                Some(from) => idem::claim::Grant::Reclaimed {
+                    claim,
+                    from: from.owner(),
+                },
+                None => idem::claim::Grant::Claimed(claim),
+            };
+            let started = core::Arrival::new(1).claiming(Time::ZERO, false).granted(
+                &self.core,
+                &grant,
+                Time::ZERO,
+            );
             next.workers[worker.index()].job = Job::Running {
                 message,
                 held: Held {
@@ -609,6 +691,7 @@ impl IdemModel {
                     lapsed: false,
                     superseded: false,
                 },
+                core: started.running,
             };
         }
         Outcome::Claimed {
@@ -619,15 +702,25 @@ impl IdemModel {
         }
     }
 
-    /// One run of the handler.
+    /// One run of the handler, and what the core makes of its end: a
+    /// completion, a release and NAK, or a dead letter.
     fn run(&self, next: &mut State, worker: WorkerId, outcome: HandlerOutcome) -> Option<Outcome> {
-        let Job::Running { message, held } = next.workers[worker.index()].job else {
+        let Job::Running {
+            message,
+            held,
+            core,
+        } = next.workers[worker.index()].job.clone()
+        else {
             return None;
         };
         let payload = next.messages[message].payload;
-        let mut release = None;
-        next.workers[worker.index()].job = match outcome {
-            HandlerOutcome::Ok => {
+        let error = match outcome {
+            HandlerOutcome::Ok => None,
+            HandlerOutcome::Retryable => Some(idem::HandlerError::retryable("retryable")),
+            HandlerOutcome::Permanent => Some(idem::HandlerError::permanent("permanent")),
+        };
+        let end = match &error {
+            None => {
                 let ghost = &mut next.ghost;
                 ghost.applications[payload.index()] += 1;
                 if ghost.first_claimer.is_some_and(|first| first != payload) {
@@ -636,27 +729,126 @@ impl IdemModel {
                 if held.superseded {
                     ghost.fenced_violation = true;
                 }
-                Job::Completing { message, held }
+                RunEnd::Returned { result: None }
             }
-            HandlerOutcome::Retryable if held.attempt >= self.config.max_attempts => {
-                Job::DeadLettering {
-                    message,
-                    held: Some(held),
-                    reason: Reason::RetriesExhausted,
-                }
-            }
-            HandlerOutcome::Retryable => {
-                // Release the claim, then NAK with the policy's backoff.
-                release = Some(self.transition(next, worker, held, payload, ClaimState::Released));
-                Job::Idle
-            }
-            HandlerOutcome::Permanent => Job::DeadLettering {
-                message,
-                held: Some(held),
-                reason: Reason::HandlerError,
+            Some(error) => RunEnd::Failed {
+                error,
+                lock_conflict: false,
             },
         };
+        let mut step = core.ended(&self.core, end);
+        let mut release = None;
+        // A retryable failure's release is written in the same step.
+        if let Next::Close(closing) = &step.next
+            && closing.ending() == Ending::Released
+        {
+            let write = self.transition(next, worker, held, payload, ClaimState::Released);
+            release = Some(write);
+            step = closing.ended(&self.core, write.applied());
+        }
+        self.follow(next, worker, message, Some(held), step, false)?;
         Some(Outcome::Ran { outcome, release })
+    }
+
+    /// A claim the store refused, as the core answers it: a duplicate
+    /// acknowledged, a key conflict dead-lettered without a claim.
+    fn refused(
+        &self,
+        next: &mut State,
+        worker: WorkerId,
+        message: usize,
+        lose_reply: bool,
+        outcome: ClaimOutcome,
+        store: StoreView,
+    ) -> Option<Outcome> {
+        let payload = next.messages[message].payload;
+        let Err(refusal) = outcome.split() else {
+            return None;
+        };
+        let dead = matches!(refusal, idem::claim::Refusal::Dead);
+        let conflict = matches!(refusal, idem::claim::Refusal::KeyConflict { .. });
+        let core::Refused::Answered(step) = core::Arrival::new(1)
+            .claiming(Time::ZERO, false)
+            .refused(&self.core, &refusal)
+        else {
+            return None;
+        };
+        if conflict {
+            // The claim's answer lost: NAK, nothing changes.
+            if lose_reply {
+                return None;
+            }
+            self.follow(next, worker, message, None, step, false)?;
+            return Some(Outcome::Conflict { store });
+        }
+        if !store.backs_duplicate_of(payload) {
+            next.ghost.unbacked_duplicate = true;
+        }
+        let settled = self.follow(next, worker, message, None, step, lose_reply)?;
+        Some(Outcome::Duplicate {
+            dead,
+            store,
+            ack_lost: settled.is_some_and(|(_, lost)| lost),
+        })
+    }
+
+    /// Carries the core's `step` for `worker`'s delivery of `message` as
+    /// far as it goes without another action: a settlement (`lose`: the ack
+    /// or Term is lost, and the message redelivered) or the job whose action
+    /// takes the next answer. The settlement, if any, and whether it was
+    /// lost; `None`: the step cannot be taken here.
+    #[allow(clippy::too_many_arguments)]
+    fn follow(
+        &self,
+        next: &mut State,
+        worker: WorkerId,
+        message: usize,
+        held: Option<Held>,
+        step: Step,
+        lose: bool,
+    ) -> Option<Option<(Settle, bool)>> {
+        let job = match step.next {
+            Next::Settle(settle) => {
+                next.workers[worker.index()].job = Job::Idle;
+                let settle = match settle {
+                    CoreSettle::Ack | CoreSettle::AckRecorded => Settle::Ack,
+                    CoreSettle::Term => Settle::Term,
+                    // Redelivered, or the new owner's: nothing to settle.
+                    CoreSettle::Nak(_)
+                    | CoreSettle::AbandonThenNak(_)
+                    | CoreSettle::Leave
+                    | CoreSettle::Again => {
+                        return if lose { None } else { Some(None) };
+                    }
+                };
+                return Some(Some((settle, self.settle(next, message, lose))));
+            }
+            Next::Complete(core) | Next::CompleteAfter(core, _) => Job::Completing {
+                message,
+                held: held?,
+                core,
+            },
+            Next::Confirm(core) => Job::DeadLettering {
+                message,
+                held,
+                core: LetterStep::Confirm(core),
+            },
+            Next::Publish(core) => Job::DeadLettering {
+                message,
+                held,
+                core: LetterStep::Publish(core),
+            },
+            Next::Close(core) if core.ending() == Ending::Dead => Job::MarkingDead {
+                message,
+                held: held?,
+                core,
+            },
+            // Another ending, or a give-back, is written by the action that
+            // led to it; reaching one here is the model's gap, not a step.
+            Next::Close(_) | Next::GiveBack(_) => return None,
+        };
+        next.workers[worker.index()].job = job;
+        Some(None)
     }
 
     /// A transition of a held claim, as `CasStore::transition`: a CAS on the
@@ -698,8 +890,8 @@ impl IdemModel {
         }
     }
 
-    /// Confirm the claim, publish the letter; on a lost PubAck keep the key
-    /// and NAK.
+    /// Confirm the claim (the core asks it of a fenced claim), publish the
+    /// letter; on a lost PubAck the core keeps the key and NAKs.
     fn publish_letter(
         &self,
         next: &mut State,
@@ -709,50 +901,54 @@ impl IdemModel {
         let Job::DeadLettering {
             message,
             held,
-            reason,
-        } = next.workers[worker.index()].job
+            core,
+        } = next.workers[worker.index()].job.clone()
         else {
             return None;
         };
-        if let Some(held) = held {
-            let ours = next.store.record.as_ref().is_some_and(|stored| {
-                stored.revision == held.revision && stored.record.owner == worker.owner()
-            });
-            if !ours {
-                if lose_ack {
-                    return None;
-                }
-                next.workers[worker.index()].job = Job::Idle;
-                return Some(Outcome::NotOurs {
-                    store: next.store.view(),
+        let publishing = match core {
+            LetterStep::Publish(publishing) => publishing,
+            LetterStep::Confirm(confirming) => {
+                // The confirmation is a renewal: the record still at the
+                // claim's revision and owner.
+                let ours = held.is_some_and(|held| {
+                    next.store.record.as_ref().is_some_and(|stored| {
+                        stored.revision == held.revision && stored.record.owner == worker.owner()
+                    })
                 });
-            }
-        }
-        next.letters.push(Letter {
-            payload: next.messages[message].payload,
-            reason,
-            alive: true,
-        });
-        let letter = next.letters.len() - 1;
-        let mut termed = false;
-        next.workers[worker.index()].job = if lose_ack {
-            next.budget.lost_replies -= 1;
-            Job::Idle
-        } else {
-            match held {
-                Some(held) => Job::MarkingDead { message, held },
-                None => {
-                    // A key conflict holds no claim: terminate at once.
-                    termed = true;
-                    next.messages[message].settled = true;
-                    Job::Idle
+                match confirming.answered(&self.core, Some(ours), Time::ZERO).next {
+                    Next::Publish(publishing) => publishing,
+                    _ if lose_ack => return None,
+                    _ => {
+                        next.workers[worker.index()].job = Job::Idle;
+                        return Some(Outcome::NotOurs {
+                            store: next.store.view(),
+                        });
+                    }
                 }
             }
         };
+        next.letters.push(Letter {
+            payload: next.messages[message].payload,
+            reason: Reason::of(publishing.reason()),
+            alive: true,
+        });
+        let letter = next.letters.len() - 1;
+        if lose_ack {
+            next.budget.lost_replies -= 1;
+        }
+        let mut step = publishing.stored(&self.core, !lose_ack);
+        // The key kept for the payload: a bucket's claim is left pending.
+        if let Next::Close(closing) = &step.next
+            && closing.ending() == Ending::Kept
+        {
+            step = closing.ended(&self.core, true);
+        }
+        let settled = self.follow(next, worker, message, held, step, false)?;
         Some(Outcome::LetterStored {
             letter,
             ack_lost: lose_ack,
-            termed,
+            termed: settled.is_some_and(|(settle, _)| settle == Settle::Term),
         })
     }
 
@@ -897,7 +1093,7 @@ impl Model for IdemModel {
                 }
                 Status::Up => {}
             }
-            match w.job {
+            match &w.job {
                 Job::Idle => {
                     for message in 0..state.messages.len() {
                         if state.deliverable(message) {
@@ -911,8 +1107,18 @@ impl Model for IdemModel {
                         }
                     }
                 }
-                Job::Running { held, .. } if held.lapsed => {
-                    actions.push(Action::StopFenced { worker });
+                // The core's fence: the worker's own lease ran out (it was
+                // frozen past it) — no step but stopping.
+                Job::Running { held, core, .. }
+                    if !core.upkeep().allows(if held.lapsed {
+                        Time(LEASE)
+                    } else {
+                        Time::ZERO
+                    }) =>
+                {
+                    for started in [false, true] {
+                        actions.push(Action::StopFenced { worker, started });
+                    }
                 }
                 Job::Running { .. } => {
                     actions.push(Action::Run {
@@ -952,7 +1158,7 @@ impl Model for IdemModel {
                     }
                 }
             }
-            if w.job != Job::Idle && budget.crashes > 0 && budget.faults > 0 {
+            if !matches!(w.job, Job::Idle) && budget.crashes > 0 && budget.faults > 0 {
                 actions.push(Action::Crash(worker));
             }
             if w.job.held().is_some() && budget.freezes > 0 && budget.faults > 0 {

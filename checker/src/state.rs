@@ -8,6 +8,7 @@ use std::sync::LazyLock;
 
 use idem::claim::{ClaimRecord, ClaimState, Owner, Snapshot};
 use idem::clock::UnixMillis;
+use idem::delivery_core as core;
 use idem::fingerprint::Fingerprint;
 
 /// The two payloads published under the one key: `X` first, `Y` reusing the
@@ -287,6 +288,21 @@ pub enum Reason {
     RetriesExhausted,
 }
 
+impl Reason {
+    /// The model's name for the reason the core dead-lettered with. The
+    /// model's handler never panics and its payloads always decode, so the
+    /// core gives only these three.
+    pub fn of(reason: idem::handler::DeadLetterReason) -> Self {
+        use idem::handler::DeadLetterReason as Core;
+        match reason {
+            Core::KeyConflict => Reason::KeyConflict,
+            Core::HandlerError => Reason::HandlerError,
+            Core::RetriesExhausted => Reason::RetriesExhausted,
+            other => panic!("the core dead-lettered for {other:?}, which the model never causes"),
+        }
+    }
+}
+
 impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -343,8 +359,10 @@ pub enum Settle {
     Term,
 }
 
-/// What a worker is doing with one delivery.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// What a worker is doing with one delivery: the delivery core's state
+/// (`idem::delivery_core`), which makes every decision, beside the claim the
+/// model tracks for its properties.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Job {
     /// Nothing: ready for a delivery.
     Idle,
@@ -354,6 +372,8 @@ pub enum Job {
         message: usize,
         /// The claim.
         held: Held,
+        /// The core's run.
+        core: core::Running,
     },
     /// The handler succeeded: record completion next.
     Completing {
@@ -361,15 +381,17 @@ pub enum Job {
         message: usize,
         /// The claim.
         held: Held,
+        /// The core's completion.
+        core: core::Completing,
     },
-    /// Publish a dead letter next.
+    /// Confirm the claim (if any) and publish a dead letter next.
     DeadLettering {
         /// The message.
         message: usize,
         /// The claim, unless it is a key conflict.
         held: Option<Held>,
-        /// Why.
-        reason: Reason,
+        /// The core's step: confirm the claim first, or publish.
+        core: LetterStep,
     },
     /// The letter is stored: mark the key dead next.
     MarkingDead {
@@ -377,7 +399,18 @@ pub enum Job {
         message: usize,
         /// The claim.
         held: Held,
+        /// The core's ending.
+        core: core::Closing,
     },
+}
+
+/// Where a worker's dead letter stands in the core.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum LetterStep {
+    /// The claim is to be confirmed first (a fenced claim).
+    Confirm(core::Confirming),
+    /// The letter is to be published.
+    Publish(core::Publishing),
 }
 
 impl Job {
@@ -416,7 +449,7 @@ impl Job {
 }
 
 /// One worker process.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Worker {
     /// Running, frozen or crashed.
     pub status: Status,

@@ -48,9 +48,14 @@ pub fn describe(model: &IdemModel, state: &State, action: Action) -> Option<Stri
             };
             format!("{worker} runs the handler on {}: {how}", working(worker))
         }
-        Action::StopFenced { worker } => {
+        Action::StopFenced { worker, started } => {
+            let how = if started {
+                "fenced before its next step, the message left alone"
+            } else {
+                "fenced before its first step, the claim given back"
+            };
             format!(
-                "{worker} wakes past its own lease: handler on {} fenced",
+                "{worker} wakes past its own lease: handler on {} {how}",
                 working(worker)
             )
         }

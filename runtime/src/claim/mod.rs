@@ -100,6 +100,26 @@ pub struct Claim {
 }
 
 impl Claim {
+    /// The claim a store grants when it wrote `record` under `key` at
+    /// `revision`, with `lease` (also for executors that simulate a store:
+    /// a model checker, a test).
+    pub fn granted(key: &RecordKey, record: &ClaimRecord, revision: u64, lease: Duration) -> Claim {
+        let lease_until = match record.state {
+            ClaimState::Pending { lease_until } => lease_until,
+            ClaimState::Released | ClaimState::Done | ClaimState::Dead => record.updated_at + lease,
+        };
+        Claim {
+            key: key.clone(),
+            owner: record.owner,
+            revision,
+            lease,
+            lease_until,
+            attempt: record.attempt,
+            fingerprint: record.fingerprint,
+            created_at: record.created_at,
+        }
+    }
+
     /// The record key.
     pub fn key(&self) -> &RecordKey {
         &self.key

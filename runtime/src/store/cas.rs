@@ -236,20 +236,7 @@ impl<M: RevisionedMap> CasStore<M> {
     }
 
     fn granted(key: &RecordKey, record: &ClaimRecord, revision: u64, lease: Duration) -> Claim {
-        let lease_until = match record.state {
-            ClaimState::Pending { lease_until } => lease_until,
-            _ => record.updated_at + lease,
-        };
-        Claim {
-            key: key.clone(),
-            owner: record.owner,
-            revision,
-            lease,
-            lease_until,
-            attempt: record.attempt,
-            fingerprint: record.fingerprint,
-            created_at: record.created_at,
-        }
+        Claim::granted(key, record, revision, lease)
     }
 
     /// Writes `next` over the claim's revision. When the CAS fails, the
