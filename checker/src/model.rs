@@ -817,7 +817,8 @@ impl IdemModel {
                     CoreSettle::Nak(_)
                     | CoreSettle::AbandonThenNak(_)
                     | CoreSettle::Leave
-                    | CoreSettle::Again => {
+                    | CoreSettle::Again
+                    | CoreSettle::RunAlone => {
                         return if lose { None } else { Some(None) };
                     }
                 };

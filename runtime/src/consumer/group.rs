@@ -32,6 +32,7 @@ use super::backend::{Committed, commit_sealed, roll_back};
 
 use crate::Tx;
 use crate::claim::{Claim, Grant, Refusal};
+use crate::delivery_core::Vote;
 use crate::fingerprint::Fingerprint;
 use crate::handler::HandlerConfig;
 use crate::key::RecordKey;
@@ -88,19 +89,6 @@ pub(crate) enum Answer {
 pub(crate) struct Ballot {
     vote: oneshot::Sender<Vote>,
     end: oneshot::Receiver<GroupEnd>,
-}
-
-/// What a granted delivery's run says about its group's commit.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum Vote {
-    /// Its handler returned `Ok`: commit, storing `result` with its claim.
-    Commit {
-        /// The handler's stored result (`store_result`), if any.
-        result: Option<Bytes>,
-    },
-    /// Its handler failed, panicked, was cut off or fenced: roll the group
-    /// back. (A delivery gone before it voted counts as this.)
-    RollBack,
 }
 
 /// How a group ended, for each of its granted deliveries.

@@ -9,12 +9,11 @@ use tokio::time::Instant;
 use tracing::{Span, field, warn};
 
 use super::backend::Held;
-use super::group::{Answer, GroupEnd, Groups, Vote};
+use super::group::{Answer, GroupEnd, Groups};
 use super::pipeline::Apart;
 use super::pipeline::Origin;
 use super::shared::{Ran, Shared, boxed, state_in};
-use super::stats::Outcome;
-use crate::delivery_core::{Arrival, Failure, Stopped, after_failure};
+use crate::delivery_core::{Arrival, GroupEnded, MemberRun, Settle};
 use crate::handler::{Handler, prepare};
 use crate::key::RecordKey;
 use crate::store::{IGNORED_FAILED_STATEMENT, failed_for_another, met_lock_conflict};
@@ -86,63 +85,45 @@ impl<H: Handler> Shared<H> {
         // The group commits or rolls back the transaction: nothing of it
         // is this delivery's to end.
         drop(held);
-        let vote = match &ran {
-            Ran::Returned(output) => Vote::Commit {
+        let run = match &ran {
+            Ran::Returned(output) => MemberRun::Returned {
                 result: self.stored_result(output),
             },
-            Ran::Failed(_) | Ran::Stopped(_) => Vote::RollBack,
+            Ran::Failed(error) => MemberRun::Failed {
+                error,
+                lock_conflict: met_lock_conflict(error),
+                for_another: failed_for_another(error),
+            },
+            Ran::Stopped(stopped) => MemberRun::Stopped(*stopped),
         };
-        let settled = |step| self.drive(message, delivery, step, Held::Nothing, origin, None);
-        let own_failure = match (ballot.vote(vote).await, ran) {
-            (GroupEnd::Committed, _) => {
-                settled(arrival.committed()).await;
-                return;
-            }
-            (_, Ran::Stopped(Stopped::CutOff)) => {
-                settled(arrival.cut_off(&self.rules)).await;
-                return;
-            }
-            _ if self.hard_stop.is_cancelled() => {
-                settled(arrival.cut_off(&self.rules)).await;
-                return;
-            }
-            (GroupEnd::Aborted, _) => Some(HandlerError::retryable(IGNORED_FAILED_STATEMENT)),
-            // A deadlock, serialization failure or lock timeout met in a
-            // group is the grouping's doing: not counted, run again alone.
-            (GroupEnd::RolledBack, Ran::Failed(error)) if met_lock_conflict(&error) => {
-                self.count(Outcome::LockConflict);
-                None
-            }
-            (GroupEnd::RolledBack, Ran::Failed(error)) if !failed_for_another(&error) => {
-                Some(error)
-            }
-            (GroupEnd::RolledBack, _) => None,
+        let aborted = HandlerError::retryable(IGNORED_FAILED_STATEMENT);
+        let ended = match ballot.vote(run.vote()).await {
+            GroupEnd::Committed => GroupEnded::Committed,
+            GroupEnd::RolledBack => GroupEnded::RolledBack,
+            GroupEnd::Aborted => GroupEnded::Aborted { error: &aborted },
         };
-        match own_failure.map(|error| (after_failure(&self.config.retry, &error, attempt), error)) {
-            // Its own failure, with attempts left: counted and released as
-            // with a transaction of its own (the ending written alone; a
-            // released key is free to the next claim either way).
-            Some((Failure::Retry(_), error)) => {
-                let held = Held::RolledBack {
-                    claim,
-                    inbox: groups.inbox(),
-                };
-                warn!(%error, attempt, "handler failed in its group");
-                let step = arrival.failed_in_group(&self.rules, &error, attempt);
-                boxed(self.drive(message, delivery, step, held, origin, None)).await;
-            }
-            // Its last failure: the key must stay its payload's from the
-            // failure to the dead mark, which a rolled-back group cannot
-            // promise (another payload under the key would claim it in
-            // between). The attempt runs again alone, where the claim row
-            // stays locked until its ending commits; the group's run was
-            // never recorded, so it is the same attempt.
-            Some((Failure::DeadLetter(_), _)) => {
-                boxed(self.process_alone(message, delivery, Apart::Beside)).await
-            }
-            // Another handler's failure (or the group's commit) rolled this
-            // one back: it runs again, alone.
-            None => boxed(self.process_alone(message, delivery, Apart::Beside)).await,
+        if let MemberRun::Failed { error, .. } = &run {
+            warn!(%error, attempt, "handler failed in its group");
+        }
+        let step = arrival.after_group(
+            &self.rules,
+            attempt,
+            ended,
+            &run,
+            self.hard_stop.is_cancelled(),
+        );
+        drop(run);
+        // Its own failure with attempts left is released on its own (its
+        // row's ending written alone; a released key is free to the next
+        // claim either way).
+        let held = Held::RolledBack {
+            claim,
+            inbox: groups.inbox(),
+        };
+        if let Settle::RunAlone =
+            boxed(self.drive(message, delivery, step, held, origin, None)).await
+        {
+            boxed(self.process_alone(message, delivery, Apart::Beside)).await;
         }
     }
 }

@@ -255,7 +255,13 @@ impl<H: Handler> Shared<H> {
             // payload's), and it runs again with no group beside it, where a
             // lock conflict is its own.
             Settle::Again => Alone::Again(Apart::FromGroups),
-            _ => Alone::Settled,
+            Settle::Ack
+            | Settle::AckRecorded
+            | Settle::Nak(_)
+            | Settle::AbandonThenNak(_)
+            | Settle::Term
+            | Settle::Leave
+            | Settle::RunAlone => Alone::Settled,
         }
     }
 

@@ -82,7 +82,7 @@ impl<H: Handler> Registration for Registered<H> {
             #[cfg(feature = "postgres")]
             let groups = match &backend {
                 Backend::Transactional(inbox) => super::group::Groups::for_handler(inbox, &config),
-                _ => None,
+                Backend::Off | Backend::Kv(_) => None,
             };
             let status = Arc::new(health::HandlerStatus::new(&config.name));
             let shared = Shared {

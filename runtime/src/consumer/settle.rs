@@ -183,9 +183,9 @@ impl<H: Handler> Shared<H> {
                     warn!(error = %e, "could not terminate the original; its redelivery will find the key dead");
                 }
             }
-            // The message is whoever holds its claim now; the run apart
-            // follows.
-            Settle::Leave | Settle::Again => {}
+            // The message is whoever holds its claim now; or the run
+            // apart, or alone, follows.
+            Settle::Leave | Settle::Again | Settle::RunAlone => {}
         }
     }
 

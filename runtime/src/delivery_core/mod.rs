@@ -32,20 +32,23 @@
 //!  every "not ours" (a CAS that found the claim taken over) ─▶ Leave
 //! ```
 //!
-//! What it does not cover yet: group commit's shared transaction
-//! (`consumer/group.rs` seats members and collects their votes; each
-//! member's own ending is this core's) and request/reply services, whose
-//! answers are replies rather than acknowledgements (`consumer/service.rs`).
+//! Group commit's members vote and settle here too (`group.rs`); the
+//! group's shared transaction — seats, one claim statement, one commit — is
+//! `consumer/group.rs`'s I/O. What it does not cover yet: request/reply
+//! services, whose answers are replies rather than acknowledgements
+//! (`consumer/service.rs`).
 //!
 //! [`testing::Driver`]: crate::testing
 //! [`MemoryStore`]: crate::store::MemoryStore
 
+mod group;
 mod outcome;
 mod pacing;
 mod upkeep;
 
 use std::time::Duration;
 
+pub use group::{GroupEnded, MemberRun, Vote};
 pub use outcome::Outcome;
 pub use pacing::{
     Failure, MIN_NAK_DELAY, after_failure, completion_pause, in_flight_delay, store_backoff,
@@ -184,6 +187,9 @@ pub enum Settle {
     /// Run the delivery again, apart from the groups: nothing of this run
     /// counted (a lock conflict that group commit may have caused).
     Again,
+    /// A group member: run it again alone, beside the groups (its group
+    /// rolled back; see [`Arrival::after_group`]).
+    RunAlone,
 }
 
 /// One step: what to do next, and what to count on the way.
@@ -274,22 +280,6 @@ impl Arrival {
             self.delivered,
         );
         Step::to(Next::Publish(publishing), counted.as_slice())
-    }
-
-    /// The cut-off run of a group's member: nothing of it committed.
-    pub fn cut_off(self, rules: &Rules) -> Step {
-        interrupted(rules, Hold::Nothing)
-    }
-
-    /// A group's member whose group committed: its completion is recorded.
-    pub fn committed(self) -> Step {
-        Step::settle(Settle::AckRecorded, &[Note::Count(Outcome::Processed)])
-    }
-
-    /// A group's member failed on its own at `attempt`, its group rolled
-    /// back: its claim row's ending is written on its own.
-    pub fn failed_in_group(self, rules: &Rules, error: &HandlerError, attempt: u32) -> Step {
-        failed(rules, error, attempt, Hold::Locked, self.delivered)
     }
 
     /// The store could not begin what the claim needs (fail closed: the

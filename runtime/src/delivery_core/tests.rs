@@ -300,3 +300,72 @@ fn a_delivery_without_a_key_is_dropped_only_when_the_handler_says_reject() {
     assert_eq!(step.next, Next::Settle(Settle::Ack));
     assert_eq!(notes(&step), [Note::Count(Outcome::Rejected)]);
 }
+
+#[test]
+fn a_group_member_is_acknowledged_released_or_run_again_alone_as_its_group_ended() {
+    let rules = rules(Dedup::Transactional);
+    let arrival = Arrival::new(1);
+    let ok = MemberRun::Returned { result: None };
+    assert_eq!(
+        ok.vote(),
+        Vote::Commit { result: None },
+        "a returned run votes to commit"
+    );
+    let committed = arrival.after_group(&rules, 1, GroupEnded::Committed, &ok, false);
+    assert_eq!(committed.next, Next::Settle(Settle::AckRecorded));
+    // Its own failure with attempts left: released on its own, NAKed.
+    let error = HandlerError::retryable("timeout");
+    let own = MemberRun::Failed {
+        error: &error,
+        lock_conflict: false,
+        for_another: false,
+    };
+    assert_eq!(own.vote(), Vote::RollBack);
+    let Next::Close(closing) = arrival
+        .after_group(&rules, 1, GroupEnded::RolledBack, &own, false)
+        .next
+    else {
+        panic!("not released");
+    };
+    assert_eq!(closing.ending(), Ending::Released);
+    // Its last failure: run again alone, where the key stays locked to the
+    // dead mark.
+    let last = arrival.after_group(&rules, 2, GroupEnded::RolledBack, &own, false);
+    assert_eq!(last.next, Next::Settle(Settle::RunAlone));
+    // A lock conflict is the grouping's: not counted against it.
+    let conflict = MemberRun::Failed {
+        error: &error,
+        lock_conflict: true,
+        for_another: false,
+    };
+    let step = arrival.after_group(&rules, 2, GroupEnded::RolledBack, &conflict, false);
+    assert_eq!(step.next, Next::Settle(Settle::RunAlone));
+    assert_eq!(notes(&step), [Note::Count(Outcome::LockConflict)]);
+    // Another member's failure, or its own Ok in a rolled-back group.
+    let bystander = MemberRun::Failed {
+        error: &error,
+        lock_conflict: false,
+        for_another: true,
+    };
+    for run in [&bystander, &ok] {
+        let step = arrival.after_group(&rules, 1, GroupEnded::RolledBack, run, false);
+        assert_eq!(step.next, Next::Settle(Settle::RunAlone));
+        assert!(notes(&step).is_empty());
+    }
+    // Its Ok left the transaction aborted: its own failure.
+    let aborted = HandlerError::retryable("aborted");
+    let step = arrival.after_group(
+        &rules,
+        1,
+        GroupEnded::Aborted { error: &aborted },
+        &ok,
+        false,
+    );
+    assert!(matches!(step.next, Next::Close(_)), "{step:?}");
+    // Past the shutdown deadline: NAKed, nothing committed.
+    let step = arrival.after_group(&rules, 1, GroupEnded::RolledBack, &ok, true);
+    assert_eq!(
+        step.next,
+        Next::Settle(Settle::AbandonThenNak(MIN_NAK_DELAY))
+    );
+}

@@ -486,7 +486,9 @@ impl<T> Kept<T> {
     /// The outcome of a delivery the core settled as `settle`.
     fn handled(self, settle: Settle) -> Option<Handled<T>> {
         Some(match settle {
-            Settle::Again => return None,
+            // Never asked without group commit; run it again, as the
+            // runtime would.
+            Settle::Again | Settle::RunAlone => return None,
             Settle::Leave => Handled::LeaseLost,
             Settle::Term => {
                 let (reason, error) = self
