@@ -128,7 +128,7 @@ pub(crate) enum Completion {
     Recorded,
     /// The claim had moved on to another owner: the effect may have run
     /// twice (count `lease_lost`); acknowledge.
-    LeaseLost(Transition),
+    LeaseLost,
     /// The handler's transaction was aborted by a statement it ignored:
     /// nothing committed; a failed attempt.
     #[cfg_attr(
@@ -304,7 +304,7 @@ impl Held<'_> {
         match self {
             Held::Kv { claim, store } => match Box::pin(store.complete(claim, result)).await? {
                 Transition::Applied => Ok(Completion::Recorded),
-                lost => Ok(Completion::LeaseLost(lost)),
+                Transition::LeaseLost { .. } => Ok(Completion::LeaseLost),
             },
             #[cfg(feature = "postgres")]
             Held::Tx { tx, claim, inbox } => Ok(Box::pin(commit(inbox, tx, claim, result)).await),

@@ -9,11 +9,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use async_nats::jetstream::{AckKind, Message};
 use futures::FutureExt;
-use tokio::time::{Instant, sleep, sleep_until, timeout};
+use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{Instrument, Span, error, field, info_span, warn};
 
 use super::active::ActiveKey;
-use super::backend::{Begun, Claimer, Completion, Held};
+use super::backend::{Begun, Claimer, Held};
 use super::shared::{Ran, Shared, Unprepared, boxed, state_with};
 use super::stats::{Latency, Outcome};
 use crate::claim::{ClaimOutcome, Grant, Refusal};
@@ -507,40 +507,6 @@ impl<H: Handler> Shared<H> {
             warn!(error = %e, "could not serialize the result; duplicates will get none");
             None
         })
-    }
-
-    /// Records completion, retrying while the store cannot be reached:
-    /// meanwhile nobody else can take the claim over, and the claim's
-    /// revision fences a retry that lands late. Gives up only at the
-    /// shutdown deadline (`None`). (A service's completion; a delivery's is
-    /// the core's `Completing`.)
-    pub(super) async fn record_completion(
-        &self,
-        held: &Held<'_>,
-        result: Option<bytes::Bytes>,
-    ) -> Option<Completion> {
-        let began = Instant::now();
-        let mut failed = 0;
-        loop {
-            match held.complete(result.clone()).await {
-                Ok(completion) => {
-                    self.counters.observe(Latency::Completion, began.elapsed());
-                    return Some(completion);
-                }
-                Err(e) => {
-                    failed += 1;
-                    let pause = crate::delivery_core::completion_pause(failed);
-                    warn!(error = %e, ?pause, "could not record completion; retrying");
-                    tokio::select! {
-                        () = sleep(pause) => {}
-                        () = self.hard_stop.cancelled() => {
-                            error!("shutdown before completion was recorded");
-                            return None;
-                        }
-                    }
-                }
-            }
-        }
     }
 }
 

@@ -16,7 +16,6 @@ use std::time::Duration;
 
 use async_nats::HeaderMap;
 use async_nats::service::{Request, error::Error as ServiceError};
-use bytes::Bytes;
 use futures::StreamExt;
 use tokio::time::{Instant, sleep};
 use tokio_util::sync::CancellationToken;
@@ -25,45 +24,37 @@ use tracing::{Instrument, Span, field, info_span, warn};
 
 use super::RuntimeError;
 use super::backend::{Begun, Completion, Held};
-use super::shared::{Granted, Ran, Shared, Unprepared, boxed};
-use super::stats::{Latency, Outcome};
+use super::shared::{Ran, Shared, Unprepared, boxed};
+use super::stats::Latency;
 use super::worker::Worker;
-use crate::claim::{Claim, Refusal};
-use crate::delivery_core::Stopped;
+use crate::claim::{ClaimOutcome, Grant};
+use crate::delivery_core::request::{
+    self, Answer, Asked, RequestNext, RequestRunning, RequestStep,
+};
+use crate::delivery_core::{Recorded, RunEnd};
 use crate::handler::Handler;
 use crate::key::RecordKey;
 use crate::reply::{KIND_HEADER, ReplyErrorKind};
 use crate::store::GroupLock;
+use crate::store::StoreError;
 use crate::{Delivery, Fence};
 
-/// A request's answer: the handler's (stored) result, or an error.
-pub(super) enum Reply {
-    Result(Bytes),
-    Error(ReplyErrorKind, String),
-}
-
-impl Reply {
-    fn error(kind: ReplyErrorKind, message: impl std::fmt::Display) -> Self {
-        Reply::Error(kind, message.to_string())
-    }
-
-    /// Sends it as the request's reply.
-    async fn send(self, request: &Request) {
-        let sent = match self {
-            Reply::Result(body) => request.respond(Ok(body)).await,
-            Reply::Error(kind, status) => {
-                let mut headers = HeaderMap::new();
-                headers.insert(KIND_HEADER, kind.as_str());
-                let error = ServiceError {
-                    status,
-                    code: kind.code(),
-                };
-                request.respond_with_headers(Err(error), headers).await
-            }
-        };
-        if let Err(e) = sent {
-            warn!(error = %e, "could not send the reply; the client may ask again");
+/// Sends a request's answer as its reply.
+async fn send(answer: Answer, request: &Request) {
+    let sent = match answer {
+        Answer::Result(body) => request.respond(Ok(body)).await,
+        Answer::Error(kind, status) => {
+            let mut headers = HeaderMap::new();
+            headers.insert(KIND_HEADER, kind.as_str());
+            let error = ServiceError {
+                status,
+                code: kind.code(),
+            };
+            request.respond_with_headers(Err(error), headers).await
         }
+    };
+    if let Err(e) = sent {
+        warn!(error = %e, "could not send the reply; the client may ask again");
     }
 }
 
@@ -128,7 +119,8 @@ impl<H: Handler> ServiceWorker<H> {
             let permit = tokio::select! {
                 permit = permits.clone().acquire_owned() => permit,
                 () = shutdown.cancelled() => {
-                    Reply::error(ReplyErrorKind::ShuttingDown, "the endpoint is shutting down").send(&request).await;
+                    let answer = Answer::Error(ReplyErrorKind::ShuttingDown, "the endpoint is shutting down".into());
+                    send(answer, &request).await;
                     break;
                 }
             };
@@ -168,9 +160,6 @@ impl<H: Handler> Worker for ServiceWorker<H> {
     }
 }
 
-/// How long a request waits between looks at a key another request holds.
-const IN_FLIGHT_POLL: Duration = Duration::from_millis(25);
-
 impl<H: Handler> Shared<H> {
     /// Answers one request inside its tracing span.
     async fn answer(&self, request: Request) {
@@ -183,12 +172,13 @@ impl<H: Handler> Shared<H> {
             outcome = field::Empty,
         );
         crate::trace::continue_in(&span, delivery.headers());
-        let reply = boxed(self.reply_to(&delivery)).instrument(span).await;
-        reply.send(&request).await;
+        let answer = boxed(self.reply_to(&delivery)).instrument(span).await;
+        send(answer, &request).await;
     }
 
-    /// What a request is answered with.
-    async fn reply_to(&self, delivery: &Delivery) -> Reply {
+    /// What a request is answered with: the executor of the delivery
+    /// core's request decisions (`delivery_core::request`).
+    async fn reply_to(&self, delivery: &Delivery) -> Answer {
         // Every look at the key is a transaction of its own (transactional):
         // a request waiting for another cannot hold one open.
         let wait_until = Instant::now() + self.config.lease;
@@ -199,10 +189,13 @@ impl<H: Handler> Shared<H> {
                 .await
             {
                 Ok(ready) => ready,
-                Err(Unprepared::Store(e)) => return self.unavailable(e),
+                Err(Unprepared::Store(e)) => {
+                    let step = Asked.store_failed(&e);
+                    return self.carry_out(step, Held::Nothing, Some(e)).await;
+                }
                 Err(Unprepared::Rejected(rejected)) => {
-                    self.count(Outcome::Rejected);
-                    return Reply::error(ReplyErrorKind::BadRequest, rejected);
+                    let step = Asked.rejected(&rejected);
+                    return self.carry_out(step, Held::Nothing, None).await;
                 }
             };
             Span::current().record("key", field::debug(&prepared.key));
@@ -213,7 +206,8 @@ impl<H: Handler> Shared<H> {
                     let (_, ran) = self
                         .run_attempt(None, delivery, &mut held, Instant::now(), prepared.args)
                         .await;
-                    return self.replied(held, ran).await;
+                    let step = self.request_ran(Asked.unclaimed(), ran);
+                    return self.carry_out(step, held, None).await;
                 }
             };
             let key = RecordKey::new(&self.name, &prepared.key);
@@ -221,28 +215,33 @@ impl<H: Handler> Shared<H> {
             let claimed = claimer
                 .claim(&key, prepared.fingerprint, &self.config)
                 .await;
-            let claim = match claimed.map(|outcome| self.granted(outcome)) {
-                Ok(Granted::Run(claim)) => claim,
-                Ok(Granted::Refused(Refusal::InFlight { .. })) if Instant::now() < wait_until => {
+            let grant = match claimed.map(ClaimOutcome::split) {
+                Ok(Ok(grant)) => grant,
+                Ok(Err(refusal)) => {
                     claimer.discard().await;
-                    tokio::select! {
-                        () = sleep(IN_FLIGHT_POLL) => continue,
-                        () = self.hard_stop.cancelled() => {
-                            return Reply::error(ReplyErrorKind::ShuttingDown, "the endpoint is shutting down");
-                        }
+                    match Asked.refused(&refusal, Instant::now() < wait_until) {
+                        Ok(step) => return self.carry_out(step, Held::Nothing, None).await,
+                        Err(after) => tokio::select! {
+                            () = sleep(after) => continue,
+                            () = self.hard_stop.cancelled() => {
+                                return Answer::Error(ReplyErrorKind::ShuttingDown, "the endpoint is shutting down".into());
+                            }
+                        },
                     }
-                }
-                Ok(Granted::Refused(refused)) => {
-                    claimer.discard().await;
-                    return self.refused_request(refused);
                 }
                 Err(e) => {
                     claimer.discard().await;
-                    return self.unavailable(e);
+                    let step = Asked.store_failed(&e);
+                    return self.carry_out(step, Held::Nothing, Some(e)).await;
                 }
             };
             self.status.store_answered();
             self.counters.observe(Latency::Claim, asked.elapsed());
+            let (running, notes) = Asked.granted(&self.rules, &grant);
+            self.note(notes.iter(), None);
+            let claim = match grant {
+                Grant::Claimed(claim) | Grant::Reclaimed { claim, .. } => claim,
+            };
             if let Some(fence) = &fence {
                 fence.set(claim.revision);
             }
@@ -250,160 +249,89 @@ impl<H: Handler> Shared<H> {
             let (_, ran) = self
                 .run_attempt(None, delivery, &mut held, asked, prepared.args)
                 .await;
-            return self.replied(held, ran).await;
+            let step = self.request_ran(running, ran);
+            return self.carry_out(step, held, None).await;
         }
     }
 
-    /// The reply to a claim that may not run.
-    fn refused_request(&self, refusal: Refusal) -> Reply {
-        match refusal {
-            Refusal::Duplicate { result } => {
-                self.count(Outcome::Duplicate);
-                match result {
-                    Some(result) => Reply::Result(result),
-                    None => Reply::error(
-                        ReplyErrorKind::OutcomeUnknown,
-                        "the key completed without a stored result (before the handler was served as a service?)",
-                    ),
+    /// The core's step after a request's run.
+    fn request_ran(&self, running: RequestRunning, ran: Ran<H::Output>) -> RequestStep {
+        match ran {
+            Ran::Returned(output) => running.ended(RunEnd::Returned {
+                result: self.stored_result(&output),
+            }),
+            Ran::Failed(error) => {
+                warn!(%error, "handler failed; replied as an error");
+                running.ended(RunEnd::Failed {
+                    error: &error,
+                    lock_conflict: false,
+                })
+            }
+            Ran::Stopped(stopped) => running.ended(RunEnd::Stopped(stopped)),
+        }
+    }
+
+    /// Carries out the core's steps for a request until it answers.
+    async fn carry_out(
+        &self,
+        mut step: RequestStep,
+        mut held: Held<'_>,
+        not_run: Option<StoreError>,
+    ) -> Answer {
+        let began = Instant::now();
+        loop {
+            self.note(step.notes.iter(), not_run.as_ref());
+            step = match step.next {
+                RequestNext::Reply(answer) => return answer,
+                RequestNext::AbandonThenReply(answer) => {
+                    held.abandon().await;
+                    return answer;
                 }
-            }
-            Refusal::KeyConflict { stored } => {
-                self.counters.count(Outcome::KeyConflict);
-                Reply::error(
-                    ReplyErrorKind::KeyConflict,
-                    format!(
-                        "key already used with another request (stored fingerprint {})",
-                        stored.map_or_else(|| "none".to_owned(), |f| f.to_string())
-                    ),
-                )
-            }
-            Refusal::Dead => {
-                self.count(Outcome::Duplicate);
-                Reply::error(
-                    ReplyErrorKind::Dead,
-                    "the key's request failed for good earlier",
-                )
-            }
-            Refusal::InFlight { retry_after, .. } => {
-                self.count(Outcome::InFlightElsewhere);
-                Reply::error(
-                    ReplyErrorKind::InFlight,
-                    format!(
-                        "the key's first request is still running; ask again in {retry_after:?}"
-                    ),
-                )
-            }
-        }
-    }
-
-    fn unavailable(&self, error: crate::store::StoreError) -> Reply {
-        self.not_run_for(&error);
-        Reply::error(
-            ReplyErrorKind::StoreUnavailable,
-            format!("dedup store unavailable, the handler did not run: {error}"),
-        )
-    }
-
-    /// What a run comes to: its result recorded and replied, or an error
-    /// reply with the key released for the next request.
-    async fn replied(&self, held: Held<'_>, ran: Ran<H::Output>) -> Reply {
-        let output = match ran {
-            Ran::Returned(output) => output,
-            Ran::Failed(error) => return self.request_failed(held, &error).await,
-            Ran::Stopped(Stopped::CutOff) => {
-                held.abandon().await;
-                self.count(Outcome::Interrupted);
-                return Reply::error(
-                    ReplyErrorKind::ShuttingDown,
-                    "the endpoint shut down while the handler ran",
-                );
-            }
-            Ran::Stopped(Stopped::Fenced { started: false }) => {
-                if !held.give_back().await {
-                    let why = "the claim was answered after its lease, and taken over";
-                    self.lease_lost(why);
-                    return Reply::error(ReplyErrorKind::OutcomeUnknown, why);
+                RequestNext::Release(answer) => {
+                    let ours = held.release().await;
+                    held = Held::Nothing;
+                    request::released(answer, ours)
                 }
-                self.count(Outcome::StoreUnavailable);
-                return Reply::error(
-                    ReplyErrorKind::StoreUnavailable,
-                    "the claim was answered only after its lease ran out: the handler did not run",
-                );
-            }
-            Ran::Stopped(stopped @ (Stopped::Fenced { started: true } | Stopped::TakenOver)) => {
-                let why = stopped.why();
-                self.lease_lost(why);
-                return Reply::error(ReplyErrorKind::OutcomeUnknown, why);
-            }
-        };
-        let body = self.stored_result(&output).unwrap_or_default();
-        let Some(claim) = held.claim().cloned() else {
-            self.count(Outcome::Processed);
-            return Reply::Result(body);
-        };
-        match self.record_completion(&held, Some(body.clone())).await {
-            Some(Completion::Recorded) => {
-                self.count(Outcome::Processed);
-                Reply::Result(body)
-            }
-            Some(Completion::LeaseLost(lost)) => {
-                warn!(
-                    event = "lease_lost",
-                    ?lost,
-                    "lease lost before completion: another request may have run it too"
-                );
-                self.counters.count(Outcome::LeaseLost);
-                // This run's body is not what the key records (the record
-                // is its successor's, or gone): a repeat could be answered
-                // differently. Say so; asking again gets the key's answer.
-                Reply::error(
-                    ReplyErrorKind::OutcomeUnknown,
-                    "the claim was taken over before this run's completion was recorded: \
-                     the key's outcome is the other run's; ask again for it",
-                )
-            }
-            Some(Completion::Aborted(e)) => {
-                self.count(Outcome::Retried);
-                let _ = held.release().await;
-                Reply::error(
-                    ReplyErrorKind::Failed,
-                    format!("the transaction did not commit: {e}"),
-                )
-            }
-            Some(Completion::NotRecorded(e)) => self.unrecorded(&claim, e),
-            None => {
-                self.count(Outcome::StoreUnavailable);
-                held.abandon().await;
-                Reply::error(
-                    ReplyErrorKind::OutcomeUnknown,
-                    "shut down before the completion was recorded",
-                )
-            }
-        }
-    }
-
-    fn unrecorded(&self, claim: &Claim, error: impl std::fmt::Display) -> Reply {
-        warn!(key = ?claim.key, %error, "completion was not recorded");
-        self.count(Outcome::StoreUnavailable);
-        Reply::error(
-            ReplyErrorKind::OutcomeUnknown,
-            format!("the handler ran but its completion was not recorded: {error}"),
-        )
-    }
-
-    /// A failed run: the key released (a request asking again runs it
-    /// again) and the failure replied with its kind.
-    async fn request_failed(&self, held: Held<'_>, error: &crate::HandlerError) -> Reply {
-        warn!(%error, "handler failed; replied as an error");
-        if !held.release().await {
-            self.lease_lost("the claim was taken over before the failure was recorded");
-        }
-        if error.is_permanent() {
-            self.count(Outcome::Rejected);
-            Reply::error(ReplyErrorKind::Rejected, error)
-        } else {
-            self.count(Outcome::Retried);
-            Reply::error(ReplyErrorKind::Failed, error)
+                RequestNext::GiveBack => {
+                    let ours = held.give_back().await;
+                    held = Held::Nothing;
+                    request::given_back(ours)
+                }
+                RequestNext::Complete(answering) => {
+                    let answer = held.complete(Some(answering.body().clone())).await;
+                    let aborted;
+                    let recorded = match answer {
+                        Ok(Completion::Recorded) => Recorded::Yes,
+                        Ok(Completion::LeaseLost) => Recorded::LeaseLost,
+                        Ok(Completion::Aborted(e)) => {
+                            aborted = crate::HandlerError::retryable(e);
+                            Recorded::Aborted { error: &aborted }
+                        }
+                        Ok(Completion::NotRecorded(e)) => {
+                            warn!(error = %e, "completion was not recorded");
+                            Recorded::No
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "could not record completion; retrying");
+                            Recorded::StoreFailed
+                        }
+                    };
+                    if matches!(recorded, Recorded::Yes | Recorded::LeaseLost) {
+                        self.counters.observe(Latency::Completion, began.elapsed());
+                    }
+                    answering.answered(recorded)
+                }
+                RequestNext::CompleteAfter(answering, pause) => tokio::select! {
+                    () = sleep(pause) => RequestStep {
+                        next: RequestNext::Complete(answering),
+                        notes: Default::default(),
+                    },
+                    () = self.hard_stop.cancelled() => {
+                        tracing::error!("shutdown before completion was recorded");
+                        answering.answered(Recorded::ShutDown)
+                    }
+                },
+            };
         }
     }
 }

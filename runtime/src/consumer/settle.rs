@@ -60,7 +60,7 @@ impl<H: Handler> Shared<H> {
                     let aborted;
                     let recorded = match answer {
                         Ok(Completion::Recorded) => Recorded::Yes,
-                        Ok(Completion::LeaseLost(_)) => Recorded::LeaseLost,
+                        Ok(Completion::LeaseLost) => Recorded::LeaseLost,
                         Ok(Completion::Aborted(e)) => {
                             aborted = HandlerError::retryable(e);
                             warn!(error = %aborted, "the handler's transaction did not commit");

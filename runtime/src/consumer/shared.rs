@@ -43,14 +43,6 @@ pub(crate) struct Shared<H> {
     pub(crate) groups: Option<super::group::Groups>,
 }
 
-/// What a claim's answer allows.
-pub(super) enum Granted {
-    /// Run the handler holding this claim.
-    Run(crate::claim::Claim),
-    /// Do not run: the answer says why.
-    Refused(crate::claim::Refusal),
-}
-
 /// How a handler's run ended.
 pub(super) enum Ran<T> {
     /// It returned `Ok`.
@@ -62,22 +54,6 @@ pub(super) enum Ran<T> {
 }
 
 impl<H> Shared<H> {
-    /// The claim a claim's answer grants — a takeover logged and counted
-    /// (`reclaimed`: the old owner may have had its effect; docs/
-    /// guarantees.md: every takeover is counted) — or the refusal.
-    pub(super) fn granted(&self, outcome: crate::claim::ClaimOutcome) -> Granted {
-        use crate::claim::Grant;
-        match outcome.split() {
-            Ok(Grant::Claimed(claim)) => Granted::Run(claim),
-            Ok(Grant::Reclaimed { claim, from }) => {
-                tracing::warn!(event = "reclaimed", previous_owner = %from, "took over an expired claim: its owner may have had its effect");
-                self.counters.count(super::stats::Outcome::Reclaimed);
-                Granted::Run(claim)
-            }
-            Err(refused) => Granted::Refused(refused),
-        }
-    }
-
     /// Starts what a running handler keeps up in the background until
     /// `stop`: its name's registration in the claim bucket (`kv`), the
     /// inbox's purge of rows past the retention (`transactional`).

@@ -34,9 +34,8 @@
 //!
 //! Group commit's members vote and settle here too (`group.rs`); the
 //! group's shared transaction — seats, one claim statement, one commit — is
-//! `consumer/group.rs`'s I/O. What it does not cover yet: request/reply
-//! services, whose answers are replies rather than acknowledgements
-//! (`consumer/service.rs`).
+//! `consumer/group.rs`'s I/O. A request of a request/reply service takes
+//! the same claim, and its end is a reply: [`request`].
 //!
 //! [`testing::Driver`]: crate::testing
 //! [`MemoryStore`]: crate::store::MemoryStore
@@ -44,6 +43,7 @@
 mod group;
 mod outcome;
 mod pacing;
+pub mod request;
 mod upkeep;
 
 use std::time::Duration;

@@ -369,3 +369,62 @@ fn a_group_member_is_acknowledged_released_or_run_again_alone_as_its_group_ended
         Next::Settle(Settle::AbandonThenNak(MIN_NAK_DELAY))
     );
 }
+
+#[test]
+fn a_request_is_answered_from_its_stored_reply_or_with_an_error_of_its_kind() {
+    use super::request::{Answer, Asked, RequestNext};
+    use crate::reply::ReplyErrorKind;
+    let rules = rules(Dedup::Kv);
+    let stored = bytes::Bytes::from_static(b"receipt");
+    let repeat = Asked
+        .refused(
+            &Refusal::Duplicate {
+                result: Some(stored.clone()),
+            },
+            true,
+        )
+        .expect("answered");
+    assert_eq!(repeat.next, RequestNext::Reply(Answer::Result(stored)));
+    let held = Refusal::InFlight {
+        owner: None,
+        retry_after: LEASE,
+    };
+    assert!(Asked.refused(&held, true).is_err(), "it looks again");
+    let gave_up = Asked.refused(&held, false).expect("answered");
+    assert!(matches!(
+        gave_up.next,
+        RequestNext::Reply(Answer::Error(ReplyErrorKind::InFlight, _))
+    ));
+    // A run's body is stored with its completion and replied; a completion
+    // that found the claim taken over says the outcome is another's.
+    let (running, _) = Asked.granted(&rules, &Grant::Claimed(claim(1)));
+    let body = bytes::Bytes::from_static(b"ok");
+    let RequestNext::Complete(answering) = running
+        .ended(RunEnd::Returned {
+            result: Some(body.clone()),
+        })
+        .next
+    else {
+        panic!("not completed");
+    };
+    assert_eq!(answering.body(), &body);
+    let lost = answering.clone().answered(Recorded::LeaseLost);
+    assert!(matches!(
+        lost.next,
+        RequestNext::Reply(Answer::Error(ReplyErrorKind::OutcomeUnknown, _))
+    ));
+    assert_eq!(
+        answering.answered(Recorded::Yes).next,
+        RequestNext::Reply(Answer::Result(body))
+    );
+    // A permanent failure is released and replied as rejected.
+    let error = HandlerError::permanent("declined");
+    let step = running.ended(RunEnd::Failed {
+        error: &error,
+        lock_conflict: false,
+    });
+    assert!(matches!(
+        step.next,
+        RequestNext::Release(Answer::Error(ReplyErrorKind::Rejected, _))
+    ));
+}
