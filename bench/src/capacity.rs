@@ -82,7 +82,7 @@ fn disk_bytes(dir: &Path) -> u64 {
 }
 
 fn micros(d: Option<Duration>) -> f64 {
-    d.map_or(f64::NAN, crate::report::micros)
+    d.map_or(f64::NAN, crate::measure::micros)
 }
 
 /// Fills a bucket to `keys` on `server`, measuring at 1/30, 1/10, 1/3 and

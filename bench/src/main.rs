@@ -31,9 +31,10 @@ use idem::testing::NatsServer;
 use tracing_subscriber::prelude::*;
 
 use cli::{Cli, Group, Role};
+use measure::micros;
 use measure::{Figures, Latencies, SpanTimer, percentile};
 use postgres::Postgres;
-use report::{Latency, MemoryRow, Report, Row, Target, micros};
+use report::{Latency, MemoryRow, Report, Row, Target};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

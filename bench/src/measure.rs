@@ -43,6 +43,11 @@ impl Figures {
     }
 }
 
+/// A duration in microseconds, as the reports print them.
+pub fn micros(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
 /// The `q` quantile (nearest rank) of `samples`; `None` if there are none.
 pub fn percentile(samples: &mut [Duration], q: f64) -> Option<Duration> {
     if samples.is_empty() {

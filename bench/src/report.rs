@@ -2,11 +2,10 @@
 //! are held to, and the JSON and markdown they are written as.
 
 use std::fmt::Write as _;
-use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::measure::Figures;
+use crate::measure::{Figures, micros};
 use crate::memory::Rss;
 
 /// Everything one run measured, with where and on what.
@@ -267,10 +266,6 @@ impl Report {
         }
         md
     }
-}
-
-pub fn micros(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e6
 }
 
 fn show_us(us: Option<f64>) -> String {
