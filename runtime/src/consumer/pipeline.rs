@@ -1,8 +1,9 @@
 //! One delivery, start to finish, for every dedup level: prepare → claim →
-//! run (lease renewal, progress acks, panics caught) → finish → acknowledge
-//! — or retry, or dead-letter (`settle.rs`). Executes docs/design.md's
-//! steps; the decisions are the claim state machine's and the retry
-//! policy's, and what each level does at each step is `backend.rs`'s.
+//! run (lease renewal, progress acks, panics caught, the fence) — then the
+//! core's later steps (`settle.rs`). The I/O executor of the delivery core
+//! (`delivery_core`, docs/design.md "One delivery, step by step"): every
+//! decision is the core's, what each level does at each step is
+//! `backend.rs`'s.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, PoisonError};
