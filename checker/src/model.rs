@@ -420,7 +420,8 @@ impl IdemModel {
                         next.workers[worker.index()].remembers[payload.index()] = true;
                         core::Recorded::Yes
                     }
-                    (_, Loss::Ack) => return None,
+                    // Taken over: acknowledged all the same (the ack may be
+                    // lost too).
                     _ => core::Recorded::LeaseLost,
                 };
                 let step = core.answered(&self.core, recorded);

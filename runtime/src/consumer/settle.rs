@@ -105,6 +105,9 @@ impl<H: Handler> Shared<H> {
                     closing.ended(rules, ours)
                 }
                 Next::GiveBack(giving) => {
+                    warn!(
+                        "the run does not count (the claim was answered only after its lease, or a lock conflict beside group commit): its claim is given back uncounted"
+                    );
                     let ours = held.give_back().await;
                     held = Held::Nothing;
                     giving.given(ours)
@@ -169,7 +172,10 @@ impl<H: Handler> Shared<H> {
         match settle {
             Settle::Ack => ack(message).await,
             Settle::AckRecorded => ack_recorded(message).await,
-            Settle::Nak(delay) => nak(message, delay).await,
+            Settle::Nak(delay) => {
+                tracing::debug!(?delay, "NAKed");
+                nak(message, delay).await;
+            }
             Settle::AbandonThenNak(delay) => {
                 warn!(
                     ?delay,
@@ -266,10 +272,16 @@ impl<H: Handler> Shared<H> {
                     if !claims {
                         continue;
                     }
-                    let renewed = match held.renew().await {
-                        Ok(transition) => Renewed::Answered(transition),
-                        Err(e) => {
+                    // Bounded like the run's renewals: a hung store must not
+                    // hold back the in-progress acks that follow.
+                    let renewed = match tokio::time::timeout(renewal.within, held.renew()).await {
+                        Ok(Ok(transition)) => Renewed::Answered(transition),
+                        Ok(Err(e)) => {
                             warn!(error = %e, "could not renew the claim while its dead letter was being stored");
+                            Renewed::Failed
+                        }
+                        Err(_) => {
+                            warn!(within = ?renewal.within, "a renewal while the dead letter was being stored took longer than its period");
                             Renewed::Failed
                         }
                     };

@@ -848,10 +848,9 @@ impl Publishing {
             error,
             hold,
             delivered,
-            // Kept up, not fenced: the letter is stored whatever the
-            // lease, and the dead mark that follows is a CAS. The executor
-            // starts the timers on its clock ([`start`](Self::start)).
-            upkeep: Upkeep::new(rules.lease, Time::ZERO, Time::ZERO, false),
+            // The executor starts the timers on its clock
+            // ([`start`](Self::start)).
+            upkeep: Upkeep::keeping(rules.lease, Time::ZERO),
         }
     }
 
@@ -884,7 +883,7 @@ impl Publishing {
     /// Restarts the timers at `now` (the executor's clock, when the
     /// publish begins).
     pub fn start(&mut self, lease: Duration, now: Time) {
-        self.upkeep = Upkeep::new(lease, now, now, false);
+        self.upkeep = Upkeep::keeping(lease, now);
     }
 
     /// A renewal while the letter waits failed: the claim must be secured

@@ -77,7 +77,25 @@ impl Upkeep {
     /// counts from the question, not the answer), starting at `now`;
     /// `fenced` for a claim another worker may take over once it runs out.
     pub fn new(lease: Duration, asked: Time, now: Time, fenced: bool) -> Self {
-        let period = renewal_period(lease);
+        Self::every(renewal_period(lease), lease, asked, now, fenced)
+    }
+
+    /// The upkeep of a claim kept up while its dead letter is stored, from
+    /// `now`: not fenced (the letter is stored whatever the lease; the dead
+    /// mark that follows is a CAS), renewed every third of the lease and at
+    /// least every 20 ms apart — so that even a short lease is renewed
+    /// before it runs out.
+    pub fn keeping(lease: Duration, now: Time) -> Self {
+        Self::every(
+            (lease / 3).max(super::MIN_NAK_DELAY),
+            lease,
+            now,
+            now,
+            false,
+        )
+    }
+
+    fn every(period: Duration, lease: Duration, asked: Time, now: Time, fenced: bool) -> Self {
         Self {
             lease,
             period,
@@ -187,6 +205,18 @@ mod tests {
             current_owner: None,
         });
         assert!(!upkeep.on_renewed(renewal, &lost));
+    }
+
+    #[test]
+    fn a_short_lease_kept_up_while_a_letter_is_stored_is_renewed_before_it_runs_out() {
+        let lease = Duration::from_millis(60);
+        let mut upkeep = Upkeep::keeping(lease, at(0));
+        assert!(upkeep.timer() < at(60), "renewed every 20 ms at least");
+        assert!(upkeep.on_timer(at(20)).is_some());
+        assert!(
+            upkeep.allows(at(1_000)),
+            "a letter is stored whatever the lease"
+        );
     }
 
     #[test]
