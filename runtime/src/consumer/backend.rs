@@ -25,6 +25,7 @@ use tracing::warn;
 
 use crate::Delivery;
 use crate::claim::{Claim, ClaimOutcome, Ending, Transition};
+use crate::delivery_core::{Recorded, Renewed};
 use crate::fingerprint::Fingerprint;
 use crate::key::RecordKey;
 #[cfg(feature = "postgres")]
@@ -293,6 +294,55 @@ impl Held<'_> {
             Held::Nothing => Ok(Transition::Applied),
             #[cfg(feature = "postgres")]
             Held::RolledBack { .. } => Ok(Transition::Applied),
+        }
+    }
+
+    /// Renews the claim ([`renew`](Self::renew)) within `within` — a
+    /// renewal period, whatever the store's own timeout: the next renewal
+    /// follows then — as the core's upkeep takes the answer. `while_`: what
+    /// the renewal keeps up, for the logs.
+    pub(crate) async fn renewed_within(
+        &mut self,
+        within: std::time::Duration,
+        while_: &'static str,
+    ) -> Renewed {
+        match tokio::time::timeout(within, self.renew()).await {
+            Ok(Ok(transition)) => Renewed::Answered(transition),
+            Ok(Err(e)) => {
+                warn!(error = %e, "could not renew the claim {while_}");
+                Renewed::Failed
+            }
+            Err(_) => {
+                warn!(?within, "a renewal {while_} took longer than its period");
+                Renewed::Failed
+            }
+        }
+    }
+
+    /// Records completion with the handler's result, once, and gives the
+    /// answer as the core takes it; `aborted` keeps the failure an aborted
+    /// transaction counts as.
+    pub(crate) async fn recorded<'e>(
+        &self,
+        result: Option<Bytes>,
+        aborted: &'e mut Option<crate::HandlerError>,
+    ) -> Recorded<'e> {
+        match self.complete(result).await {
+            Ok(Completion::Recorded) => Recorded::Yes,
+            Ok(Completion::LeaseLost) => Recorded::LeaseLost,
+            Ok(Completion::Aborted(e)) => {
+                let error = aborted.insert(crate::HandlerError::retryable(e));
+                warn!(%error, "the handler's transaction did not commit");
+                Recorded::Aborted { error }
+            }
+            Ok(Completion::NotRecorded(e)) => {
+                warn!(error = %e, "completion was not recorded; it is safe to run again");
+                Recorded::No
+            }
+            Err(e) => {
+                warn!(error = %e, "could not record completion; retrying");
+                Recorded::StoreFailed
+            }
         }
     }
 

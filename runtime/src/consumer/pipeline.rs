@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use async_nats::jetstream::{AckKind, Message};
 use futures::FutureExt;
-use tokio::time::{Instant, sleep_until, timeout};
+use tokio::time::{Instant, sleep_until};
 use tracing::{Instrument, Span, error, field, info_span, warn};
 
 use super::active::ActiveKey;
@@ -19,7 +19,7 @@ use super::shared::{Ran, Shared, Unprepared, boxed, state_with};
 use super::stats::{Latency, Outcome};
 use crate::claim::{ClaimOutcome, Grant, Refusal};
 use crate::delivery_core::{
-    Arrival, Refused, Renewed, RunEnd, Running, Settle, Started, Step, Stopped, Time, Upkeep,
+    Arrival, Refused, RunEnd, Running, Settle, Started, Step, Stopped, Time, Upkeep,
 };
 use crate::handler::{Handler, HandlerPanicked, PrepareError, Prepared, prepare};
 use crate::key::RecordKey;
@@ -474,20 +474,10 @@ impl<H: Handler> Shared<H> {
                     {
                         warn!(error = %e, "could not send an in-progress ack");
                     }
-                    // A renewal may take no longer than a renewal period,
-                    // whatever the store's own timeout: the next one
-                    // follows, and the lease is judged on this clock.
-                    let renewed = match timeout(renewal.within, held.renew()).await {
-                        Ok(Ok(transition)) => Renewed::Answered(transition),
-                        Ok(Err(e)) => {
-                            warn!(error = %e, "could not renew the lease; the handler stops if the lease runs out first");
-                            Renewed::Failed
-                        }
-                        Err(_) => {
-                            warn!(within = ?renewal.within, "a renewal took longer than a third of the lease; the handler stops if the lease runs out first");
-                            Renewed::Failed
-                        }
-                    };
+                    // The handler stops if the lease runs out first.
+                    let renewed = held
+                        .renewed_within(renewal.within, "while the handler runs")
+                        .await;
                     if !lock().on_renewed(renewal, &renewed) {
                         break Ran::Stopped(Stopped::TakenOver);
                     }

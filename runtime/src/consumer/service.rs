@@ -23,7 +23,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, Span, field, info_span, warn};
 
 use super::RuntimeError;
-use super::backend::{Begun, Completion, Held};
+use super::backend::{Begun, Held};
 use super::shared::{Ran, Shared, Unprepared, boxed};
 use super::stats::Latency;
 use super::worker::Worker;
@@ -298,24 +298,10 @@ impl<H: Handler> Shared<H> {
                     request::given_back(ours)
                 }
                 RequestNext::Complete(answering) => {
-                    let answer = held.complete(Some(answering.body().clone())).await;
-                    let aborted;
-                    let recorded = match answer {
-                        Ok(Completion::Recorded) => Recorded::Yes,
-                        Ok(Completion::LeaseLost) => Recorded::LeaseLost,
-                        Ok(Completion::Aborted(e)) => {
-                            aborted = crate::HandlerError::retryable(e);
-                            Recorded::Aborted { error: &aborted }
-                        }
-                        Ok(Completion::NotRecorded(e)) => {
-                            warn!(error = %e, "completion was not recorded");
-                            Recorded::No
-                        }
-                        Err(e) => {
-                            warn!(error = %e, "could not record completion; retrying");
-                            Recorded::StoreFailed
-                        }
-                    };
+                    let mut aborted = None;
+                    let recorded = held
+                        .recorded(Some(answering.body().clone()), &mut aborted)
+                        .await;
                     if matches!(recorded, Recorded::Yes | Recorded::LeaseLost) {
                         self.counters.observe(Latency::Completion, began.elapsed());
                     }

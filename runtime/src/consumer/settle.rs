@@ -15,15 +15,14 @@ use tokio::time::{Instant, sleep, sleep_until};
 use tracing::{error, warn};
 
 use super::acks::{ack, ack_recorded, nak};
-use super::backend::{Completion, Held};
+use super::backend::Held;
 use super::dead_letter::{self, Reason};
 use super::pipeline::Origin;
 use super::shared::Shared;
 use super::stats::{Latency, Outcome};
 use crate::Delivery;
-use crate::HandlerError;
 use crate::claim::Ending;
-use crate::delivery_core::{Next, Note, Publishing, Recorded, Renewed, Settle, Step};
+use crate::delivery_core::{Next, Note, Publishing, Recorded, Settle, Step};
 use crate::handler::Handler;
 use crate::store::StoreError;
 
@@ -56,25 +55,10 @@ impl<H: Handler> Shared<H> {
                 }
                 Next::Complete(completing) => {
                     let began = *completing_since.get_or_insert_with(Instant::now);
-                    let answer = held.complete(completing.result().cloned()).await;
-                    let aborted;
-                    let recorded = match answer {
-                        Ok(Completion::Recorded) => Recorded::Yes,
-                        Ok(Completion::LeaseLost) => Recorded::LeaseLost,
-                        Ok(Completion::Aborted(e)) => {
-                            aborted = HandlerError::retryable(e);
-                            warn!(error = %aborted, "the handler's transaction did not commit");
-                            Recorded::Aborted { error: &aborted }
-                        }
-                        Ok(Completion::NotRecorded(e)) => {
-                            warn!(error = %e, "completion was not recorded; the message will be redelivered");
-                            Recorded::No
-                        }
-                        Err(e) => {
-                            warn!(error = %e, "could not record completion; retrying");
-                            Recorded::StoreFailed
-                        }
-                    };
+                    let mut aborted = None;
+                    let recorded = held
+                        .recorded(completing.result().cloned(), &mut aborted)
+                        .await;
                     if matches!(recorded, Recorded::Yes | Recorded::LeaseLost) {
                         self.counters.observe(Latency::Completion, began.elapsed());
                     }
@@ -274,17 +258,9 @@ impl<H: Handler> Shared<H> {
                     }
                     // Bounded like the run's renewals: a hung store must not
                     // hold back the in-progress acks that follow.
-                    let renewed = match tokio::time::timeout(renewal.within, held.renew()).await {
-                        Ok(Ok(transition)) => Renewed::Answered(transition),
-                        Ok(Err(e)) => {
-                            warn!(error = %e, "could not renew the claim while its dead letter was being stored");
-                            Renewed::Failed
-                        }
-                        Err(_) => {
-                            warn!(within = ?renewal.within, "a renewal while the dead letter was being stored took longer than its period");
-                            Renewed::Failed
-                        }
-                    };
+                    let renewed = held
+                        .renewed_within(renewal.within, "while its dead letter is stored")
+                        .await;
                     if !publishing.upkeep_mut().on_renewed(renewal, &renewed) {
                         warn!("the claim was taken over while its dead letter was being stored");
                     }

@@ -47,6 +47,26 @@ fn running(rules: &Rules, attempt: u32, now: Time) -> Running {
         .running
 }
 
+/// A fenced claim's handler declined for good, its claim confirmed: the
+/// letter is to be stored.
+fn declined_and_confirmed(rules: &Rules) -> Publishing {
+    let error = HandlerError::permanent("declined");
+    let step = running(rules, 1, at(0)).ended(
+        rules,
+        RunEnd::Failed {
+            error: &error,
+            lock_conflict: false,
+        },
+    );
+    let Next::Confirm(confirming) = step.next else {
+        panic!("not confirmed: {step:?}");
+    };
+    match confirming.answered(rules, Some(true), at(0)).next {
+        Next::Publish(publishing) => publishing,
+        other => panic!("not published: {other:?}"),
+    }
+}
+
 fn notes(step: &Step) -> Vec<Note> {
     step.notes.iter().collect()
 }
@@ -144,22 +164,7 @@ fn the_last_failure_of_a_fenced_claim_is_confirmed_stored_marked_dead_then_terme
 #[test]
 fn a_dead_mark_that_finds_the_claim_taken_over_sends_no_term() {
     let rules = rules(Dedup::Kv);
-    let error = HandlerError::permanent("declined");
-    let Next::Confirm(confirming) = running(&rules, 1, at(0))
-        .ended(
-            &rules,
-            RunEnd::Failed {
-                error: &error,
-                lock_conflict: false,
-            },
-        )
-        .next
-    else {
-        panic!("not confirmed");
-    };
-    let Next::Publish(publishing) = confirming.answered(&rules, Some(true), at(0)).next else {
-        panic!("not published");
-    };
+    let publishing = declined_and_confirmed(&rules);
     let Next::Close(closing) = publishing.stored(&rules, true).next else {
         panic!("not marked dead");
     };
@@ -171,22 +176,7 @@ fn a_dead_mark_that_finds_the_claim_taken_over_sends_no_term() {
 #[test]
 fn a_letter_that_cannot_be_stored_keeps_the_key_and_the_message_comes_back_after_the_lease() {
     let rules = rules(Dedup::Kv);
-    let error = HandlerError::permanent("declined");
-    let Next::Confirm(confirming) = running(&rules, 1, at(0))
-        .ended(
-            &rules,
-            RunEnd::Failed {
-                error: &error,
-                lock_conflict: false,
-            },
-        )
-        .next
-    else {
-        panic!("not confirmed");
-    };
-    let Next::Publish(publishing) = confirming.answered(&rules, Some(true), at(0)).next else {
-        panic!("not published");
-    };
+    let publishing = declined_and_confirmed(&rules);
     let Next::Close(closing) = publishing.stored(&rules, false).next else {
         panic!("not kept");
     };
