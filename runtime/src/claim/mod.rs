@@ -93,7 +93,9 @@ pub struct Claim {
     pub(crate) owner: Owner,
     pub(crate) revision: u64,
     pub(crate) lease: Duration,
-    pub(crate) lease_until: UnixMillis,
+    /// When the lease ends, on the owner's clock; none for a row in the
+    /// claimer's transaction, which the transaction holds, not a lease.
+    pub(crate) lease_until: Option<UnixMillis>,
     pub(crate) attempt: u32,
     pub(crate) fingerprint: Option<Fingerprint>,
     pub(crate) created_at: UnixMillis,
@@ -113,7 +115,7 @@ impl Claim {
             owner: record.owner,
             revision,
             lease,
-            lease_until,
+            lease_until: Some(lease_until),
             attempt: record.attempt,
             fingerprint: record.fingerprint,
             created_at: record.created_at,
@@ -140,8 +142,9 @@ impl Claim {
         self.lease
     }
 
-    /// The end of the current lease.
-    pub fn lease_until(&self) -> UnixMillis {
+    /// The end of the current lease, on the owner's clock — `None` for a
+    /// transactional claim, whose row its transaction holds instead.
+    pub fn lease_until(&self) -> Option<UnixMillis> {
         self.lease_until
     }
 

@@ -32,7 +32,7 @@ fn claim(attempt: u32) -> Claim {
         owner: Owner::random(),
         revision: 7,
         lease: LEASE,
-        lease_until: UnixMillis(3_000),
+        lease_until: Some(UnixMillis(3_000)),
         attempt,
         fingerprint: None,
         created_at: UnixMillis(0),

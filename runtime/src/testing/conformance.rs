@@ -338,7 +338,7 @@ pub async fn fresh_claim_is_claimed<F: Fixture>(f: &F) {
     assert_eq!(claim.attempt(), 1);
     let (state, owner, revision) = record_state(&store, &key).await;
     assert!(
-        matches!(state, ClaimState::Pending { lease_until } if lease_until == claim.lease_until())
+        matches!(state, ClaimState::Pending { lease_until } if Some(lease_until) == claim.lease_until())
     );
     assert_eq!((owner, revision), (store.owner(), claim.revision()));
 }

@@ -162,13 +162,12 @@ impl TxInbox {
         let revision: i64 = row.try_get("revision")?;
         let attempt: i32 = row.try_get("attempt")?;
         let created_at: i64 = row.try_get("created_at")?;
-        let now = UnixMillis(u64::try_from(millis_now()).unwrap_or_default());
         Ok(Claim {
             key: key.clone(),
             owner: self.owner,
             revision: u64::try_from(revision).unwrap_or_default(),
             lease,
-            lease_until: now + lease,
+            lease_until: None,
             attempt: u32::try_from(attempt).unwrap_or(1),
             fingerprint,
             created_at: UnixMillis(u64::try_from(created_at).unwrap_or_default()),
