@@ -337,7 +337,7 @@ impl Held<'_> {
             }
             Ok(Completion::NotRecorded(e)) => {
                 warn!(error = %e, "completion was not recorded; it is safe to run again");
-                Recorded::No
+                Recorded::No { why: e.to_string() }
             }
             Err(e) => {
                 warn!(error = %e, "could not record completion; retrying");

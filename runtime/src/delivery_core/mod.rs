@@ -628,7 +628,7 @@ pub struct Completing {
 }
 
 /// What recording a completion came to.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub enum Recorded<'a> {
     /// Recorded.
     Yes,
@@ -643,7 +643,10 @@ pub enum Recorded<'a> {
     },
     /// Not recorded, and safe to redeliver (the commit failed, the run's
     /// transaction rolled back).
-    No,
+    No {
+        /// Why (the commit's error), for a request's reply.
+        why: String,
+    },
     /// The store could not be reached: retried while nobody else can take
     /// the claim.
     StoreFailed,
@@ -673,7 +676,7 @@ impl Completing {
             Recorded::Aborted { error } => {
                 failed(rules, error, self.attempt, self.hold, self.delivered)
             }
-            Recorded::No => Step::settle(
+            Recorded::No { .. } => Step::settle(
                 Settle::Nak(store_backoff(self.attempt)),
                 &[Note::Count(Outcome::StoreUnavailable)],
             ),

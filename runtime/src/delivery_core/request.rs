@@ -279,14 +279,14 @@ impl Answering {
             Recorded::Aborted { error } => RequestStep::to(
                 RequestNext::Release(Answer::error(
                     ReplyErrorKind::Failed,
-                    format!("the transaction did not commit: {error}"),
+                    format!("the transaction did not commit: {}", error.error()),
                 )),
                 &[Note::Count(Outcome::Retried)],
             ),
-            Recorded::No => RequestStep::reply(
+            Recorded::No { why } => RequestStep::reply(
                 Answer::error(
                     ReplyErrorKind::OutcomeUnknown,
-                    "the handler ran but its completion was not recorded",
+                    format!("the handler ran but its completion was not recorded: {why}"),
                 ),
                 &[Note::Count(Outcome::StoreUnavailable)],
             ),
