@@ -60,6 +60,12 @@ pub enum CliError {
     #[error("{0}")]
     Moved(String),
     /// The terminal could not be read or written.
+    /// `provision --check` found settings that weaken the guarantees.
+    #[error(
+        "{0} setting(s) weaken idem's guarantees (see above, and docs/guarantees.md: what idem assumes of NATS)"
+    )]
+    Weakened(usize),
+
     #[error("terminal: {0}")]
     Terminal(#[source] std::io::Error),
     /// A replay could not republish a dead letter.
@@ -80,6 +86,7 @@ impl CliError {
             CliError::NotFound(_) => 3,
             CliError::NotConfirmed => 4,
             CliError::Refused(_) => 5,
+            CliError::Weakened(_) => 6,
             CliError::Invalid(_) => 2,
             _ => 1,
         }

@@ -11,6 +11,7 @@
 
 mod connect;
 mod dead;
+mod durability;
 mod error;
 mod inbox;
 mod keys;

@@ -292,6 +292,189 @@ async fn provision_creates_the_shared_pieces_once_and_checks_them_after() {
     );
 }
 
+/// A server with a system account (`sys`/`sys`) beside the application's,
+/// whose user the harness and the tool connect as; `jetstream` is added to
+/// the server's JetStream block.
+fn with_system_account(jetstream: &str) -> String {
+    format!(
+        r#"
+        accounts {{
+            SYS {{ users: [ {{ user: sys, password: sys }} ] }}
+            APP {{ jetstream: enabled, users: [ {{ user: app, password: app }} ] }}
+        }}
+        system_account: SYS
+        no_auth_user: app
+        jetstream {{ {jetstream} }}
+        "#
+    )
+}
+
+/// `idem provision --check` on `server` (its `ORDERS` stream too, its
+/// servers read as `sys`): the exit code and the (subject, setting) pairs
+/// it found.
+fn provision_check(server: &NatsServer) -> (Option<i32>, Vec<(String, String)>, serde_json::Value) {
+    let system = format!("nats://sys:sys@127.0.0.1:{}", server.port());
+    let checked = idem(
+        server,
+        &[
+            "provision",
+            "--check",
+            "--stream",
+            "ORDERS",
+            "--system-url",
+            &system,
+            "--json",
+        ],
+    );
+    let report: serde_json::Value = serde_json::from_slice(&checked.stdout).unwrap_or_else(|e| {
+        panic!(
+            "no report ({e}): {}",
+            String::from_utf8_lossy(&checked.stderr)
+        )
+    });
+    let findings = report["findings"]
+        .as_array()
+        .expect("findings")
+        .iter()
+        .map(|f| {
+            (
+                f["subject"].as_str().unwrap_or_default().to_owned(),
+                f["setting"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    (checked.status.code(), findings, report)
+}
+
+#[tokio::test]
+async fn provision_check_names_single_replicas_memory_storage_and_a_server_that_syncs_every_two_minutes()
+ {
+    let server = NatsServer::start_configured(&with_system_account(""))
+        .await
+        .expect("nats-server");
+    let js = jetstream::new(server.connect().await.expect("connect"));
+    json(&idem(
+        &server,
+        &["provision", "--retention", "2d", "--json"],
+    ));
+    js.create_stream(stream::Config {
+        name: "ORDERS".into(),
+        subjects: vec!["orders.>".into()],
+        storage: stream::StorageType::Memory,
+        ..Default::default()
+    })
+    .await
+    .expect("the handlers' stream");
+    let (code, findings, report) = provision_check(&server);
+    assert_eq!(code, Some(6), "{report}");
+    for expected in [
+        ("stream KV_idem_claims", "replicas: 1"),
+        ("stream ORDERS", "storage: memory"),
+        ("stream ORDERS", "replicas: 1"),
+    ] {
+        assert!(
+            findings
+                .iter()
+                .any(|(subject, setting)| (subject.as_str(), setting.as_str()) == expected),
+            "{expected:?} not in {findings:?}"
+        );
+    }
+    // 2.10 and newer report their interval (2 minutes by default); 2.9
+    // reports none, and is taken at its default.
+    let expected = if sync_is_configurable() {
+        "sync_interval: 2m"
+    } else {
+        "sync_interval: default"
+    };
+    assert!(
+        findings
+            .iter()
+            .any(|(subject, setting)| subject.starts_with("server ") && setting == expected),
+        "the server's sync interval ({expected}) not found: {findings:?}"
+    );
+    let dead = format!("stream {}", idem::consumer::DEAD_LETTER_STREAM);
+    assert!(
+        findings.iter().any(|(subject, _)| *subject == dead),
+        "{findings:?}"
+    );
+}
+
+/// Whether the servers under test take `jetstream { sync_interval }` (2.10
+/// and newer; 2.9 refuses the field).
+fn sync_is_configurable() -> bool {
+    idem::testing::NatsBinary::locate()
+        .expect("a nats-server binary")
+        .is_at_least(2, 10)
+}
+
+#[tokio::test]
+async fn provision_check_finds_nothing_about_a_server_that_syncs_every_write() {
+    if !sync_is_configurable() {
+        // Such a server cannot be told to: the check must still name its
+        // sync setting (as the other provision_check test asserts).
+        let server = NatsServer::start_configured(&with_system_account(""))
+            .await
+            .expect("nats-server");
+        json(&idem(
+            &server,
+            &["provision", "--retention", "2d", "--json"],
+        ));
+        let js = jetstream::new(server.connect().await.expect("connect"));
+        js.create_stream(stream::Config {
+            name: "ORDERS".into(),
+            subjects: vec!["orders.>".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("the handlers' stream");
+        let (_, findings, _) = provision_check(&server);
+        assert!(
+            findings
+                .iter()
+                .any(|(subject, setting)| subject.starts_with("server ")
+                    && setting == "sync_interval: default"),
+            "{findings:?}"
+        );
+        eprintln!("this nats-server cannot sync every write; its default was named instead");
+        return;
+    }
+    let server = NatsServer::start_configured(&with_system_account("sync_interval: always"))
+        .await
+        .expect("nats-server");
+    let js = jetstream::new(server.connect().await.expect("connect"));
+    json(&idem(
+        &server,
+        &["provision", "--retention", "2d", "--json"],
+    ));
+    js.create_stream(stream::Config {
+        name: "ORDERS".into(),
+        subjects: vec!["orders.>".into()],
+        ..Default::default()
+    })
+    .await
+    .expect("the handlers' stream");
+    let (_, findings, report) = provision_check(&server);
+    assert!(
+        report["checked"]
+            .as_array()
+            .expect("checked")
+            .iter()
+            .any(|c| c.as_str().is_some_and(|c| c.starts_with("server "))),
+        "the server was not read: {report}"
+    );
+    assert!(
+        !findings
+            .iter()
+            .any(|(subject, _)| subject.starts_with("server ")),
+        "{findings:?}"
+    );
+    // A single node cannot replicate: its streams are still named.
+    assert!(
+        findings.iter().all(|(_, setting)| setting == "replicas: 1"),
+        "{findings:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_transactional_key_is_shown_from_the_inbox_and_purged_when_old() {
     use idem::store::{DedupStore, PgStore};
