@@ -309,6 +309,28 @@ fn with_system_account(jetstream: &str) -> String {
     )
 }
 
+/// A server as [`with_system_account`] makes it, provisioned, with the
+/// handlers' stream `ORDERS` stored as `storage`.
+async fn provisioned_with_orders(jetstream: &str, storage: stream::StorageType) -> NatsServer {
+    let server = NatsServer::start_configured(&with_system_account(jetstream))
+        .await
+        .expect("nats-server");
+    json(&idem(
+        &server,
+        &["provision", "--retention", "2d", "--json"],
+    ));
+    let js = jetstream::new(server.connect().await.expect("connect"));
+    js.create_stream(stream::Config {
+        name: "ORDERS".into(),
+        subjects: vec!["orders.>".into()],
+        storage,
+        ..Default::default()
+    })
+    .await
+    .expect("the handlers' stream");
+    server
+}
+
 /// `idem provision --check` on `server` (its `ORDERS` stream too, its
 /// servers read as `sys`): the exit code and the (subject, setting) pairs
 /// it found.
@@ -349,22 +371,7 @@ fn provision_check(server: &NatsServer) -> (Option<i32>, Vec<(String, String)>, 
 #[tokio::test]
 async fn provision_check_names_single_replicas_memory_storage_and_a_server_that_syncs_every_two_minutes()
  {
-    let server = NatsServer::start_configured(&with_system_account(""))
-        .await
-        .expect("nats-server");
-    let js = jetstream::new(server.connect().await.expect("connect"));
-    json(&idem(
-        &server,
-        &["provision", "--retention", "2d", "--json"],
-    ));
-    js.create_stream(stream::Config {
-        name: "ORDERS".into(),
-        subjects: vec!["orders.>".into()],
-        storage: stream::StorageType::Memory,
-        ..Default::default()
-    })
-    .await
-    .expect("the handlers' stream");
+    let server = provisioned_with_orders("", stream::StorageType::Memory).await;
     let (code, findings, report) = provision_check(&server);
     assert_eq!(code, Some(6), "{report}");
     for expected in [
@@ -412,21 +419,7 @@ async fn provision_check_finds_nothing_about_a_server_that_syncs_every_write() {
     if !sync_is_configurable() {
         // Such a server cannot be told to: the check must still name its
         // sync setting (as the other provision_check test asserts).
-        let server = NatsServer::start_configured(&with_system_account(""))
-            .await
-            .expect("nats-server");
-        json(&idem(
-            &server,
-            &["provision", "--retention", "2d", "--json"],
-        ));
-        let js = jetstream::new(server.connect().await.expect("connect"));
-        js.create_stream(stream::Config {
-            name: "ORDERS".into(),
-            subjects: vec!["orders.>".into()],
-            ..Default::default()
-        })
-        .await
-        .expect("the handlers' stream");
+        let server = provisioned_with_orders("", stream::StorageType::File).await;
         let (_, findings, _) = provision_check(&server);
         assert!(
             findings
@@ -438,21 +431,7 @@ async fn provision_check_finds_nothing_about_a_server_that_syncs_every_write() {
         eprintln!("this nats-server cannot sync every write; its default was named instead");
         return;
     }
-    let server = NatsServer::start_configured(&with_system_account("sync_interval: always"))
-        .await
-        .expect("nats-server");
-    let js = jetstream::new(server.connect().await.expect("connect"));
-    json(&idem(
-        &server,
-        &["provision", "--retention", "2d", "--json"],
-    ));
-    js.create_stream(stream::Config {
-        name: "ORDERS".into(),
-        subjects: vec!["orders.>".into()],
-        ..Default::default()
-    })
-    .await
-    .expect("the handlers' stream");
+    let server = provisioned_with_orders("sync_interval: always", stream::StorageType::File).await;
     let (_, findings, report) = provision_check(&server);
     assert!(
         report["checked"]
