@@ -217,11 +217,14 @@ impl<H: Handler> Shared<H> {
         let beside_groups = self.groups.is_some() && apart == Apart::Beside;
         #[cfg(not(feature = "postgres"))]
         let beside_groups = false;
-        let claiming = arrival.claiming(origin.time(), beside_groups);
+        let asked = origin.time();
+        let claiming = arrival.claiming(asked, beside_groups);
         let claimed = boxed(claimer.claim(&key, prepared.fingerprint, &self.config)).await;
         if claimed.is_ok() {
             self.status.store_answered();
-            self.counters.observe(Latency::Claim, origin.0.elapsed());
+            // The claim's own round trips, not the begin and prepare before.
+            self.counters
+                .observe(Latency::Claim, origin.time().since(asked));
         }
         let grant = match claimed.map(ClaimOutcome::split) {
             Ok(Ok(grant)) => grant,
