@@ -918,7 +918,7 @@ impl IdemModel {
                         stored.revision == held.revision && stored.record.owner == worker.owner()
                     })
                 });
-                match confirming.answered(&self.core, Some(ours), Time::ZERO).next {
+                match confirming.answered(&self.core, Some(ours)).next {
                     Next::Publish(publishing) => publishing,
                     _ if lose_ack => return None,
                     _ => {

@@ -104,7 +104,7 @@ impl<H: Handler> Shared<H> {
                             None
                         }
                     };
-                    confirming.answered(rules, ours, origin.time())
+                    confirming.answered(rules, ours)
                 }
                 Next::Publish(mut publishing) => {
                     publishing.start(rules.lease, origin.time());

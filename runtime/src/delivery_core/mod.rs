@@ -800,20 +800,19 @@ pub struct Confirming {
 impl Confirming {
     /// The store answered: `Some(true)` still ours, `Some(false)` taken
     /// over, `None` it could not say.
-    pub fn answered(self, rules: &Rules, ours: Option<bool>, now: Time) -> Step {
+    pub fn answered(self, rules: &Rules, ours: Option<bool>) -> Step {
         match ours {
-            Some(true) => {
-                let mut publishing = Publishing::new(
+            Some(true) => Step::to(
+                Next::Publish(Publishing::new(
                     rules,
                     self.reason,
                     self.attempts,
                     self.error,
                     Hold::Fenced,
                     self.delivered,
-                );
-                publishing.start(rules.lease, now);
-                Step::to(Next::Publish(publishing), &[])
-            }
+                )),
+                &[],
+            ),
             Some(false) => Step::left("the claim was taken over before the dead letter"),
             None => Arrival {
                 delivered: self.delivered,

@@ -61,7 +61,7 @@ fn declined_and_confirmed(rules: &Rules) -> Publishing {
     let Next::Confirm(confirming) = step.next else {
         panic!("not confirmed: {step:?}");
     };
-    match confirming.answered(rules, Some(true), at(0)).next {
+    match confirming.answered(rules, Some(true)).next {
         Next::Publish(publishing) => publishing,
         other => panic!("not published: {other:?}"),
     }
@@ -146,7 +146,7 @@ fn the_last_failure_of_a_fenced_claim_is_confirmed_stored_marked_dead_then_terme
     let Next::Confirm(confirming) = step.next else {
         panic!("not confirmed first: {step:?}");
     };
-    let Next::Publish(publishing) = confirming.answered(&rules, Some(true), at(5)).next else {
+    let Next::Publish(publishing) = confirming.answered(&rules, Some(true)).next else {
         panic!("not published");
     };
     assert_eq!(publishing.reason(), DeadLetterReason::RetriesExhausted);

@@ -228,22 +228,20 @@ impl<H: Handler> Driver<H> {
         let grant = match claimed.map(ClaimOutcome::split) {
             Ok(Ok(grant)) => grant,
             Ok(Err(refusal)) => {
+                // What a duplicate's (or a dead key's) answer hands back.
+                let stored = match &refusal {
+                    Refusal::Duplicate { result } => Some(result.clone()),
+                    Refusal::Dead => Some(None),
+                    Refusal::KeyConflict { .. } | Refusal::InFlight { .. } => None,
+                };
                 let step = match claiming.refused(&self.rules, &refusal) {
                     Refused::Answered(step) => step,
                     Refused::Hook { hooking, notes } => {
                         kept.note(notes.iter());
-                        let stored = match &refusal {
-                            Refusal::Duplicate { result } => result.clone(),
-                            Refusal::Dead
-                            | Refusal::KeyConflict { .. }
-                            | Refusal::InFlight { .. } => None,
-                        };
-                        kept.duplicate = Some(stored.clone());
-                        let end =
-                            AssertUnwindSafe(self.handler.on_duplicate(prepared.args, stored))
-                                .catch_unwind()
-                                .await;
-                        let failure = match end {
+                        let hook = self
+                            .handler
+                            .on_duplicate(prepared.args, stored.clone().flatten());
+                        let failure = match AssertUnwindSafe(hook).catch_unwind().await {
                             Ok(Ok(())) => None,
                             Ok(Err(error)) => Some(error),
                             Err(payload) => Some(panicked(&*payload)),
@@ -260,11 +258,7 @@ impl<H: Handler> Driver<H> {
                         step
                     }
                 };
-                if let Refusal::Duplicate { result } = refusal {
-                    kept.duplicate.get_or_insert(result);
-                } else if matches!(refusal, Refusal::Dead) {
-                    kept.duplicate.get_or_insert(None);
-                }
+                kept.duplicate = stored;
                 return self.execute(step, None, kept).await;
             }
             Err(error) => {
@@ -434,7 +428,7 @@ impl<H: Handler> Driver<H> {
                         },
                         None => Some(true),
                     };
-                    confirming.answered(&self.rules, ours, self.now())
+                    confirming.answered(&self.rules, ours)
                 }
                 // No dead-letter stream here: every letter is stored.
                 Next::Publish(publishing) => {
