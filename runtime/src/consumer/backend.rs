@@ -366,35 +366,16 @@ impl Held<'_> {
         }
     }
 
-    /// Gives the claim back after a failed attempt so that the next delivery
-    /// can take it at once, keeping the attempt count. `false`: the claim
-    /// had been taken over — the message is no longer this worker's.
-    pub(crate) async fn release(self) -> bool {
-        self.end(Ending::Released).await
-    }
-
-    /// Marks the key dead after its dead letter was stored.
-    /// `false`: the claim had been taken over — the message is the new
-    /// owner's, and must not be terminated.
-    pub(crate) async fn mark_dead(self) -> bool {
-        self.end(Ending::Dead).await
-    }
-
-    /// Keeps the key for this payload while its dead letter cannot be
-    /// stored (it may have been, its PubAck lost): the message comes back
-    /// to this payload after a lease, and another payload under the key
-    /// meanwhile is a key conflict — releasing it would let that payload
-    /// run in the place of one that failed and is about to be
-    /// dead-lettered. `false`: the claim had been taken over.
-    pub(crate) async fn keep(self) -> bool {
-        self.end(Ending::Kept).await
-    }
-
-    /// Ends the claim in `end`: a CAS in the bucket (a kept claim is left
-    /// pending); for a transaction, a rollback to the savepoint after the
-    /// claim and the row's new state committed in the same transaction.
-    /// `false`: the claim had been taken over. Nothing held ends at once.
-    async fn end(self, end: Ending) -> bool {
+    /// Ends the claim as the delivery core says (`claim::Ending`): released
+    /// after a failed attempt (the next delivery takes it at once, the
+    /// attempt kept), kept for its payload while its dead letter cannot be
+    /// stored, or dead after its letter was stored. A CAS in the bucket (a
+    /// kept claim is left pending); for a transaction, a rollback to the
+    /// savepoint after the claim and the row's new state committed in the
+    /// same transaction. `false`: the claim had been taken over — the
+    /// message is the new owner's (no NAK, no Term). Nothing held ends at
+    /// once.
+    pub(crate) async fn end(self, end: Ending) -> bool {
         match self {
             Held::Kv { claim, store } => {
                 let ended = match end {

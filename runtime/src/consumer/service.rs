@@ -288,7 +288,7 @@ impl<H: Handler> Shared<H> {
                     return answer;
                 }
                 RequestNext::Release(answer) => {
-                    let ours = held.release().await;
+                    let ours = held.end(crate::claim::Ending::Released).await;
                     held = Held::Nothing;
                     request::released(answer, ours)
                 }

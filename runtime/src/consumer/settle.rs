@@ -21,7 +21,6 @@ use super::pipeline::Origin;
 use super::shared::Shared;
 use super::stats::{Latency, Outcome};
 use crate::Delivery;
-use crate::claim::Ending;
 use crate::delivery_core::{Next, Note, Publishing, Recorded, Settle, Step};
 use crate::handler::Handler;
 use crate::store::StoreError;
@@ -80,11 +79,7 @@ impl<H: Handler> Shared<H> {
                     }
                 }
                 Next::Close(closing) => {
-                    let ours = match closing.ending() {
-                        Ending::Released => held.release().await,
-                        Ending::Kept => held.keep().await,
-                        Ending::Dead => held.mark_dead().await,
-                    };
+                    let ours = held.end(closing.ending()).await;
                     held = Held::Nothing;
                     closing.ended(rules, ours)
                 }
